@@ -1,0 +1,1 @@
+"""pfedsim core: the task-agnostic simulator (round loop, aggregation, personalization, transport)."""

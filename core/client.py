@@ -1,0 +1,54 @@
+"""Local training of one client on the worker's single model replica, reset in place."""
+from __future__ import annotations
+
+import torch
+
+from core.optim import build_optimizer
+from utils.seeding import client_generator
+
+
+class ClientTrainer:
+    """Trains clients one after another on ``model`` (one replica per process).
+
+    The replica's tensors are overwritten from the global flat vector before each client, the
+    client's personal layers are written over it, and the optimizer's state is cleared; nothing
+    is allocated per client beyond the batches.
+    """
+
+    def __init__(self, model, layout, loader, client_config, personal_index: torch.Tensor, seed: int):
+        self.model = model
+        self.layout = layout
+        self.loader = loader
+        self.epochs = client_config.local_epochs
+        self.optimizer = build_optimizer(model.parameters(), client_config.optimizer_config)
+        self.personal_index = personal_index
+        self.seed = seed
+
+    def load(self, global_flat: torch.Tensor, personal: torch.Tensor | None) -> None:
+        """Set the replica to the global state, with ``personal`` (P,) at the personal positions."""
+        if personal is not None and self.personal_index.numel():
+            global_flat = global_flat.index_copy(0, self.personal_index, personal)
+        self.layout.load_(global_flat)
+
+    def train(self, round_idx: int, client_id: int, indices: torch.Tensor, global_flat: torch.Tensor,
+              personal: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``local_epochs`` over the client's samples ``indices`` (int64, on the device).
+
+        Returns:
+            The trained state as a (N,) flat vector and the mean training loss (0-dim tensor).
+        """
+        self.load(global_flat, personal)
+        self.optimizer.state.clear()
+        generator = client_generator(indices.device, self.seed, round_idx, client_id)
+        self.model.train()
+        loss_sum = torch.zeros((), device=indices.device)
+        steps = 0
+        for _ in range(self.epochs):
+            for batch in self.loader.batches(indices, generator):
+                loss = self.model.loss(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                loss_sum += loss.detach()
+                steps += 1
+        return self.layout.flatten(), loss_sum / max(steps, 1)

@@ -1,0 +1,181 @@
+"""Typed, validated experiment configuration (pydantic v2).
+
+The YAML layout follows FLUTE's section names (``model_config``, ``strategy``, ``server_config``,
+``client_config``) plus ``data_config`` and ``personalization``. Every key has a default; unknown
+keys are errors. :func:`load_config` turns any mistake into a one-line :class:`UserError`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class OptimizerConfig(_Section):
+    """A torch optimizer: ``type`` is ``sgd``, ``adam`` or ``adamw``; ``lr`` is the step size."""
+
+    type: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+
+class ModelSection(_Section):
+    """Which model class of the task's ``model.py`` to build, and its options."""
+
+    model_type: str = "ResNet18"
+    num_classes: int = Field(10, ge=2)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServerConfig(_Section):
+    """Round loop. ``max_iteration`` rounds; ``num_clients_per_iteration`` clients per cohort.
+
+    ``optimizer_config`` is the server optimizer applied to the pseudo-gradient (SGD lr 1.0 is
+    FedAvg). Evaluation every ``val_freq`` rounds and at the last round; a checkpoint every
+    ``ckpt_freq`` rounds (0: only at the end).
+    """
+
+    max_iteration: int = Field(50, ge=1)
+    num_clients_per_iteration: int = Field(10, ge=1)
+    val_freq: int = Field(5, ge=1)
+    ckpt_freq: int = Field(10, ge=0)
+    optimizer_config: OptimizerConfig = OptimizerConfig(type="sgd", lr=1.0)
+    eval_batch_size: int = Field(1000, ge=1)
+    resume_from_checkpoint: Optional[str] = None
+    timeout_s: float = Field(600.0, gt=0)
+
+
+class ClientConfig(_Section):
+    """Local training of one client: ``local_epochs`` passes over its train split."""
+
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer_config: OptimizerConfig = OptimizerConfig(type="sgd", lr=0.05, momentum=0.9)
+    augment: bool = True
+
+
+class DataConfig(_Section):
+    """How CIFAR-style data is split into clients (see :mod:`core.partition`)."""
+
+    num_clients: int = Field(100, ge=1)
+    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = Field(0.3, gt=0)
+    classes_per_client: int = Field(2, ge=1)
+    min_samples: int = Field(10, ge=1)
+    download: bool = True
+
+
+class PersonalizationConfig(_Section):
+    """``method: none`` is plain FedAvg; ``fedper`` keeps ``local_layers`` (module-name prefixes)
+    on each client."""
+
+    method: Literal["none", "fedper"] = "none"
+    local_layers: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _layers_match_method(self) -> "PersonalizationConfig":
+        if self.method == "fedper" and not self.local_layers:
+            raise ValueError("method fedper needs local_layers, e.g. [linear]")
+        if self.method == "none" and self.local_layers:
+            raise ValueError("local_layers is set but method is none; set method: fedper")
+        return self
+
+
+class Config(_Section):
+    """The whole experiment. ``seed`` drives partition, cohorts and client training."""
+
+    model: ModelSection = Field(default_factory=ModelSection, alias="model_config")
+    strategy: Literal["fedavg"] = "fedavg"
+    server_config: ServerConfig = Field(default_factory=ServerConfig)
+    client_config: ClientConfig = Field(default_factory=ClientConfig)
+    data_config: DataConfig = Field(default_factory=DataConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def to_dict(self) -> dict:
+        """The full effective config as plain YAML-able data (FLUTE key names)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``key.path=value`` override to ``raw`` in place; the value is parsed as YAML.
+
+    Raises:
+        UserError: when the text has no ``=`` or the path crosses a non-section value.
+    """
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r}: expected key.path=value, e.g. server_config.max_iteration=10")
+    path, text = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {path}: {key!r} is a value, not a section")
+    node[keys[-1]] = yaml.safe_load(text)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc[:-1]:
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        field = fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(f.alias or n for n, f in model.model_fields.items())
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    where = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(loc))
+        return f"unknown key {where!r}; allowed here: {allowed}"
+    return f"{where}: {error['msg']} (got {error.get('input')!r})"
+
+
+def validate_config(raw: dict, source: str) -> Config:
+    """Validate plain data into a :class:`Config`; ``source`` names the file in error messages."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        details = "; ".join(_describe(e) for e in exc.errors())
+        raise UserError(f"config {source}: {details}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = (), seed: Optional[int] = None) -> Config:
+    """Read a YAML file, apply ``--set`` overrides and ``seed``, and validate.
+
+    Raises:
+        UserError: missing file, bad YAML, unknown key, wrong type or out-of-range value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass -config with an existing YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"config {path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    if seed is not None:
+        raw["seed"] = seed
+    return validate_config(raw, str(path))

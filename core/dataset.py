@@ -1,0 +1,90 @@
+"""The data contract every task implements: a BaseDataset (clients' data) and a BaseDataLoader."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Optional
+
+import numpy as np
+import torch
+
+from core.partition import ClientSplit, partition
+
+
+class _ClientView(Mapping):
+    """Read-only ``user -> tensor`` mapping that slices a shared tensor on access (no copies kept)."""
+
+    def __init__(self, users: list[str], tensor: torch.Tensor, indices: list[np.ndarray]):
+        self._users = {u: i for u, i in zip(users, indices)}
+        self._tensor = tensor
+
+    def __getitem__(self, user: str) -> torch.Tensor:
+        return self._tensor[torch.from_numpy(self._users[user])]
+
+    def __iter__(self):
+        return iter(self._users)
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+
+class BaseDataset:
+    """All clients' data of one split (``"train"`` or ``"test"``), FLUTE-style.
+
+    Subclasses implement :meth:`load_split`; this class partitions with ``data_config`` (see
+    :mod:`core.partition`) and exposes:
+
+    - ``user_list``: client names (``str(client id)``); one name when built with ``user_idx >= 0``.
+    - ``user_data`` / ``user_data_labels``: ``name -> Tensor`` of that client's inputs / labels.
+    - ``num_samples``: samples per listed client, aligned with ``user_list``.
+    - ``inputs`` (N, ...) and ``labels`` (N,): the whole split; ``client_indices[i]``: client i's rows.
+
+    Raises:
+        UserError: from :meth:`load_split` when the data is missing, or from the partitioner.
+    """
+
+    def __init__(self, data_path: str, data_config, split: str = "train", user_idx: int = -1, seed: int = 0,
+                 split_plan: Optional[ClientSplit] = None):
+        self.split = split
+        self.inputs, self.labels = self.load_split(data_path, split, data_config)
+        self.split_plan = split_plan or self.make_split_plan(data_path, data_config, seed)
+        parts = self.split_plan.train if split == "train" else self.split_plan.test
+        self.client_indices = parts
+        ids = range(len(parts)) if user_idx < 0 else [user_idx]
+        self.user_list = [str(i) for i in ids]
+        chosen = [parts[i] for i in ids]
+        self.num_samples = [len(p) for p in chosen]
+        self.user_data = _ClientView(self.user_list, self.inputs, chosen)
+        self.user_data_labels = _ClientView(self.user_list, self.labels, chosen)
+
+    @classmethod
+    def load_split(cls, data_path: str, split: str, data_config) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(inputs, labels)`` of the whole split as CPU tensors; labels int64 of shape (N,)."""
+        raise NotImplementedError
+
+    @classmethod
+    def make_split_plan(cls, data_path: str, data_config, seed: int) -> ClientSplit:
+        """Partition the train split into clients and match local test splits (deterministic in seed)."""
+        train_labels = cls.load_split(data_path, "train", data_config)[1].numpy()
+        test_labels = cls.load_split(data_path, "test", data_config)[1].numpy()
+        return partition(train_labels, test_labels, data_config.partition, data_config.num_clients, seed,
+                         alpha=data_config.alpha, classes_per_client=data_config.classes_per_client,
+                         min_samples=data_config.min_samples)
+
+
+class BaseDataLoader:
+    """Turns one client's sample indices into batches (dicts of tensors on ``device``).
+
+    The split's tensors are moved to ``device`` once; batching, shuffling and augmentation run on
+    that device with the caller's ``torch.Generator`` so results depend only on the seed.
+    """
+
+    def __init__(self, dataset: BaseDataset, batch_size: int, device: torch.device, train: bool, augment: bool):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.device = device
+        self.train = train
+        self.augment = augment and train
+
+    def batches(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None) -> Iterator[dict]:
+        """Yield batches over ``indices`` (int64 device tensor), shuffled when a generator is given."""
+        raise NotImplementedError

@@ -1,0 +1,111 @@
+"""Process setup and transport of flat tensors (knows nothing about algorithms).
+
+Launch modes: ``torch.distributed.run`` (RANK/WORLD_SIZE in the environment), ``mpiexec`` (rank
+and size from mpi4py) or a plain single process (world size 1, no process group).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from core.errors import UserError
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed: a peer process died or the process-group timeout passed."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: ``rank`` 0 is the server; ``device`` is where it computes."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def workers(self) -> list[int]:
+        """Ranks that train clients: 1..W-1, or [0] when the server runs alone."""
+        return list(range(1, self.world_size)) if self.world_size > 1 else [0]
+
+
+def _mpi_environment() -> None:
+    """Fill RANK/WORLD_SIZE/MASTER_ADDR from MPI when launched by mpiexec."""
+    if "RANK" in os.environ or not any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        return
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise UserError("launched by mpiexec but mpi4py is missing; pip install -e \".[mpi]\"") from None
+    comm = MPI.COMM_WORLD
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(comm.Get_rank()), str(comm.Get_size())
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK",
+                                                       os.environ.get("MPI_LOCALRANKID", "0")))
+    os.environ.setdefault("MASTER_ADDR", comm.bcast(MPI.Get_processor_name(), root=0))
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def _device(preference: str, backend: str, local_rank: int) -> torch.device:
+    if preference == "cpu":
+        if backend == "nccl":
+            raise UserError("-backend nccl needs GPUs but config device is cpu; use -backend gloo or device: auto")
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if preference == "cuda" or backend == "nccl":
+        raise UserError("no CUDA GPU is visible; use -backend gloo and device: auto or cpu")
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str, device_preference: str, timeout_s: float) -> DistContext:
+    """Initialise the process group if launched with several processes; pick the device.
+
+    Raises:
+        UserError: nccl without a GPU, or mpiexec without mpi4py.
+    """
+    _mpi_environment()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = _device(device_preference, backend, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+    return DistContext(rank, world, device, backend)
+
+
+class Transport:
+    """Broadcast from rank 0 and sum-reduce to rank 0 of flat tensors; identity for one process."""
+
+    def __init__(self, ctx: DistContext):
+        self.ctx = ctx
+        self.comm_device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+
+    def _run(self, op, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        if self.ctx.world_size == 1:
+            return tensor
+        buf = tensor.to(self.comm_device)
+        try:
+            op(buf, 0)
+        except Exception as exc:  # gloo/nccl raise RuntimeError subclasses with backend details
+            raise PeerFailure(f"rank {self.ctx.rank}: {what} failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); a peer process died or timed out"
+                              ) from exc
+        return buf.to(self.ctx.device)
+
+    def broadcast(self, tensor: torch.Tensor, what: str = "broadcast") -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (others pass a buffer of the same shape)."""
+        return self._run(lambda t, src: dist.broadcast(t, src), tensor, what)
+
+    def reduce_sum(self, tensor: torch.Tensor, what: str = "reduce") -> torch.Tensor:
+        """Elementwise sum over ranks, valid on rank 0."""
+        return self._run(lambda t, dst: dist.reduce(t, dst, op=dist.ReduceOp.SUM), tensor, what)
+
+    def close(self) -> None:
+        if self.ctx.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

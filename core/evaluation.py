@@ -1,0 +1,77 @@
+"""Global vs personalized evaluation on clients' local test splits, and summary statistics."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from core.cohort import balance
+
+GLOBAL, PERSONAL, COUNT = 0, 1, 2
+
+
+@torch.no_grad()
+def correct_count(model, loader, indices: torch.Tensor) -> torch.Tensor:
+    """Number of correct predictions (0-dim float tensor) of ``model`` over samples ``indices``."""
+    model.eval()
+    total = torch.zeros((), device=indices.device)
+    for batch in loader.batches(indices):
+        out = model.inference(batch)
+        total += out["acc"] * out["batch_size"]
+    return total
+
+
+def eval_share(sim, eval_buf: torch.Tensor, trained: list[int]) -> torch.Tensor:
+    """This rank's part of a client evaluation, as a (num_clients, 3) matrix to be sum-reduced.
+
+    Columns: correct predictions of the global model, correct predictions of the personalized
+    model (clients in ``trained`` only), and test samples. ``eval_buf`` holds the global state (N,)
+    followed by the personal vectors (len(trained), P) of the ``trained`` clients in order.
+    """
+    n, p = sim.layout.numel, sim.personal_numel
+    sizes = sim.test_clients.sizes
+    result = torch.zeros(len(sizes), 3, device=sim.ctx.device)
+    with_data = np.flatnonzero(sizes)
+    mine = balance(with_data, sizes[with_data], len(sim.ctx.workers))[sim.ctx.workers.index(sim.ctx.rank)]
+    global_flat = eval_buf[:n]
+    sim.trainer.load(global_flat, None)
+    for cid in mine:
+        result[cid, GLOBAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid))
+        result[cid, COUNT] = float(sizes[cid])
+    if p:
+        personal = eval_buf[n:].view(-1, p)
+        row = {c: i for i, c in enumerate(trained)}
+        for cid in (c for c in mine if int(c) in row):
+            sim.trainer.load(global_flat, personal[row[int(cid)]])
+            result[cid, PERSONAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid))
+    return result
+
+
+def full_test_accuracy(sim, global_flat: torch.Tensor) -> float:
+    """Accuracy of the global model on the whole test split (independent of the client splits)."""
+    sim.trainer.load(global_flat, None)
+    num = len(sim.test_loader.dataset.labels)
+    return float(correct_count(sim.model, sim.test_loader, torch.arange(num, device=sim.ctx.device))) / num
+
+
+def client_stats(acc: np.ndarray, weights: np.ndarray) -> dict:
+    """Sample-weighted mean, mean, std and 10/50/90th percentiles of per-client accuracies."""
+    if len(acc) == 0:
+        return {"clients": 0}
+    p10, p50, p90 = np.percentile(acc, [10, 50, 90])
+    return {"weighted_mean": float(np.average(acc, weights=weights)), "mean": float(acc.mean()),
+            "std": float(acc.std()), "p10": float(p10), "p50": float(p50), "p90": float(p90),
+            "clients": int(len(acc))}
+
+
+def summarize(matrix: np.ndarray, trained: list[int], has_personal: bool) -> dict:
+    """Statistics of global (all clients) and personalized (trained clients) accuracy."""
+    counts = matrix[:, COUNT]
+    has = counts > 0
+    out = {"global_local": client_stats(matrix[has, GLOBAL] / counts[has], counts[has])}
+    if has_personal:
+        sel = np.zeros(len(counts), bool)
+        sel[trained] = True
+        sel &= has
+        out["personalized"] = client_stats(matrix[sel, PERSONAL] / counts[sel], counts[sel])
+        out["global_on_personalized_clients"] = client_stats(matrix[sel, GLOBAL] / counts[sel], counts[sel])
+    return out

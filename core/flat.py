@@ -1,0 +1,55 @@
+"""One contiguous float32 vector for a module's parameters and buffers (the unit that travels)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StateLayout:
+    """Fixed order of a module's parameters, then its buffers, in one flat float32 vector.
+
+    ``num_params`` elements of parameters come first (the part a server optimizer steps), buffers
+    (e.g. BatchNorm running statistics, stored as float32 even when integer) follow. The layout
+    holds references to the module's live tensors, so :meth:`load_` resets a replica in place.
+    """
+
+    def __init__(self, module: nn.Module):
+        params = list(module.named_parameters())
+        buffers = [(n, b) for n, b in module.named_buffers() if b is not None]
+        self.names = [n for n, _ in params + buffers]
+        self.tensors = [t for _, t in params + buffers]
+        self.numels = [t.numel() for t in self.tensors]
+        self.num_params = sum(t.numel() for _, t in params)
+        self.numel = sum(self.numels)
+        self._float = [t for t in self.tensors if t.is_floating_point()]
+        self._float_pos = [i for i, t in enumerate(self.tensors) if t.is_floating_point()]
+
+    def flatten(self) -> torch.Tensor:
+        """Copy of the module's state as a (numel,) float32 tensor on the module's device."""
+        return torch.cat([t.detach().reshape(-1).float() for t in self.tensors])
+
+    def load_(self, flat: torch.Tensor) -> None:
+        """Copy a (numel,) vector into the module's tensors in place (no new tensors on the module)."""
+        views = flat.split(self.numels)
+        with torch.no_grad():
+            torch._foreach_copy_(self._float, [views[i].view_as(self.tensors[i]) for i in self._float_pos])
+            for t, v in zip(self.tensors, views):
+                if not t.is_floating_point():
+                    t.copy_(v.view_as(t))
+
+    def index_of(self, prefixes: list[str]) -> torch.Tensor:
+        """int64 positions in the flat vector of every tensor whose name starts with a prefix.
+
+        A prefix matches a whole module path component: ``linear`` matches ``linear.weight`` but
+        not ``linear2.weight``. Returns an empty tensor when ``prefixes`` is empty.
+        """
+        starts = [0]
+        for n in self.numels:
+            starts.append(starts[-1] + n)
+        chosen = [torch.arange(starts[i], starts[i + 1]) for i, name in enumerate(self.names)
+                  if any(name == p or name.startswith(p + ".") for p in prefixes)]
+        return torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.int64)
+
+    def unmatched(self, prefixes: list[str]) -> list[str]:
+        """The prefixes that match no tensor name."""
+        return [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in self.names)]

@@ -1,0 +1,31 @@
+"""The model contract every task implements (FLUTE-compatible)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BaseModel(nn.Module):
+    """A task's model. Subclasses are built as ``Model(model_config)`` and implement:
+
+    - ``loss(batch) -> Tensor``: a scalar training loss for one batch (a dict of device tensors).
+    - ``inference(batch) -> dict``: ``output`` (the model output), ``acc`` (a 0-dim tensor, fraction
+      of correct predictions in the batch), ``batch_size`` (int), and any custom metric as
+      ``{"value": float, "higher_is_better": bool}``.
+
+    The engine never calls ``.item()`` inside the client loop, so return tensors, not floats.
+    """
+
+    def __init__(self, model_config=None):
+        super().__init__()
+        self.model_config = model_config
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inference(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        """Number of trainable parameters (elements)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

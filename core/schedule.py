@@ -1,0 +1,35 @@
+"""What happens in which round: a pure function of the config, computed identically on every rank."""
+from __future__ import annotations
+
+import numpy as np
+
+from core.cohort import sample_cohort
+
+
+class Schedule:
+    """Rounds are numbered 1..``rounds``; round r's cohort depends only on (seed, r)."""
+
+    def __init__(self, server_config, num_clients: int, seed: int):
+        self.rounds = server_config.max_iteration
+        self.cohort_size = min(server_config.num_clients_per_iteration, num_clients)
+        self.val_freq = server_config.val_freq
+        self.ckpt_freq = server_config.ckpt_freq
+        self.num_clients = num_clients
+        self.seed = seed
+
+    def cohort(self, round_idx: int) -> np.ndarray:
+        """(cohort_size,) sorted client ids of ``round_idx``."""
+        return sample_cohort(self.seed, round_idx, self.num_clients, self.cohort_size)
+
+    def is_eval_round(self, round_idx: int) -> bool:
+        return round_idx % self.val_freq == 0 or round_idx == self.rounds
+
+    def is_ckpt_round(self, round_idx: int) -> bool:
+        return round_idx == self.rounds or (self.ckpt_freq > 0 and round_idx % self.ckpt_freq == 0)
+
+    def trained_through(self, round_idx: int) -> set[int]:
+        """Ids of every client sampled in rounds 1..``round_idx``."""
+        seen: set[int] = set()
+        for r in range(1, round_idx + 1):
+            seen.update(self.cohort(r).tolist())
+        return seen

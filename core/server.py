@@ -1,0 +1,146 @@
+"""The server (rank 0): samples cohorts, aggregates, evaluates, writes results and checkpoints."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from core.client_store import ClientStore
+from core.evaluation import eval_share, full_test_accuracy, summarize
+from core.optim import build_optimizer
+from core.worker import contribution_size, train_share
+from utils.checkpoint import load_checkpoint, save_atomic
+from utils.metrics_writer import MetricsWriter
+from utils.report import format_line, plot_accuracy, results_table, write_summary
+
+
+class Server:
+    """Holds the global state (N,) flat vector, the server optimizer and the client store.
+
+    The server optimizer steps the parameter part of the global vector with the pseudo-gradient
+    (FLUTE's pseudo-gradient-as-``.grad``); buffers (BatchNorm statistics) take the plain weighted
+    mean. Positions of personal layers are never changed by aggregation.
+    """
+
+    def __init__(self, sim, run_dir: Path, resume: Path | None):
+        self.sim = sim
+        self.run_dir = run_dir
+        self.global_flat = sim.layout.flatten().clone()
+        self.weights = torch.nn.Parameter(self.global_flat[:sim.layout.num_params])
+        self.optimizer = build_optimizer([self.weights], sim.cfg.server_config.optimizer_config)
+        self.store = ClientStore()
+        self.history: list[dict] = []
+        self.start_round = 1
+        self.elapsed_before = 0.0
+        self.writer = MetricsWriter(run_dir)
+        if resume is not None:
+            self._restore(load_checkpoint(resume))
+
+    # ---- checkpoint -------------------------------------------------------------------------
+    def _state(self, round_idx: int, elapsed: float) -> dict:
+        return {"round": round_idx, "global": self.global_flat.cpu(), "server_optimizer": self.optimizer.state_dict(),
+                "client_store": self.store.state_dict(), "history": self.history, "elapsed_s": elapsed,
+                "config": self.sim.cfg.to_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+    def _restore(self, state: dict) -> None:
+        with torch.no_grad():
+            self.global_flat.copy_(state["global"])
+        self.optimizer.load_state_dict(state["server_optimizer"])
+        self.store.load_state_dict(state["client_store"])
+        self.history = list(state["history"])
+        self.start_round = state["round"] + 1
+        self.elapsed_before = state.get("elapsed_s", 0.0)
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.writer.rewrite(self.history)
+
+    def _checkpoint(self, round_idx: int, elapsed: float, name: str) -> None:
+        save_atomic(self._state(round_idx, elapsed), self.run_dir / "checkpoints" / f"{name}.pt")
+
+    # ---- one round ----------------------------------------------------------------------------
+    def _round(self, round_idx: int) -> float:
+        sim, n, p = self.sim, self.sim.layout.numel, self.sim.personal_numel
+        cohort = sim.schedule.cohort(round_idx)
+        default = self.global_flat[sim.personal_index].cpu()
+        slots = [self.store.get(c, default) for c in cohort] if p else []
+        payload = torch.cat([self.global_flat] + [s.to(sim.ctx.device) for s in slots])
+        buf = sim.transport.broadcast(payload, f"round {round_idx} broadcast")
+        own = train_share(sim, round_idx, buf) if sim.ctx.world_size == 1 else \
+            torch.zeros(contribution_size(sim), device=sim.ctx.device)
+        total = sim.transport.reduce_sum(own, f"round {round_idx} reduce")
+        if p:
+            for cid, vec in zip(cohort, total[n + 2:].view(len(cohort), p)):
+                self.store.put(int(cid), vec)
+        self._apply(total[:n], total[n])
+        return float(total[n + 1] / total[n])
+
+    def _apply(self, delta_sum: torch.Tensor, weight_sum: torch.Tensor) -> None:
+        sim = self.sim
+        pseudo = sim.strategy.pseudo_gradient(delta_sum, weight_sum)
+        pseudo[sim.personal_index] = 0.0
+        k = sim.layout.num_params
+        self.weights.grad = pseudo[:k].clone()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.global_flat[k:] -= pseudo[k:]
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def _evaluate(self, round_idx: int, train_loss: float, elapsed: float) -> dict:
+        sim = self.sim
+        ids = self.store.ids() if sim.personal_numel else []
+        payload = torch.cat([self.global_flat] + [self.store.get(i, None).to(sim.ctx.device) for i in ids])
+        buf = sim.transport.broadcast(payload, f"round {round_idx} eval broadcast")
+        own = eval_share(sim, buf, ids) if sim.ctx.world_size == 1 else \
+            torch.zeros(len(sim.test_clients.sizes), 3, device=sim.ctx.device)
+        matrix = sim.transport.reduce_sum(own.view(-1), f"round {round_idx} eval reduce").view(-1, 3)
+        record = {"round": round_idx, "train_loss": train_loss,
+                  "global_test_acc": full_test_accuracy(sim, self.global_flat)}
+        record.update(summarize(matrix.cpu().double().numpy(), ids, sim.personal_numel > 0))
+        record["elapsed_s"] = elapsed
+        return record
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """Run rounds ``start_round..max_iteration``; returns the evaluation records."""
+        sim = self.sim
+        sim.transport.broadcast(torch.tensor([float(self.start_round)], device=sim.ctx.device), "start broadcast")
+        t0 = time.perf_counter() - self.elapsed_before
+        rounds = sim.schedule.rounds
+        bar = tqdm(range(self.start_round, rounds + 1), desc="rounds", unit="round", dynamic_ncols=True,
+                   initial=self.start_round - 1, total=rounds, mininterval=2.0)
+        for r in bar:
+            loss = self._round(r)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if sim.schedule.is_eval_round(r):
+                record = self._evaluate(r, loss, time.perf_counter() - t0)
+                is_best = all(record["global_test_acc"] > h["global_test_acc"] for h in self.history)
+                self.history.append(record)
+                self.writer.write(record)
+                tqdm.write(format_line(record, rounds))
+                if is_best:
+                    self._checkpoint(r, time.perf_counter() - t0, "best")
+            if sim.schedule.is_ckpt_round(r):
+                self._checkpoint(r, time.perf_counter() - t0, "latest")
+        bar.close()
+        self._finish(time.perf_counter() - t0)
+        return self.history
+
+    def _finish(self, wall_s: float) -> None:
+        self.writer.close()
+        if not self.history:
+            return
+        name = self.run_dir.name
+        config_text = yaml.safe_dump(self.sim.cfg.to_dict(), sort_keys=False)
+        write_summary(self.run_dir / "summary.md", name, self.history, config_text, wall_s)
+        plot_accuracy(self.run_dir / "plots" / "accuracy.png", self.history, name)
+        print(f"\nFinal results of {name} (accuracy %, round {self.history[-1]['round']}, {wall_s:.0f} s):")
+        print(results_table(self.history[-1]))
+        print(f"Written to {self.run_dir}: metrics.jsonl, summary.md, plots/accuracy.png, checkpoints/, TensorBoard events")

@@ -1,0 +1,88 @@
+"""Everything one rank needs, built identically on every rank from the config and the task."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from core.client import ClientTrainer
+from core.distributed import DistContext, Transport
+from core.errors import UserError
+from core.flat import StateLayout
+from core.personalization import build_personalization
+from core.schedule import Schedule
+from core.strategy import build_strategy
+from utils.seeding import derive_seed
+
+
+class ClientIndex:
+    """All clients' sample indices in one device tensor; ``get(i)`` is a view, ``sizes[i]`` a count."""
+
+    def __init__(self, parts: list[np.ndarray], device: torch.device):
+        self.sizes = np.array([len(p) for p in parts], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        self.flat = torch.from_numpy(flat.astype(np.int64)).to(device)
+
+    def get(self, client_id: int) -> torch.Tensor:
+        return self.flat[self.offsets[client_id]:self.offsets[client_id + 1]]
+
+
+@dataclass
+class Simulation:
+    """The pieces of one run on one rank (the model is this rank's single replica)."""
+
+    cfg: object
+    ctx: DistContext
+    transport: Transport
+    schedule: Schedule
+    model: torch.nn.Module
+    layout: StateLayout
+    personal_index: torch.Tensor
+    trainer: ClientTrainer
+    test_loader: object
+    train_clients: ClientIndex
+    test_clients: ClientIndex
+    strategy: object
+    personalization: object
+
+    @property
+    def personal_numel(self) -> int:
+        return int(self.personal_index.numel())
+
+
+def _personal_index(layout: StateLayout, personalization, model_type: str, device) -> torch.Tensor:
+    missing = layout.unmatched(personalization.local_layers)
+    if missing:
+        modules = sorted({n.split(".")[0] for n in layout.names})
+        raise UserError(f"personalization.local_layers: {missing} match no module of {model_type}; "
+                        f"top-level modules are {', '.join(modules)}")
+    return layout.index_of(personalization.local_layers).to(device)
+
+
+def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Transport) -> Simulation:
+    """Load data, partition it, build the model replica, trainer and loaders for this rank.
+
+    Raises:
+        UserError: missing data, impossible partition, unknown model or personal layer name.
+    """
+    data_cfg = cfg.data_config
+    train_ds = task.dataset_cls(data_path, data_cfg, split="train", seed=cfg.seed)
+    test_ds = task.dataset_cls(data_path, data_cfg, split="test", seed=cfg.seed, split_plan=train_ds.split_plan)
+    torch.manual_seed(derive_seed(cfg.seed, 0x5EED))
+    model = task.build_model(cfg.model).to(ctx.device)
+    layout = StateLayout(model)
+    personalization = build_personalization(cfg.personalization)
+    personal_index = _personal_index(layout, personalization, cfg.model.model_type, ctx.device)
+    client_cfg = cfg.client_config
+    train_loader = task.dataloader_cls(train_ds, client_cfg.batch_size, ctx.device, True, client_cfg.augment)
+    test_loader = task.dataloader_cls(test_ds, cfg.server_config.eval_batch_size, ctx.device, False, False)
+    trainer = ClientTrainer(model, layout, train_loader, client_cfg, personal_index, cfg.seed)
+    return Simulation(cfg=cfg, ctx=ctx, transport=transport,
+                      schedule=Schedule(cfg.server_config, data_cfg.num_clients, cfg.seed),
+                      model=model, layout=layout, personal_index=personal_index, trainer=trainer,
+                      test_loader=test_loader,
+                      train_clients=ClientIndex(train_ds.split_plan.train, ctx.device),
+                      test_clients=ClientIndex(train_ds.split_plan.test, ctx.device),
+                      strategy=build_strategy(cfg.strategy), personalization=personalization)

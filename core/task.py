@@ -1,0 +1,81 @@
+"""Find a task folder (``experiments/<task>/`` or a path) and import its model, dataset and loader."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.dataset import BaseDataLoader, BaseDataset
+from core.errors import UserError
+from core.model import BaseModel
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task's plug-in classes: model classes by name, its dataset and its data loader."""
+
+    name: str
+    folder: Path
+    models: dict
+    dataset_cls: type
+    dataloader_cls: type
+
+    def build_model(self, model_config) -> BaseModel:
+        """Instantiate ``model_config.model_type``; UserError names the known models otherwise."""
+        cls = self.models.get(model_config.model_type)
+        if cls is None:
+            raise UserError(f"model_config.model_type: unknown model {model_config.model_type!r} for task "
+                            f"{self.name}; choose one of {', '.join(sorted(self.models))}")
+        return cls(model_config)
+
+
+def _subclasses(module, base: type) -> dict:
+    return {name: obj for name, obj in inspect.getmembers(module, inspect.isclass)
+            if issubclass(obj, base) and obj is not base and obj.__module__ == module.__name__}
+
+
+def _import(package: str, sub: str, folder: Path):
+    try:
+        return importlib.import_module(f"{package}.{sub}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith(f"{package}.{sub.split('.')[0]}"):
+            raise UserError(f"task folder {folder} has no {sub.replace('.', '/')}.py; "
+                            f"a task needs model.py and dataloaders/dataset.py, dataloaders/dataloader.py") from None
+        raise
+
+
+def _single(found: dict, what: str, folder: Path) -> type:
+    if len(found) != 1:
+        raise UserError(f"task folder {folder}: expected exactly one {what} subclass, found {sorted(found) or 'none'}")
+    return next(iter(found.values()))
+
+
+def load_task(task: str) -> Task:
+    """Load ``experiments/<task>`` (a name) or a task folder given as a path.
+
+    Raises:
+        UserError: unknown task, or a folder missing model.py / dataloaders files or classes.
+    """
+    folder = EXPERIMENTS_DIR / task if task and (EXPERIMENTS_DIR / task).is_dir() else Path(task)
+    if not folder.is_dir() or not (folder / "model.py").is_file():
+        known = sorted(p.name for p in EXPERIMENTS_DIR.iterdir() if (p / "model.py").is_file())
+        raise UserError(f"-task {task}: no task folder with model.py at {folder}; known tasks: {', '.join(known)}")
+    folder = folder.resolve()
+    if folder.parent == EXPERIMENTS_DIR:
+        package = f"experiments.{folder.name}"
+    else:
+        if str(folder.parent) not in sys.path:
+            sys.path.insert(0, str(folder.parent))
+        package = folder.name
+    models = _subclasses(_import(package, "model", folder), BaseModel)
+    if not models:
+        raise UserError(f"task folder {folder}: model.py defines no BaseModel subclass")
+    dataset_cls = _single(_subclasses(_import(package, "dataloaders.dataset", folder), BaseDataset),
+                          "BaseDataset", folder)
+    loader_cls = _single(_subclasses(_import(package, "dataloaders.dataloader", folder), BaseDataLoader),
+                         "BaseDataLoader", folder)
+    return Task(folder.name, folder, models, dataset_cls, loader_cls)

@@ -1,0 +1,90 @@
+"""pfedsim entry point: federated training with personalization, FLUTE-style command line.
+
+    python e2e_trainer.py -dataPath DATA -outputPath OUT -config experiments/cv/config_cpu.yaml -task cv
+    python -m torch.distributed.run --nproc_per_node=4 e2e_trainer.py ... -backend nccl
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from core.config import load_config
+from core.distributed import PeerFailure
+from core.errors import UserError
+from core.task import load_task
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="e2e_trainer.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-dataPath", required=True, help="folder holding the task's data (for cv: cifar-10-batches-py)")
+    p.add_argument("-outputPath", required=True, help="folder for runs; each run writes OUT/<run name>/")
+    p.add_argument("-config", required=True, help="experiment YAML, e.g. experiments/cv/config.yaml")
+    p.add_argument("-task", required=True, help="task folder name under experiments/ (e.g. cv) or a path to one")
+    p.add_argument("-backend", default="gloo", choices=["gloo", "nccl"],
+                   help="torch.distributed backend when launched with several processes (default gloo)")
+    p.add_argument("-seed", type=int, default=None, help="overrides the config's seed")
+    p.add_argument("-run_name", default=None,
+                   help="run folder name (default: <config name>_<task>_<date-time>)")
+    p.add_argument("-resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue a run: a checkpoint file or run folder; alone, the -run_name folder's latest.pt")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (YAML syntax), repeatable, e.g. --set server_config.max_iteration=5")
+    return p
+
+
+def _resume_path(args, cfg, run_dir: Path) -> Path | None:
+    target = args.resume if args.resume not in (None, "") else cfg.server_config.resume_from_checkpoint
+    if args.resume == "" and target is None:
+        target = str(run_dir)
+    if target is None:
+        return None
+    path = Path(target)
+    return path / "checkpoints" / "latest.pt" if path.is_dir() else path
+
+
+def _run_dir(args, cfg, rank: int) -> Path:
+    resume = args.resume or cfg.server_config.resume_from_checkpoint
+    if args.run_name:
+        name = args.run_name
+    elif resume:
+        path = Path(resume)
+        name = path.name if path.is_dir() else path.parent.parent.name
+    else:
+        name = f"{Path(args.config).stem}_{Path(args.task).name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(args.outputPath) / name
+    if rank == 0 and resume is None and args.resume is None and (run_dir / "metrics.jsonl").exists():
+        raise UserError(f"run folder {run_dir} already holds results; pass -resume to continue it "
+                        f"or choose another -run_name")
+    return run_dir
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        task = load_task(args.task)
+        cfg = load_config(args.config, args.overrides, args.seed)
+        run_dir = _run_dir(args, cfg, rank)
+        resume = _resume_path(args, cfg, run_dir)
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        from core.runner import run_experiment
+        run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume)
+    except UserError as exc:
+        print(f"pfedsim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except PeerFailure as exc:
+        print(f"pfedsim: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

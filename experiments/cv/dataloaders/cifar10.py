@@ -1,0 +1,50 @@
+"""Read CIFAR-10 from the official "python version" pickles into uint8 tensors.
+
+We read the pickles ourselves instead of ``torchvision.datasets.CIFAR10`` because its md5 check
+rejects rebuilt copies of the data; torchvision is used only to download a missing copy.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import UserError
+
+FOLDER = "cifar-10-batches-py"
+FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def _download(data_path: Path) -> None:
+    try:
+        from torchvision.datasets import CIFAR10
+        CIFAR10(root=str(data_path), train=True, download=True)
+    except Exception as exc:  # offline, DNS, HTTP errors: all mean "put the data there yourself"
+        raise UserError(
+            f"CIFAR-10 not found in {data_path / FOLDER} and the download failed ({type(exc).__name__}); "
+            f"put the extracted '{FOLDER}' folder (python version) inside -dataPath {data_path}") from None
+
+
+def read_batches(data_path: str | Path, split: str, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of ``split`` (``train``: 50,000, ``test``: 10,000).
+
+    Raises:
+        UserError: when the folder or a batch file is missing (after a download attempt if allowed).
+    """
+    data_path = Path(data_path)
+    folder = data_path / FOLDER
+    if not folder.is_dir() and download:
+        _download(data_path)
+    images, labels = [], []
+    for name in FILES[split]:
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"CIFAR-10 batch file {path} not found; -dataPath must be the folder that holds "
+                            f"'{FOLDER}' with data_batch_1..5 and test_batch")
+        with open(path, "rb") as handle:
+            batch = pickle.load(handle, encoding="latin1")
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))

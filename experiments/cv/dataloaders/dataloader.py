@@ -1,0 +1,54 @@
+"""Batches of CIFAR-10 on the compute device, with batched random-crop and flip augmentation."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from core.dataset import BaseDataLoader
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+PAD = 4
+
+
+class CIFAR10DataLoader(BaseDataLoader):
+    """Yields ``{"x": float (B, 3, 32, 32) normalised, "y": int64 (B,)}`` on the device.
+
+    Training batches get random crops of the 4-pixel zero-padded image and horizontal flips, drawn
+    for the whole batch at once on the device from the caller's generator.
+    """
+
+    def __init__(self, dataset, batch_size, device, train, augment):
+        super().__init__(dataset, batch_size, device, train, augment)
+        images = dataset.inputs.to(device)
+        self.images = F.pad(images, (PAD, PAD, PAD, PAD)) if self.augment else images
+        self.labels = dataset.labels.to(device)
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+
+    def _augmented(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n = idx.numel()
+        offsets = torch.randint(0, 2 * PAD + 1, (2, n, 1), device=self.device, generator=generator)
+        span = torch.arange(32, device=self.device)
+        rows = (offsets[0] + span).view(n, 1, 32, 1)
+        cols = (offsets[1] + span).view(n, 1, 1, 32)
+        chans = torch.arange(3, device=self.device).view(1, 3, 1, 1)
+        crops = self.images[idx.view(n, 1, 1, 1), chans, rows, cols]
+        flip = torch.rand(n, device=self.device, generator=generator) < 0.5
+        return torch.where(flip.view(n, 1, 1, 1), crops.flip(3), crops)
+
+    def batches(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None) -> Iterator[dict]:
+        if generator is not None:
+            indices = indices[torch.randperm(indices.numel(), device=self.device, generator=generator)]
+        for start in range(0, indices.numel(), self.batch_size):
+            idx = indices[start:start + self.batch_size]
+            if not self.augment:
+                raw = self.images[idx]
+            elif generator is not None:
+                raw = self._augmented(idx, generator)
+            else:
+                raw = self.images[idx][..., PAD:-PAD, PAD:-PAD]
+            yield {"x": (raw.float() - self.mean) / self.std, "y": self.labels[idx]}

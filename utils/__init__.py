@@ -1,0 +1,1 @@
+"""Helpers any layer may use: seeding, logging, metric writers, plots, checkpoint I/O."""

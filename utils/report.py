@@ -1,0 +1,76 @@
+"""What a run shows a person: the line per evaluation, the final table, summary.md and the plot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def format_line(rec: dict, rounds: int) -> str:
+    """One compact console line for an evaluation record."""
+    g = rec["global_local"]
+    text = (f"round {rec['round']}/{rounds} | loss {rec['train_loss']:.3f} | global test {_pct(rec['global_test_acc'])}%"
+            f" | global on clients {_pct(g['weighted_mean'])}% (mean {_pct(g['mean'])} ± {_pct(g['std'])})")
+    p = rec.get("personalized")
+    if p and p.get("clients"):
+        text += (f" | personalized {_pct(p['weighted_mean'])}% (mean {_pct(p['mean'])} ± {_pct(p['std'])},"
+                 f" {p['clients']} clients)")
+    return text + f" | {rec['elapsed_s']:.0f}s"
+
+
+def results_table(rec: dict) -> str:
+    """Markdown table of the accuracies (percent) of one evaluation record."""
+    rows = [("global model, full test set", {"weighted_mean": rec["global_test_acc"]}),
+            ("global model, clients' local test splits", rec["global_local"])]
+    if rec.get("personalized", {}).get("clients"):
+        rows.append(("global model, trained clients only", rec["global_on_personalized_clients"]))
+        rows.append(("personalized models, trained clients", rec["personalized"]))
+    lines = ["| model | weighted mean | mean | std | p10 | p50 | p90 | clients |", "|---|---|---|---|---|---|---|---|"]
+    for name, s in rows:
+        cells = [_pct(s.get(k)) for k in ("weighted_mean", "mean", "std", "p10", "p50", "p90")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s.get('clients', '-')} |")
+    return "\n".join(lines)
+
+
+def write_summary(path: Path, run_name: str, history: list[dict], config_text: str, wall_s: float) -> None:
+    """summary.md: final results table, per-round accuracies, and the resolved config."""
+    last = history[-1]
+    best = max(history, key=lambda r: r["global_test_acc"])
+    per_round = ["| round | train loss | global test | global on clients | personalized |", "|---|---|---|---|---|"]
+    for r in history:
+        p = r.get("personalized", {})
+        per_round.append(f"| {r['round']} | {r['train_loss']:.3f} | {_pct(r['global_test_acc'])} | "
+                         f"{_pct(r['global_local']['weighted_mean'])} | {_pct(p.get('weighted_mean'))} |")
+    text = (f"# {run_name}\n\nFinal round {last['round']}, wall time {wall_s:.0f} s. Accuracies in percent; "
+            f"weighted mean weights clients by test samples.\n\n{results_table(last)}\n\n"
+            f"Best global test accuracy: {_pct(best['global_test_acc'])}% at round {best['round']}.\n\n"
+            f"## Per evaluation\n\n" + "\n".join(per_round) +
+            f"\n\n## Config\n\n```yaml\n{config_text}```\n")
+    path.write_text(text)
+
+
+def plot_accuracy(path: Path, history: list[dict], title: str) -> None:
+    """PNG of global (test set, clients' splits) vs personalized accuracy per round."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in history]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(rounds, [100 * r["global_test_acc"] for r in history], "o-", label="global, full test set")
+    ax.plot(rounds, [100 * r["global_local"]["weighted_mean"] for r in history], "s--",
+            label="global, clients' test splits")
+    if any(r.get("personalized", {}).get("clients") for r in history):
+        ax.plot(rounds, [100 * r["personalized"].get("weighted_mean", float("nan")) for r in history], "^-",
+                label="personalized, clients' test splits")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

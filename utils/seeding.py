@@ -1,0 +1,21 @@
+"""Seeds derived from (seed, round, client id), so no result depends on a process-wide RNG stream."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of the integer ``keys`` (via numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def client_generator(device: torch.device, seed: int, round_idx: int, client_id: int) -> torch.Generator:
+    """A torch Generator on ``device`` for one client's training in one round.
+
+    Also seeds torch's default generators with the same value, so randomness inside the model
+    (dropout) is a function of (seed, round, client) too.
+    """
+    value = derive_seed(seed, round_idx, client_id)
+    torch.manual_seed(value)
+    return torch.Generator(device=device).manual_seed(value)
