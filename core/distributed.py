@@ -86,16 +86,44 @@ class Transport:
         self.ctx = ctx
         self.comm_device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
 
+    def _store(self):
+        try:
+            return dist.distributed_c10d._get_default_store()
+        except Exception:  # private API: diagnostics only, never required
+            return None
+
+    def _laggards(self, what: str) -> list[str]:
+        """On the server after a failure: workers whose last announced collective is not ``what``."""
+        store = self._store()
+        if store is None:
+            return []
+        found = []
+        for rank in range(1, self.ctx.world_size):
+            key = f"pfedsim/at/{rank}"
+            try:
+                last = store.get(key).decode() if store.check([key]) else "nothing"
+            except Exception:
+                last = "unknown"
+            if last != what:
+                found.append(f"rank {rank} stopped at '{last}'")
+        return found
+
     def _run(self, op, tensor: torch.Tensor, what: str) -> torch.Tensor:
         if self.ctx.world_size == 1:
             return tensor
         buf = tensor.to(self.comm_device)
+        store = self._store() if self.ctx.rank > 0 else None
+        if store is not None:
+            store.set(f"pfedsim/at/{self.ctx.rank}", what)
         try:
             op(buf, 0)
         except Exception as exc:  # gloo/nccl raise RuntimeError subclasses with backend details
-            raise PeerFailure(f"rank {self.ctx.rank}: {what} failed ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); a peer process died or timed out"
-                              ) from exc
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if self.ctx.rank == 0:
+                who = "; ".join(self._laggards(what)) or "a worker died or timed out"
+                raise PeerFailure(f"{what} failed on the server: {who} (see that rank's log); {first}") from exc
+            raise PeerFailure(f"rank {self.ctx.rank}: {what} failed; the server or a peer died or timed out; "
+                              f"{first}") from exc
         return buf.to(self.ctx.device)
 
     def broadcast(self, tensor: torch.Tensor, what: str = "broadcast") -> torch.Tensor:

@@ -61,6 +61,12 @@ def _personal_index(layout: StateLayout, personalization, model_type: str, devic
     return layout.index_of(personalization.local_layers).to(device)
 
 
+def init_model(task, cfg, device: torch.device) -> torch.nn.Module:
+    """The initial global model: ``model_config.model_type`` with weights seeded from ``cfg.seed``."""
+    torch.manual_seed(derive_seed(cfg.seed, 0x5EED))
+    return task.build_model(cfg.model).to(device)
+
+
 def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Transport) -> Simulation:
     """Load data, partition it, build the model replica, trainer and loaders for this rank.
 
@@ -70,8 +76,7 @@ def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Tra
     data_cfg = cfg.data_config
     train_ds = task.dataset_cls(data_path, data_cfg, split="train", seed=cfg.seed)
     test_ds = task.dataset_cls(data_path, data_cfg, split="test", seed=cfg.seed, split_plan=train_ds.split_plan)
-    torch.manual_seed(derive_seed(cfg.seed, 0x5EED))
-    model = task.build_model(cfg.model).to(ctx.device)
+    model = init_model(task, cfg, ctx.device)
     layout = StateLayout(model)
     personalization = build_personalization(cfg.personalization)
     personal_index = _personal_index(layout, personalization, cfg.model.model_type, ctx.device)

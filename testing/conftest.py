@@ -1,0 +1,58 @@
+"""Shared fixtures: the real CIFAR-10 copy, and helpers that run e2e_trainer.py as a user would."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("PFEDSIM_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
+
+# A small federated CIFAR-10 job: 500 clients of about 100 samples, 4 per round, SmallCNN, FedPer.
+SMALL_CV = {
+    "model_config": {"model_type": "SmallCNN"},
+    "server_config": {"max_iteration": 4, "num_clients_per_iteration": 4, "val_freq": 2, "ckpt_freq": 2,
+                      "eval_batch_size": 500},
+    "client_config": {"local_epochs": 1, "batch_size": 20,
+                      "optimizer_config": {"type": "sgd", "lr": 0.05, "momentum": 0.9}},
+    "data_config": {"num_clients": 500, "partition": "dirichlet", "alpha": 0.3, "download": False},
+    "personalization": {"method": "fedper", "local_layers": ["linear"]},
+    "seed": 3,
+    "device": "cpu",
+}
+
+
+def write_config(folder: Path, config: dict, name: str = "config.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_trainer(args: list[str], nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run e2e_trainer.py (under torch.distributed.run when nproc > 1) from the repo root."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0"] if nproc > 1 else [sys.executable]
+    return subprocess.run(launcher + ["e2e_trainer.py"] + args, cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_ckpt(run_dir: Path, name: str = "latest") -> dict:
+    return torch.load(run_dir / "checkpoints" / f"{name}.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def cifar_path() -> Path:
+    if not (DATA / "cifar-10-batches-py" / "test_batch").is_file():
+        pytest.fail(f"real CIFAR-10 expected at {DATA} (set PFEDSIM_CIFAR10 to its folder)")
+    return DATA

@@ -1,0 +1,98 @@
+"""Config validation and the one-line, exit-code-2 errors of the command line."""
+from __future__ import annotations
+
+import pytest
+
+import e2e_trainer
+from core.config import Config, load_config
+from core.errors import UserError
+from testing.conftest import REPO, SMALL_CV, run_trainer, write_config
+
+
+def test_shipped_configs_validate():
+    for path in (REPO / "experiments").glob("*/config*.yaml"):
+        assert isinstance(load_config(path), Config)
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = write_config(tmp_path, {"server_config": {"max_iteration": 3}})
+    cfg = load_config(path, ["client_config.optimizer_config.lr=0.2", "data_config.partition=iid"], seed=9)
+    assert cfg.server_config.max_iteration == 3
+    assert cfg.client_config.optimizer_config.lr == 0.2
+    assert cfg.data_config.partition == "iid"
+    assert cfg.seed == 9
+    assert cfg.server_config.optimizer_config.lr == 1.0  # documented default: server SGD lr 1 = FedAvg
+    assert cfg.to_dict()["model_config"]["model_type"] == "ResNet18"
+
+
+@pytest.mark.parametrize("content,needle", [
+    ({"server_config": {"max_iteratoin": 3}}, "unknown key 'server_config.max_iteratoin'; allowed here: "),
+    ({"server_config": {"max_iteration": "ten"}}, "server_config.max_iteration"),
+    ({"data_config": {"alpha": -1}}, "data_config.alpha: Input should be greater than 0"),
+    ({"data_config": {"partition": "random"}}, "data_config.partition"),
+    ({"personalization": {"method": "fedper"}}, "local_layers"),
+    ({"bogus_section": {}}, "unknown key 'bogus_section'"),
+])
+def test_bad_values_name_the_field(tmp_path, content, needle):
+    with pytest.raises(UserError) as err:
+        load_config(write_config(tmp_path, content))
+    message = str(err.value)
+    assert needle in message and "\n" not in message
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server_config: {max_iteration: 3\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="expected key.path=value"):
+        load_config(write_config(tmp_path, {}), ["server_config.max_iteration"])
+
+
+def _cli(tmp_path, capsys, config: dict, data, task="cv", extra=()):
+    path = write_config(tmp_path, config)
+    code = e2e_trainer.main(["-dataPath", str(data), "-outputPath", str(tmp_path / "out"), "-config", str(path),
+                             "-task", task, "-run_name", "r", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("change,task,needle", [
+    ({}, "nlp_missing", "-task nlp_missing: no task folder"),
+    ({"model_config": {"model_type": "ResNet1000"}}, "cv", "model_config.model_type: unknown model 'ResNet1000'"),
+    ({"personalization": {"method": "fedper", "local_layers": ["head"]}}, "cv", "personalization.local_layers: ['head']"),
+    ({"client_config": {"batch_size": 0}}, "cv", "client_config.batch_size"),
+])
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, cifar_path, change, task, needle):
+    config = {**SMALL_CV, **change}
+    code, err = _cli(tmp_path, capsys, config, cifar_path, task)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("pfedsim: error: ") and needle in err[0], err
+
+
+def test_missing_data_names_the_folder(tmp_path, capsys):
+    code, err = _cli(tmp_path, capsys, SMALL_CV, tmp_path / "nowhere")
+    assert code == 2 and len(err) == 1
+    assert "cifar-10-batches-py" in err[0] and str(tmp_path / "nowhere") in err[0]
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "out" / "r"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"round": 1}\n')
+    code, err = _cli(tmp_path, capsys, SMALL_CV, tmp_path)
+    assert code == 2 and "already holds results" in err[0]
+    assert (run / "metrics.jsonl").read_text() == '{"round": 1}\n'
+
+
+def test_real_process_exit_code_and_help(tmp_path):
+    path = write_config(tmp_path, {"server_config": {"val_freq": 0}})
+    proc = run_trainer(["-dataPath", str(tmp_path), "-outputPath", str(tmp_path), "-config", str(path), "-task", "cv"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "server_config.val_freq" in proc.stderr
+    helptext = run_trainer(["-h"]).stdout
+    for flag in ("-dataPath", "-outputPath", "-config", "-task", "-backend", "-seed", "-run_name", "-resume", "--set"):
+        assert flag in helptext

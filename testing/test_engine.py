@@ -1,0 +1,94 @@
+"""End-to-end runs of e2e_trainer.py on the real CIFAR-10: invariants of the round loop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import validate_config
+from core.flat import StateLayout
+from core.simulation import init_model
+from core.task import load_task
+from testing.conftest import SMALL_CV, load_ckpt, read_metrics, run_trainer, write_config
+
+
+def _launch(tmp, data, name, config=SMALL_CV, nproc=1, extra=()):
+    path = write_config(tmp, config, f"{name}.yaml")
+    proc = run_trainer(["-dataPath", str(data), "-outputPath", str(tmp), "-config", str(path), "-task", "cv",
+                        "-run_name", name, *extra], nproc=nproc)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp / name, proc
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cifar_path):
+    """4 rounds of the small job in one process (also the real-data smoke run)."""
+    return _launch(tmp_path_factory.mktemp("straight"), cifar_path, "straight")
+
+
+def test_smoke_run_writes_every_output(straight):
+    run, proc = straight
+    for name in ("config.resolved.yaml", "metrics.jsonl", "summary.md", "plots/accuracy.png",
+                 "checkpoints/latest.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*"))
+    records = read_metrics(run)
+    assert [r["round"] for r in records] == [2, 4]
+    assert "personalized models, trained clients" in proc.stdout
+    last = records[-1]
+    assert last["personalized"]["clients"] == len(load_ckpt(run)["client_store"]["entries"])
+    assert 0.0 < last["global_test_acc"] < 1.0 and np.isfinite(last["train_loss"])
+
+
+def test_weighted_local_accuracy_equals_full_test_accuracy(straight):
+    """Invariant 4: local test splits partition the test set."""
+    for rec in read_metrics(straight[0]):
+        assert rec["global_local"]["clients"] == SMALL_CV["data_config"]["num_clients"]
+        assert rec["global_local"]["weighted_mean"] == pytest.approx(rec["global_test_acc"], abs=1e-9)
+
+
+def test_personal_layers_never_leave_the_client(straight):
+    state = load_ckpt(straight[0])
+    cfg = validate_config(SMALL_CV, "test")
+    initial = init_model(load_task("cv"), cfg, torch.device("cpu"))
+    layout = StateLayout(initial)
+    personal = layout.index_of(["linear"])
+    body = torch.ones(layout.numel, dtype=torch.bool)
+    body[personal] = False
+    start, final = layout.flatten(), state["global"]
+    assert torch.equal(final[personal], start[personal]), "aggregation changed the global copy of local layers"
+    assert not torch.allclose(final[body], start[body]), "the shared body should have been trained"
+    entries = state["client_store"]["entries"]
+    assert len(entries) >= 10  # 4 rounds x 4 clients, some sampled twice
+    copies = torch.stack(list(entries.values()))
+    assert copies.shape[1] == personal.numel()
+    distances = torch.cdist(copies, copies) + torch.eye(len(copies)) * 1e9
+    assert distances.min() > 1e-4, "every client keeps its own personal layers"
+    assert (copies - start[personal]).abs().amax(dim=1).min() > 1e-4
+
+
+def test_worker_count_invariance(tmp_path, cifar_path):
+    """Invariant 1: 1 process and 3 processes (server + 2 workers, gloo) give the same model."""
+    config = {**SMALL_CV, "server_config": {**SMALL_CV["server_config"], "max_iteration": 3, "val_freq": 3}}
+    one, _ = _launch(tmp_path, cifar_path, "one", config)
+    three, _ = _launch(tmp_path, cifar_path, "three", config, nproc=3, extra=("-backend", "gloo"))
+    a, b = load_ckpt(one), load_ckpt(three)
+    assert torch.allclose(a["global"], b["global"], atol=1e-4, rtol=0)
+    assert a["client_store"]["entries"].keys() == b["client_store"]["entries"].keys()
+    for cid, vec in a["client_store"]["entries"].items():
+        assert torch.allclose(vec, b["client_store"]["entries"][cid], atol=1e-4, rtol=0)
+    assert read_metrics(one)[-1]["global_test_acc"] == pytest.approx(read_metrics(three)[-1]["global_test_acc"], abs=2e-3)
+
+
+def test_resume_continues_exactly(tmp_path, cifar_path, straight):
+    """Invariant 5: 2 rounds, stop, resume to 4 == 4 rounds straight."""
+    first_half = {**SMALL_CV, "server_config": {**SMALL_CV["server_config"], "max_iteration": 2}}
+    run, _ = _launch(tmp_path, cifar_path, "halves", first_half)
+    assert load_ckpt(run)["round"] == 2
+    _launch(tmp_path, cifar_path, "halves", SMALL_CV, extra=("-resume",))
+    resumed, full = load_ckpt(run), load_ckpt(straight[0])
+    assert resumed["round"] == full["round"] == 4
+    assert torch.allclose(resumed["global"], full["global"], atol=1e-6, rtol=0)
+    assert resumed["client_store"]["entries"].keys() == full["client_store"]["entries"].keys()
+    assert [r["round"] for r in read_metrics(run)] == [2, 4]
+    assert read_metrics(run)[-1]["global_test_acc"] == read_metrics(straight[0])[-1]["global_test_acc"]
