@@ -22,21 +22,21 @@ class _Section(BaseModel):
 class OptimizerConfig(_Section):
     """A torch optimizer: ``type`` is ``sgd``, ``adam`` or ``adamw``; ``lr`` is the step size."""
 
-    type: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    type: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer class")
+    lr: float = Field(0.05, gt=0, description="learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (server SGD momentum = FedAvgM)")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    nesterov: bool = Field(False, description="Nesterov momentum (SGD with momentum > 0)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="Adam/AdamW epsilon")
 
 
 class ModelSection(_Section):
     """Which model class of the task's ``model.py`` to build, and its options."""
 
-    model_type: str = "ResNet18"
-    num_classes: int = Field(10, ge=2)
-    options: dict[str, Any] = Field(default_factory=dict)
+    model_type: str = Field("ResNet18", description="class name in the task's model.py")
+    num_classes: int = Field(10, ge=2, description="output classes")
+    options: dict[str, Any] = Field(default_factory=dict, description="free-form options for the task's model")
 
 
 class ServerConfig(_Section):
@@ -47,42 +47,44 @@ class ServerConfig(_Section):
     ``ckpt_freq`` rounds (0: only at the end).
     """
 
-    max_iteration: int = Field(50, ge=1)
-    num_clients_per_iteration: int = Field(10, ge=1)
-    val_freq: int = Field(5, ge=1)
-    ckpt_freq: int = Field(10, ge=0)
-    optimizer_config: OptimizerConfig = OptimizerConfig(type="sgd", lr=1.0)
-    eval_batch_size: int = Field(1000, ge=1)
-    resume_from_checkpoint: Optional[str] = None
-    timeout_s: float = Field(600.0, gt=0)
+    max_iteration: int = Field(50, ge=1, description="number of rounds")
+    num_clients_per_iteration: int = Field(10, ge=1, description="cohort size (clients per round)")
+    val_freq: int = Field(5, ge=1, description="evaluate every this many rounds (and at the last)")
+    ckpt_freq: int = Field(10, ge=0, description="checkpoint every this many rounds; 0: only at the end")
+    optimizer_config: OptimizerConfig = Field(OptimizerConfig(type="sgd", lr=1.0),
+                                              description="server optimizer on the pseudo-gradient")
+    eval_batch_size: int = Field(1000, ge=1, description="batch size of evaluation passes")
+    resume_from_checkpoint: Optional[str] = Field(None, description="checkpoint file or run folder to continue")
+    timeout_s: float = Field(600.0, gt=0, description="process-group timeout in seconds (a dead peer is reported by then)")
 
 
 class ClientConfig(_Section):
     """Local training of one client: ``local_epochs`` passes over its train split."""
 
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
-    optimizer_config: OptimizerConfig = OptimizerConfig(type="sgd", lr=0.05, momentum=0.9)
-    augment: bool = True
+    local_epochs: int = Field(1, ge=1, description="passes over the client's train split per round")
+    batch_size: int = Field(32, ge=1, description="client batch size (samples)")
+    optimizer_config: OptimizerConfig = Field(OptimizerConfig(type="sgd", lr=0.05, momentum=0.9),
+                                              description="client optimizer (state reset every round)")
+    augment: bool = Field(True, description="task's train-time augmentation (cv: random crop + flip)")
 
 
 class DataConfig(_Section):
     """How CIFAR-style data is split into clients (see :mod:`core.partition`)."""
 
-    num_clients: int = Field(100, ge=1)
-    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
-    alpha: float = Field(0.3, gt=0)
-    classes_per_client: int = Field(2, ge=1)
-    min_samples: int = Field(10, ge=1)
-    download: bool = True
+    num_clients: int = Field(100, ge=1, description="total number of clients")
+    partition: Literal["iid", "dirichlet", "shards"] = Field("dirichlet", description="how labels are split")
+    alpha: float = Field(0.3, gt=0, description="Dirichlet alpha (smaller: more label skew)")
+    classes_per_client: int = Field(2, ge=1, description="shards: shards (about classes) per client")
+    min_samples: int = Field(10, ge=1, description="minimum train samples per client (error if impossible)")
+    download: bool = Field(True, description="try torchvision's download when the data folder is missing")
 
 
 class PersonalizationConfig(_Section):
     """``method: none`` is plain FedAvg; ``fedper`` keeps ``local_layers`` (module-name prefixes)
     on each client."""
 
-    method: Literal["none", "fedper"] = "none"
-    local_layers: list[str] = Field(default_factory=list)
+    method: Literal["none", "fedper"] = Field("none", description="none (FedAvg) or fedper")
+    local_layers: list[str] = Field(default_factory=list, description="module-name prefixes kept on each client")
 
     @model_validator(mode="after")
     def _layers_match_method(self) -> "PersonalizationConfig":
@@ -97,13 +99,13 @@ class Config(_Section):
     """The whole experiment. ``seed`` drives partition, cohorts and client training."""
 
     model: ModelSection = Field(default_factory=ModelSection, alias="model_config")
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: Literal["fedavg"] = Field("fedavg", description="aggregation strategy")
     server_config: ServerConfig = Field(default_factory=ServerConfig)
     client_config: ClientConfig = Field(default_factory=ClientConfig)
     data_config: DataConfig = Field(default_factory=DataConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
-    seed: int = Field(0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0, description="seed of partition, cohorts, initial model and client training")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the rank's GPU when present")
 
     def to_dict(self) -> dict:
         """The full effective config as plain YAML-able data (FLUTE key names)."""

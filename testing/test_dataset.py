@@ -1,0 +1,66 @@
+"""The CIFAR-10 task's dataset contract and its on-device augmentation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import DataConfig
+from experiments.cv.dataloaders.cifar10 import read_batches
+from experiments.cv.dataloaders.dataloader import CIFAR10DataLoader, MEAN, STD
+from experiments.cv.dataloaders.dataset import CIFAR10Dataset
+
+CFG = DataConfig(num_clients=50, partition="dirichlet", alpha=0.5, download=False)
+
+
+@pytest.fixture(scope="module")
+def train_all(cifar_path):
+    return CIFAR10Dataset(str(cifar_path), CFG, split="train", seed=1)
+
+
+def test_read_batches_shapes_and_class_counts(cifar_path):
+    images, labels = read_batches(cifar_path, "test", download=False)
+    assert images.shape == (10_000, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.bincount(labels).tolist() == [1000] * 10
+
+
+def test_all_users_and_one_user(cifar_path, train_all):
+    assert train_all.user_list == [str(i) for i in range(50)]
+    assert sum(train_all.num_samples) == 50_000
+    one = CIFAR10Dataset(str(cifar_path), CFG, split="train", user_idx=7, seed=1)
+    assert one.user_list == ["7"] and one.num_samples == [train_all.num_samples[7]]
+    assert torch.equal(one.user_data["7"], train_all.user_data["7"])
+    idx = torch.from_numpy(train_all.client_indices[7])
+    assert torch.equal(one.user_data_labels["7"], train_all.labels[idx])
+    assert one.user_data["7"].shape == (one.num_samples[0], 3, 32, 32)
+
+
+def test_test_split_uses_the_train_plan(cifar_path, train_all):
+    test = CIFAR10Dataset(str(cifar_path), CFG, split="test", seed=1, split_plan=train_all.split_plan)
+    assert sum(test.num_samples) == 10_000
+    fresh = CIFAR10Dataset(str(cifar_path), CFG, split="test", seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(test.client_indices, fresh.client_indices))
+
+
+def test_augmented_batches_are_crops_and_flips_of_the_originals(train_all):
+    loader = CIFAR10DataLoader(train_all, 16, torch.device("cpu"), train=True, augment=True)
+    indices = torch.arange(16)
+    batch = next(loader.batches(indices, torch.Generator().manual_seed(0)))
+    assert batch["x"].shape == (16, 3, 32, 32) and batch["x"].dtype == torch.float32
+    order = train_all.labels[indices]
+    mean = torch.tensor(MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(STD).view(3, 1, 1) * 255
+    padded = torch.nn.functional.pad(train_all.inputs[:16].float(), (4, 4, 4, 4))
+    flips = 0
+    for x, y in zip(batch["x"], batch["y"]):
+        raw = x * std + mean
+        # find which original image, offset and flip produced this crop
+        matches = [(i, dy, dx, f) for i in range(16) for dy in range(9) for dx in range(9) for f in (0, 1)
+                   if torch.allclose((padded[i, :, dy:dy + 32, dx:dx + 32].flip(2) if f else
+                                      padded[i, :, dy:dy + 32, dx:dx + 32]), raw, atol=1e-3)]
+        assert matches, "every augmented image is a crop (and maybe flip) of an original"
+        assert order[matches[0][0]] == y
+        flips += matches[0][3]
+    assert 0 < flips < 16
+    same = next(loader.batches(indices, torch.Generator().manual_seed(0)))
+    assert torch.equal(same["x"], batch["x"]), "same generator seed, same batch"
