@@ -21,7 +21,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "mpi4py>=3.1", "mpich>=4.1"],
         "mpi": ["mpi4py>=3.1", "mpich>=4.1"],
     },
 )

@@ -47,7 +47,15 @@ def _mpi_environment() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK",
                                                        os.environ.get("MPI_LOCALRANKID", "0")))
     os.environ.setdefault("MASTER_ADDR", comm.bcast(MPI.Get_processor_name(), root=0))
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_PORT", str(comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def _device(preference: str, backend: str, local_rank: int) -> torch.device:

@@ -92,3 +92,13 @@ def test_resume_continues_exactly(tmp_path, cifar_path, straight):
     assert resumed["client_store"]["entries"].keys() == full["client_store"]["entries"].keys()
     assert [r["round"] for r in read_metrics(run)] == [2, 4]
     assert read_metrics(run)[-1]["global_test_acc"] == read_metrics(straight[0])[-1]["global_test_acc"]
+
+
+def test_resume_from_checkpoint_config_key(tmp_path, cifar_path, straight):
+    """The config key server_config.resume_from_checkpoint does what -resume does."""
+    first_half = {**SMALL_CV, "server_config": {**SMALL_CV["server_config"], "max_iteration": 2}}
+    run, _ = _launch(tmp_path, cifar_path, "by_key", first_half)
+    resumed_cfg = {**SMALL_CV, "server_config": {**SMALL_CV["server_config"],
+                                                 "resume_from_checkpoint": str(run / "checkpoints" / "latest.pt")}}
+    _launch(tmp_path, cifar_path, "by_key", resumed_cfg)
+    assert torch.allclose(load_ckpt(run)["global"], load_ckpt(straight[0])["global"], atol=1e-6, rtol=0)
