@@ -79,3 +79,26 @@ class SmallCNN(_ClassifierMixin, BaseModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(F.relu(self.fc(torch.flatten(self.features(x), 1))))
+
+
+class PflCNN(_ClassifierMixin, BaseModel):
+    """A 2-conv CNN sized like pfl-research's CIFAR-10 benchmark model (1,626,442 parameters).
+
+    conv 3x3 (32, valid) - ReLU - conv 3x3 (64, valid) - ReLU - max-pool 2 - dropout 0.25 -
+    linear 12544->128 - ReLU - dropout 0.5 - linear 128->classes. No normalisation layers, so it
+    can be trained vectorized across clients. Input (B, 3, 32, 32) -> logits (B, num_classes).
+    """
+
+    def __init__(self, model_config):
+        super().__init__(model_config)
+        self.conv1 = nn.Conv2d(3, 32, 3)
+        self.conv2 = nn.Conv2d(32, 64, 3)
+        self.fc = nn.Linear(64 * 14 * 14, 128)
+        self.linear = nn.Linear(128, model_config.num_classes)
+        self.drop1 = nn.Dropout(0.25)
+        self.drop2 = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = F.relu(self.fc(torch.flatten(self.drop1(x), 1)))
+        return self.linear(self.drop2(x))
