@@ -31,11 +31,11 @@ class ClientTrainer:
         self.layout.load_(global_flat)
 
     def train(self, round_idx: int, client_id: int, indices: torch.Tensor, global_flat: torch.Tensor,
-              personal: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+              personal: torch.Tensor | None) -> torch.Tensor:
         """Run ``local_epochs`` over the client's samples ``indices`` (int64, on the device).
 
-        Returns:
-            The trained state as a (N,) flat vector and the mean training loss (0-dim tensor).
+        The trained state is left in the replica (read it with the layout). Returns the mean
+        training loss as a 0-dim tensor (no host sync).
         """
         self.load(global_flat, personal)
         self.optimizer.state.clear()
@@ -51,4 +51,4 @@ class ClientTrainer:
                 self.optimizer.step()
                 loss_sum += loss.detach()
                 steps += 1
-        return self.layout.flatten(), loss_sum / max(steps, 1)
+        return loss_sum / max(steps, 1)

@@ -37,6 +37,15 @@ class StateLayout:
                 if not t.is_floating_point():
                     t.copy_(v.view_as(t))
 
+    def accumulate_(self, out: torch.Tensor, alpha: float) -> None:
+        """``out += alpha * state`` for a (numel,) ``out``, read straight from the module (no flat copy)."""
+        views = out.split(self.numels)
+        with torch.no_grad():
+            torch._foreach_add_([views[i] for i in self._float_pos], [t.view(-1) for t in self._float], alpha=alpha)
+            for v, t in zip(views, self.tensors):
+                if not t.is_floating_point():
+                    v.add_(t.view(-1).float(), alpha=alpha)
+
     def index_of(self, prefixes: list[str]) -> torch.Tensor:
         """int64 positions in the flat vector of every tensor whose name starts with a prefix.
 

@@ -32,16 +32,19 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(contribution_size(sim), device=sim.ctx.device)
     out_slots = out[n + 2:].view(len(cohort), p)
     slot_of = {int(c): i for i, c in enumerate(cohort)}
+    weight_sum = 0.0
     for cid in mine:
         slot = slot_of[int(cid)]
-        trained, loss = sim.trainer.train(round_idx, int(cid), sim.train_clients.get(cid), global_flat,
-                                          slots[slot] if p else None)
+        loss = sim.trainer.train(round_idx, int(cid), sim.train_clients.get(cid), global_flat,
+                                 slots[slot] if p else None)
         weight = sim.strategy.client_weight(int(sizes[cid]))
-        out[:n].add_(trained - global_flat, alpha=weight)
-        out[n] += weight
+        sim.layout.accumulate_(out[:n], weight)
+        weight_sum += weight
         out[n + 1] += weight * loss
         if p:
-            out_slots[slot] = trained[sim.personal_index]
+            out_slots[slot] = sim.layout.flatten()[sim.personal_index]
+    out[:n].add_(global_flat, alpha=-weight_sum)  # sum_i w_i (x_i - g) without a copy per client
+    out[n] = weight_sum
     return out
 
 

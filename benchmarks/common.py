@@ -1,0 +1,82 @@
+"""Shared pieces of the benchmarks: synthetic CIFAR-shaped data, building a simulation in-process, timing."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from core.config import load_config
+from core.distributed import DistContext, Transport
+from core.simulation import build_simulation
+from core.task import Task, load_task
+from experiments.cv.dataloaders.dataset import CIFAR10Dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class SyntheticCIFAR(CIFAR10Dataset):
+    """Random uint8 images of CIFAR shape (50,000 train / 10,000 test), balanced labels; no files."""
+
+    @classmethod
+    def load_split(cls, data_path, split, data_config):
+        n = 50_000 if split == "train" else 10_000
+        gen = torch.Generator().manual_seed(0 if split == "train" else 1)
+        return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.arange(n) % 10
+
+
+def task_for(data: str) -> Task:
+    """The cv task, with synthetic data when ``data`` is ``synthetic``."""
+    task = load_task("cv")
+    if data == "synthetic":
+        task = Task(task.name, task.folder, task.models, SyntheticCIFAR, task.dataloader_cls)
+    return task
+
+
+def single_process_simulation(config: str, data: str, device: str, overrides=()):
+    """Build a world-size-1 simulation of ``config`` on ``device`` (cpu or cuda)."""
+    cfg = load_config(REPO / config, list(overrides) + [f"device={device}"])
+    ctx = DistContext(rank=0, world_size=1, device=torch.device(device), backend="gloo")
+    return cfg, build_simulation(cfg, task_for(data), data, ctx, Transport(ctx))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` (device synchronised around each)."""
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def machine() -> str:
+    """A one-line description of the machine the benchmark ran on."""
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+    else:
+        gpu = "no GPU"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
+
+
+def save(results: dict, path: Path) -> None:
+    """Append one JSON result line to ``path`` and print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(results)
+    with open(path, "a") as handle:
+        handle.write(line + "\n")
+    print(line)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

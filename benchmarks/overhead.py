@@ -1,0 +1,70 @@
+"""Item 1: simulation overhead. One FL round vs centralized training doing the same optimizer steps.
+
+The FL round is the engine's real round (cohort sampling, broadcast/reduce buffers, per-client reset
+of the one replica, local training, weighted delta sums, server step). The centralized baseline trains
+a model of the same class for the same number of steps at the same batch size, with the same loader
+and optimizer. Ratio = FL round seconds / centralized seconds (1.00 = no overhead).
+
+    python benchmarks/overhead.py --device cpu --data ../shared/data/cifar10
+    python benchmarks/overhead.py --device cuda --data synthetic
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import REPO, machine, median, save, single_process_simulation, timed
+from core.optim import build_optimizer
+from core.server import Server
+
+
+def centralized_steps(sim, cfg, steps: int):
+    """A closure training a fresh replica for ``steps`` batches of the client batch size."""
+    model = type(sim.model)(cfg.model).to(sim.ctx.device)
+    optimizer = build_optimizer(model.parameters(), cfg.client_config.optimizer_config)
+    loader = sim.trainer.loader
+    indices = torch.arange(steps * cfg.client_config.batch_size, device=sim.ctx.device)
+    generator = torch.Generator(device=sim.ctx.device).manual_seed(0)
+
+    def run():
+        model.train()
+        for batch in loader.batches(indices, generator):
+            loss = model.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="benchmarks/configs/pfl_cnn_50x50.yaml")
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or the folder holding cifar-10-batches-py")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overhead.jsonl"))
+    args = parser.parse_args()
+    cfg, sim = single_process_simulation(args.config, args.data, args.device, args.overrides)
+    steps = sum(-(-int(sim.train_clients.sizes[c]) // cfg.client_config.batch_size) for c in sim.schedule.cohort(1)) \
+        * cfg.client_config.local_epochs
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(sim, Path(tmp), None)
+        rounds = iter(range(1, 10_000))
+        fl = timed(lambda: server._round(next(rounds)), sim.ctx.device, args.repeats + 1)[1:]
+        server.writer.close()
+    central = timed(centralized_steps(sim, cfg, steps), sim.ctx.device, args.repeats + 1)[1:]
+    result = {"benchmark": "overhead", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+              "device": args.device, "data": "synthetic" if args.data == "synthetic" else "cifar10",
+              "config": args.config, "overrides": args.overrides, "cohort": sim.schedule.cohort_size,
+              "steps_per_round": steps, "fl_round_s": median(fl), "centralized_s": median(central),
+              "ratio": median(fl) / median(central), "fl_all": fl, "centralized_all": central}
+    save(result, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
