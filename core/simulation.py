@@ -13,6 +13,7 @@ from core.flat import StateLayout
 from core.personalization import build_personalization
 from core.schedule import Schedule
 from core.strategy import build_strategy
+from core.vectorized import VectorizedTrainer
 from utils.seeding import derive_seed
 
 
@@ -46,6 +47,7 @@ class Simulation:
     test_clients: ClientIndex
     strategy: object
     personalization: object
+    vectorized: VectorizedTrainer | None = None
 
     @property
     def personal_numel(self) -> int:
@@ -90,4 +92,6 @@ def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Tra
                       test_loader=test_loader,
                       train_clients=ClientIndex(train_ds.split_plan.train, ctx.device),
                       test_clients=ClientIndex(train_ds.split_plan.test, ctx.device),
-                      strategy=build_strategy(cfg.strategy), personalization=personalization)
+                      strategy=build_strategy(cfg.strategy), personalization=personalization,
+                      vectorized=VectorizedTrainer(model, layout, train_loader, client_cfg, cfg.seed)
+                      if client_cfg.vectorize else None)

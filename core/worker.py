@@ -32,6 +32,9 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(contribution_size(sim), device=sim.ctx.device)
     out_slots = out[n + 2:].view(len(cohort), p)
     slot_of = {int(c): i for i, c in enumerate(cohort)}
+    if sim.vectorized is not None:
+        _train_vectorized(sim, round_idx, mine, [slot_of[int(c)] for c in mine], global_flat, slots, out)
+        return out
     weight_sum = 0.0
     for cid in mine:
         slot = slot_of[int(cid)]
@@ -46,6 +49,26 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
     out[:n].add_(global_flat, alpha=-weight_sum)  # sum_i w_i (x_i - g) without a copy per client
     out[n] = weight_sum
     return out
+
+
+def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out) -> None:
+    """Vectorized variant of the client loop: groups of ``vectorize_chunk`` clients at once."""
+    n, p, k = sim.layout.numel, sim.personal_numel, sim.layout.num_params
+    chunk = sim.cfg.client_config.vectorize_chunk
+    out_slots = out[n + 2:].view(len(slots), p)
+    for start in range(0, len(mine), chunk):
+        ids, rows = mine[start:start + chunk], mine_slots[start:start + chunk]
+        personal = slots[rows] if p else None
+        stack, losses = sim.vectorized.train_group(round_idx, ids, [sim.train_clients.get(c) for c in ids],
+                                                   global_flat, personal, sim.personal_index)
+        weights = torch.tensor([sim.strategy.client_weight(int(sim.train_clients.sizes[c])) for c in ids],
+                               device=stack.device)
+        out[:k] += weights @ stack - weights.sum() * global_flat[:k]
+        out[n] += weights.sum()
+        out[n + 1] += (weights * losses).sum()
+        if p:
+            full = torch.cat([stack, global_flat[k:].expand(len(ids), -1)], dim=1)
+            out_slots[rows] = full[:, sim.personal_index]
 
 
 def eval_buffer_size(sim, num_trained: int) -> int:

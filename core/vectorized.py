@@ -1,0 +1,127 @@
+"""Train a group of clients at once: torch.func ``functional_call`` + ``vmap`` over stacked parameters.
+
+Each client keeps its own data order (its own generator, drawn exactly as in sequential training)
+and its own SGD state; only the arithmetic is batched across clients. With SGD and a model without
+randomness (no dropout) the result equals sequential training up to float summation order.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from core.errors import UserError
+from utils.seeding import client_generator
+
+
+class _LossCall(nn.Module):
+    """Makes ``model.loss(batch)`` the forward of a module, so functional_call can run it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model.loss(batch)
+
+
+def check_vectorizable(model: nn.Module, client_config) -> None:
+    """Raise UserError unless the model has no BatchNorm and the client optimizer is SGD."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise UserError("client_config.vectorize needs a model without BatchNorm (use GroupNorm or none); "
+                        "set client_config.vectorize: false for this model")
+    if client_config.optimizer_config.type != "sgd":
+        raise UserError("client_config.vectorize supports client optimizer type sgd only; "
+                        "set client_config.optimizer_config.type: sgd or vectorize: false")
+
+
+class VectorizedTrainer:
+    """Trains up to ``chunk`` clients together on stacked copies of the parameters.
+
+    Per step, the active clients are grouped by batch size (the last batch of a client can be
+    smaller); each group runs one vmapped forward/backward and one stacked SGD update
+    (torch.optim.SGD semantics: weight decay, momentum with first buffer = gradient, Nesterov).
+    """
+
+    def __init__(self, model, layout, loader, client_config, seed: int):
+        check_vectorizable(model, client_config)
+        self.call = _LossCall(model)
+        self.layout = layout
+        self.loader = loader
+        self.epochs = client_config.local_epochs
+        self.opt = client_config.optimizer_config
+        self.seed = seed
+        self.names = [f"model.{n}" for n, _ in model.named_parameters()]
+        self.shapes = [p.shape for _, p in model.named_parameters()]
+        self.numels = [p.numel() for _, p in model.named_parameters()]
+        self.buffers = {f"model.{n}": b for n, b in model.named_buffers()}
+        step = grad_and_value(self._loss)
+        self.step = vmap(step, in_dims=(0, 0), randomness="different")
+
+    def _loss(self, params: dict, batch: dict) -> torch.Tensor:
+        return functional_call(self.call, (params, self.buffers), (batch,))
+
+    def _streams(self, round_idx, client_ids, indices):
+        def stream(cid, idx):
+            generator = client_generator(idx.device, self.seed, round_idx, cid)
+            for _ in range(self.epochs):
+                yield from self.loader.batches(idx, generator)
+        return [stream(int(c), i) for c, i in zip(client_ids, indices)]
+
+    def _update(self, stack, momentum, rows, grads) -> None:
+        """SGD on rows ``rows`` of the (C, P) parameter stack with (len(rows), P) gradients."""
+        o = self.opt
+        params = stack[rows]
+        if o.weight_decay:
+            grads = grads.add(params, alpha=o.weight_decay)
+        if o.momentum:
+            buf = momentum[rows]
+            fresh = ~self._has_momentum[rows]
+            buf = torch.where(fresh[:, None], grads, buf.mul(o.momentum).add_(grads))
+            momentum[rows] = buf
+            self._has_momentum[rows] = True
+            grads = grads.add(buf, alpha=o.momentum) if o.nesterov else buf
+        stack[rows] = params.sub_(grads, alpha=o.lr)
+
+    def train_group(self, round_idx: int, client_ids, indices: list, global_flat: torch.Tensor,
+                    personal: torch.Tensor | None, personal_index: torch.Tensor):
+        """Train clients ``client_ids`` (their sample indices in ``indices``) from ``global_flat``.
+
+        Args:
+            personal: (C, P) personal vectors to start from, or None.
+        Returns:
+            (C, num_params) trained parameter rows and (C,) mean training losses.
+        """
+        count, k = len(client_ids), self.layout.num_params
+        start = global_flat.unsqueeze(0).repeat(count, 1)
+        if personal is not None and personal_index.numel():
+            start[:, personal_index] = personal
+        stack = start[:, :k].contiguous()
+        momentum = torch.zeros_like(stack) if self.opt.momentum else None
+        self._has_momentum = torch.zeros(count, dtype=torch.bool, device=stack.device)
+        loss_sum = torch.zeros(count, device=stack.device)
+        steps = torch.zeros(count, device=stack.device)
+        streams = self._streams(round_idx, client_ids, indices)
+        active = list(range(count))
+        while active:
+            batches = {}
+            for i in active:
+                batch = next(streams[i], None)
+                if batch is not None:
+                    batches[i] = batch
+            active = list(batches)
+            for size in sorted({b["y"].shape[0] for b in batches.values()}):
+                rows = [i for i in active if batches[i]["y"].shape[0] == size]
+                self._step(stack, momentum, rows, [batches[i] for i in rows], loss_sum, steps)
+        return stack, loss_sum / steps.clamp(min=1)
+
+    def _step(self, stack, momentum, rows, batches, loss_sum, steps) -> None:
+        rows_t = torch.tensor(rows, device=stack.device)
+        sub = stack[rows_t]
+        params = {n: v.view(len(rows), *s) for n, v, s in zip(self.names, sub.split(self.numels, dim=1), self.shapes)}
+        batch = {key: torch.stack([b[key] for b in batches]) for key in batches[0]}
+        grads, losses = self.step(params, batch)
+        flat_grad = torch.cat([grads[n].reshape(len(rows), -1) for n in self.names], dim=1)
+        self._update(stack, momentum, rows_t, flat_grad)
+        loss_sum.index_add_(0, rows_t, losses.detach())
+        steps.index_add_(0, rows_t, torch.ones_like(losses))
