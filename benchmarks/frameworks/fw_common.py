@@ -1,0 +1,85 @@
+"""The workload shared by the framework comparison scripts (run_flower.py, run_pfl.py).
+
+Everything here is built from pfedsim's own pieces so that the three frameworks see the same data,
+partition and model: pfedsim's CIFAR-10 reader, its IID partitioner (seed 0) and its PflCNN.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Same constants as experiments/cv/dataloaders/dataloader.py
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+DATA_PATH = os.environ.get("FW_DATA", "/work/shared/data/cifar10")
+HERE = Path(__file__).resolve().parent
+
+# The workload (identical to benchmarks/configs/pfl_cnn_50x50.yaml)
+NUM_CLIENTS = 1000
+SAMPLES_PER_CLIENT = 50
+COHORT = 50
+ROUNDS = 20
+LOCAL_EPOCHS = 1
+BATCH_SIZE = 10
+LOCAL_LR = 0.05
+SEED = 0
+EVAL_BATCH = 1000
+
+
+def normalise(x_uint8: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    return (x_uint8.float() - mean) / std
+
+
+def load_raw():
+    """(train_x uint8, train_y int64, test_x uint8, test_y int64) via pfedsim's reader."""
+    from experiments.cv.dataloaders.cifar10 import read_batches
+    x, y = read_batches(DATA_PATH, "train", download=False)
+    tx, ty = read_batches(DATA_PATH, "test", download=False)
+    return x, y, tx, ty
+
+
+def partition(train_y: torch.Tensor) -> list[np.ndarray]:
+    from core.partition import iid
+    parts = iid(train_y.numpy(), NUM_CLIENTS, seed=SEED)
+    assert all(len(p) == SAMPLES_PER_CLIENT for p in parts)
+    return parts
+
+
+def make_model() -> torch.nn.Module:
+    from core.config import ModelSection
+    from experiments.cv.model import PflCNN
+    return PflCNN(ModelSection(model_type="PflCNN"))
+
+
+@torch.no_grad()
+def test_accuracy(model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
+    """Accuracy of ``model`` on the full test set (``test_x`` already normalised)."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(test_y), EVAL_BATCH):
+        correct += int((model(test_x[i:i + EVAL_BATCH]).argmax(1) == test_y[i:i + EVAL_BATCH]).sum())
+    return correct / len(test_y)
+
+
+def report(result: dict) -> None:
+    """Print the final JSON line and write results_<framework>.json next to this file."""
+    line = json.dumps(result)
+    (HERE / f"results_{result['framework']}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(line, flush=True)
+
+
+def now() -> float:
+    return time.perf_counter()

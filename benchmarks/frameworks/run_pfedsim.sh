@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# pfedsim side of the framework comparison: the shared workload from benchmarks/configs/pfl_cnn_50x50.yaml
+# (1,000 IID clients x 50 CIFAR-10 samples, 50 clients/round, 1 local epoch, batch 10, SGD 0.05, FedAvg,
+# 20 rounds, PflCNN), pinned to core 1 with one thread.
+# Usage: benchmarks/frameworks/run_pfedsim.sh [DATA_PATH] [RUN_NAME]
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+PY="${PFEDSIM_PYTHON:-/work/venv/bin/python}"
+DATA="${1:-/work/shared/data/cifar10}"
+NAME="${2:-fw_pfedsim_$(date +%Y%m%d_%H%M%S)}"
+OUT="${FW_OUT:-/tmp/fw_runs}"
+
+cd "$REPO"
+start=$(date +%s.%N)
+taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 "$PY" e2e_trainer.py \
+  -dataPath "$DATA" -outputPath "$OUT" -config benchmarks/configs/pfl_cnn_50x50.yaml -task cv -run_name "$NAME"
+end=$(date +%s.%N)
+
+"$PY" - "$OUT/$NAME/metrics.jsonl" "$HERE/results_pfedsim.json" "$start" "$end" "$REPO" <<'PYEOF'
+import json, subprocess, sys
+metrics, dest, start, end, repo = sys.argv[1:]
+recs = [json.loads(line) for line in open(metrics) if line.strip()]
+last = max(recs, key=lambda r: r["round"])
+commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+out = {"framework": "pfedsim", "version": f"git {commit}", "rounds": last["round"],
+       "wall_s": round(last["elapsed_s"], 2), "s_per_round": round(last["elapsed_s"] / last["round"], 3),
+       "final_test_acc": round(last["global_test_acc"], 4),
+       "included": "pfedsim's own elapsed_s at the last round: the 20 training rounds (cohort sampling, "
+                   "broadcast, local training, aggregation); excludes data loading, model/engine set-up "
+                   "and the final test-set evaluation",
+       "process_wall_s": round(float(end) - float(start), 2)}
+json.dump(out, open(dest, "w"), indent=1)
+print(json.dumps(out))
+PYEOF
