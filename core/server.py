@@ -116,11 +116,16 @@ class Server:
         rounds = sim.schedule.rounds
         bar = tqdm(range(self.start_round, rounds + 1), desc="rounds", unit="round", dynamic_ncols=True,
                    initial=self.start_round - 1, total=rounds, mininterval=2.0)
+        train_s, train_rounds = 0.0, 0
         for r in bar:
+            started = time.perf_counter()
             loss = self._round(r)
+            train_s, train_rounds = train_s + time.perf_counter() - started, train_rounds + 1
             bar.set_postfix(loss=f"{loss:.3f}")
             if sim.schedule.is_eval_round(r):
                 record = self._evaluate(r, loss, time.perf_counter() - t0)
+                record["sec_per_round"] = train_s / train_rounds
+                train_s, train_rounds = 0.0, 0
                 is_best = all(record["global_test_acc"] > h["global_test_acc"] for h in self.history)
                 self.history.append(record)
                 self.writer.write(record)

@@ -17,7 +17,7 @@ def format_line(rec: dict, rounds: int) -> str:
     if p and p.get("clients"):
         text += (f" | personalized {_pct(p['weighted_mean'])}% (mean {_pct(p['mean'])} ± {_pct(p['std'])},"
                  f" {p['clients']} clients)")
-    return text + f" | {rec['elapsed_s']:.0f}s"
+    return text + f" | {rec.get('sec_per_round', float('nan')):.2f}s/round | {rec['elapsed_s']:.0f}s"
 
 
 def results_table(rec: dict) -> str:

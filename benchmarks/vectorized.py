@@ -1,0 +1,54 @@
+"""Item 2: vectorized cohorts. ms per round, sequential vs ``client_config.vectorize``, and
+centralized training at batch (cohort x client batch) doing the same number of samples.
+
+    python benchmarks/vectorized.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import REPO, machine, median, save, single_process_simulation, timed
+from benchmarks.overhead import centralized_steps
+from core.server import Server
+
+
+def round_seconds(config, data, device, overrides, repeats) -> tuple[float, object, object]:
+    cfg, sim = single_process_simulation(config, data, device, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(sim, Path(tmp), None)
+        rounds = iter(range(1, 10_000))
+        times = timed(lambda: server._round(next(rounds)), sim.ctx.device, repeats + 2)[2:]
+        server.writer.close()
+    return median(times), cfg, sim
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="benchmarks/configs/pfl_cnn_50x50.yaml")
+    parser.add_argument("--data", default="synthetic")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vectorized.jsonl"))
+    args = parser.parse_args()
+    seq, cfg, sim = round_seconds(args.config, args.data, args.device, args.overrides, args.repeats)
+    vec, _, _ = round_seconds(args.config, args.data, args.device,
+                              args.overrides + ["client_config.vectorize=true"], args.repeats)
+    cohort = sim.schedule.cohort_size
+    samples = int(sum(sim.train_clients.sizes[c] for c in sim.schedule.cohort(1))) * cfg.client_config.local_epochs
+    big = cohort * cfg.client_config.batch_size
+    _, csim = single_process_simulation(args.config, args.data, args.device,
+                                        args.overrides + [f"client_config.batch_size={big}"])
+    central = median(timed(centralized_steps(csim, csim.cfg, samples // big), csim.ctx.device, args.repeats + 2)[2:])
+    save({"benchmark": "vectorized", "date": time.strftime("%Y-%m-%d"), "machine": machine(), "device": args.device,
+          "config": args.config, "overrides": args.overrides, "cohort": cohort, "samples_per_round": samples,
+          "sequential_ms": seq * 1e3, "vectorized_ms": vec * 1e3, "speedup": seq / vec,
+          "centralized_batch": big, "centralized_ms": central * 1e3, "vectorized_vs_centralized": vec / central},
+         Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

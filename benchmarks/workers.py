@@ -1,0 +1,49 @@
+"""Item 4: 1, 2, 4 processes (rank 0 server + workers) on one device: seconds per round.
+
+Run under torch.distributed.run; each process builds the simulation on synthetic CIFAR-shaped data
+(or real data with --data PATH) and rank 0 writes the per-round time measured by the server.
+
+    for n in 1 2 4; do python -m torch.distributed.run --nproc_per_node=$n benchmarks/workers.py --device cuda; done
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import REPO, machine, save, task_for  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.runner import run_experiment  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="benchmarks/configs/pfl_cnn_50x50.yaml")
+    parser.add_argument("--data", default="synthetic")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="gloo")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "workers.jsonl"))
+    args = parser.parse_args()
+    overrides = args.overrides + [f"device={args.device}", f"server_config.max_iteration={args.rounds}",
+                                  "server_config.val_freq=2", "server_config.ckpt_freq=0"]
+    cfg = load_config(REPO / args.config, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        history = run_experiment(cfg, task_for(args.data), args.data, Path(tmp), args.backend, None)
+    if history is not None:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        per_round = [h["sec_per_round"] for h in history[1:]]  # the first block includes warm-up
+        save({"benchmark": "workers", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+              "device": args.device, "backend": args.backend, "processes": world,
+              "training_workers": max(world - 1, 1), "config": args.config, "overrides": args.overrides,
+              "sec_per_round": sum(per_round) / len(per_round)}, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
