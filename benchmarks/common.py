@@ -28,11 +28,24 @@ class SyntheticCIFAR(CIFAR10Dataset):
         return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.arange(n) % 10
 
 
-def task_for(data: str) -> Task:
-    """The cv task, with synthetic data when ``data`` is ``synthetic``."""
+def synthetic_of_size(train: int, test: int = 10_000) -> type:
+    """A SyntheticCIFAR variant with ``train`` / ``test`` random images (for scale runs)."""
+
+    class Sized(SyntheticCIFAR):
+        @classmethod
+        def load_split(cls, data_path, split, data_config):
+            n = train if split == "train" else test
+            gen = torch.Generator().manual_seed(0 if split == "train" else 1)
+            return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.arange(n) % 10
+    return Sized
+
+
+def task_for(data: str, train_samples: int = 50_000) -> Task:
+    """The cv task, with synthetic data of ``train_samples`` images when ``data`` is ``synthetic``."""
     task = load_task("cv")
     if data == "synthetic":
-        task = Task(task.name, task.folder, task.models, SyntheticCIFAR, task.dataloader_cls)
+        cls = SyntheticCIFAR if train_samples == 50_000 else synthetic_of_size(train_samples)
+        task = Task(task.name, task.folder, task.models, cls, task.dataloader_cls)
     return task
 
 

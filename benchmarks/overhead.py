@@ -23,11 +23,14 @@ from core.server import Server
 
 
 def centralized_steps(sim, cfg, steps: int):
-    """A closure training a fresh replica for ``steps`` batches of the client batch size."""
+    """A closure training a fresh replica for ``steps`` batches of the client batch size, on the
+    samples of round 1's cohort pooled together (the same images the FL round reads)."""
     model = type(sim.model)(cfg.model).to(sim.ctx.device)
     optimizer = build_optimizer(model.parameters(), cfg.client_config.optimizer_config)
     loader = sim.trainer.loader
-    indices = torch.arange(steps * cfg.client_config.batch_size, device=sim.ctx.device)
+    pooled = torch.cat([sim.train_clients.get(c) for c in sim.schedule.cohort(1)])
+    indices = pooled.repeat(-(-steps * cfg.client_config.batch_size // pooled.numel()))
+    indices = indices[:steps * cfg.client_config.batch_size]
     generator = torch.Generator(device=sim.ctx.device).manual_seed(0)
 
     def run():

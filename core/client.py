@@ -23,6 +23,15 @@ class ClientTrainer:
         self.optimizer = build_optimizer(model.parameters(), client_config.optimizer_config)
         self.personal_index = personal_index
         self.seed = seed
+        self.bf16 = client_config.precision == "bf16"
+        self.channels_last = client_config.channels_last
+
+    def prepare(self, batch: dict) -> dict:
+        """Put 4-D float inputs in channels_last when configured (no-op otherwise)."""
+        if not self.channels_last:
+            return batch
+        return {k: v.contiguous(memory_format=torch.channels_last)
+                if torch.is_tensor(v) and v.dim() == 4 and v.is_floating_point() else v for k, v in batch.items()}
 
     def load(self, global_flat: torch.Tensor, personal: torch.Tensor | None) -> None:
         """Set the replica to the global state, with ``personal`` (P,) at the personal positions."""
@@ -45,7 +54,8 @@ class ClientTrainer:
         steps = 0
         for _ in range(self.epochs):
             for batch in self.loader.batches(indices, generator):
-                loss = self.model.loss(batch)
+                with torch.autocast(indices.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss = self.model.loss(self.prepare(batch))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()

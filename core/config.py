@@ -66,6 +66,8 @@ class ClientConfig(_Section):
     optimizer_config: OptimizerConfig = Field(OptimizerConfig(type="sgd", lr=0.05, momentum=0.9),
                                               description="client optimizer (state reset every round)")
     augment: bool = Field(True, description="task's train-time augmentation (cv: random crop + flip)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: client forward/backward under bfloat16 autocast")
+    channels_last: bool = Field(False, description="model and 4-D inputs in channels_last memory format")
     vectorize: bool = Field(False, description="train a worker's clients together with torch.func vmap (SGD, no BatchNorm)")
     vectorize_chunk: int = Field(64, ge=1, description="clients per vectorized group (memory grows with it)")
 

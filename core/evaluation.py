@@ -10,12 +10,15 @@ GLOBAL, PERSONAL, COUNT = 0, 1, 2
 
 
 @torch.no_grad()
-def correct_count(model, loader, indices: torch.Tensor) -> torch.Tensor:
-    """Number of correct predictions (0-dim float tensor) of ``model`` over samples ``indices``."""
+def correct_count(model, loader, indices: torch.Tensor, prepare=lambda batch: batch) -> torch.Tensor:
+    """Number of correct predictions (0-dim float tensor) of ``model`` over samples ``indices``.
+
+    ``prepare`` adapts each batch (memory format) before ``model.inference``; evaluation is fp32.
+    """
     model.eval()
     total = torch.zeros((), device=indices.device)
     for batch in loader.batches(indices):
-        out = model.inference(batch)
+        out = model.inference(prepare(batch))
         total += out["acc"] * out["batch_size"]
     return total
 
@@ -35,14 +38,16 @@ def eval_share(sim, eval_buf: torch.Tensor, trained: list[int]) -> torch.Tensor:
     global_flat = eval_buf[:n]
     sim.trainer.load(global_flat, None)
     for cid in mine:
-        result[cid, GLOBAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid))
+        result[cid, GLOBAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid),
+                                            sim.trainer.prepare)
         result[cid, COUNT] = float(sizes[cid])
     if p:
         personal = eval_buf[n:].view(-1, p)
         row = {c: i for i, c in enumerate(trained)}
         for cid in (c for c in mine if int(c) in row):
             sim.trainer.load(global_flat, personal[row[int(cid)]])
-            result[cid, PERSONAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid))
+            result[cid, PERSONAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid),
+                                                  sim.trainer.prepare)
     return result
 
 
@@ -50,7 +55,8 @@ def full_test_accuracy(sim, global_flat: torch.Tensor) -> float:
     """Accuracy of the global model on the whole test split (independent of the client splits)."""
     sim.trainer.load(global_flat, None)
     num = len(sim.test_loader.dataset.labels)
-    return float(correct_count(sim.model, sim.test_loader, torch.arange(num, device=sim.ctx.device))) / num
+    return float(correct_count(sim.model, sim.test_loader, torch.arange(num, device=sim.ctx.device),
+                        sim.trainer.prepare)) / num
 
 
 def client_stats(acc: np.ndarray, weights: np.ndarray) -> dict:

@@ -41,7 +41,7 @@ class StateLayout:
         """``out += alpha * state`` for a (numel,) ``out``, read straight from the module (no flat copy)."""
         views = out.split(self.numels)
         with torch.no_grad():
-            torch._foreach_add_([views[i] for i in self._float_pos], [t.view(-1) for t in self._float], alpha=alpha)
+            torch._foreach_add_([views[i] for i in self._float_pos], [t.reshape(-1) for t in self._float], alpha=alpha)
             for v, t in zip(views, self.tensors):
                 if not t.is_floating_point():
                     v.add_(t.view(-1).float(), alpha=alpha)

@@ -79,6 +79,8 @@ def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Tra
     train_ds = task.dataset_cls(data_path, data_cfg, split="train", seed=cfg.seed)
     test_ds = task.dataset_cls(data_path, data_cfg, split="test", seed=cfg.seed, split_plan=train_ds.split_plan)
     model = init_model(task, cfg, ctx.device)
+    if cfg.client_config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     layout = StateLayout(model)
     personalization = build_personalization(cfg.personalization)
     personal_index = _personal_index(layout, personalization, cfg.model.model_type, ctx.device)

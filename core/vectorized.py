@@ -51,6 +51,8 @@ class VectorizedTrainer:
         self.epochs = client_config.local_epochs
         self.opt = client_config.optimizer_config
         self.seed = seed
+        self.autocast = dict(device_type=loader.device.type, dtype=torch.bfloat16,
+                             enabled=client_config.precision == "bf16")
         self.names = [f"model.{n}" for n, _ in model.named_parameters()]
         self.shapes = [p.shape for _, p in model.named_parameters()]
         self.numels = [p.numel() for _, p in model.named_parameters()]
@@ -59,7 +61,8 @@ class VectorizedTrainer:
         self.step = vmap(step, in_dims=(0, 0), randomness="different")
 
     def _loss(self, params: dict, batch: dict) -> torch.Tensor:
-        return functional_call(self.call, (params, self.buffers), (batch,))
+        with torch.autocast(**self.autocast):
+            return functional_call(self.call, (params, self.buffers), (batch,))
 
     def _streams(self, round_idx, client_ids, indices):
         def stream(cid, idx):
