@@ -2,27 +2,35 @@
 # pfedsim side of the framework comparison: the shared workload from benchmarks/configs/pfl_cnn_50x50.yaml
 # (1,000 IID clients x 50 CIFAR-10 samples, 50 clients/round, 1 local epoch, batch 10, SGD 0.05, FedAvg,
 # 20 rounds, PflCNN), pinned to core 1 with one thread.
-# Usage: benchmarks/frameworks/run_pfedsim.sh [DATA_PATH] [RUN_NAME]
+# Usage: benchmarks/frameworks/run_pfedsim.sh [DATA_PATH] [RUN_NAME] [extra e2e_trainer args, e.g. --set K=V]
+# Writes results_pfedsim.json (results_pfedsim_<tag>.json when FW_TAG is set).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 PY="${PFEDSIM_PYTHON:-/work/venv/bin/python}"
 DATA="${1:-/work/shared/data/cifar10}"
 NAME="${2:-fw_pfedsim_$(date +%Y%m%d_%H%M%S)}"
+shift $(( $# > 2 ? 2 : $# ))
+RESULT="$HERE/results_pfedsim${FW_TAG:+_$FW_TAG}.json"
 OUT="${FW_OUT:-/tmp/fw_runs}"
 
 cd "$REPO"
 start=$(date +%s.%N)
 taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 "$PY" e2e_trainer.py \
-  -dataPath "$DATA" -outputPath "$OUT" -config benchmarks/configs/pfl_cnn_50x50.yaml -task cv -run_name "$NAME"
+  -dataPath "$DATA" -outputPath "$OUT" -config benchmarks/configs/pfl_cnn_50x50.yaml -task cv -run_name "$NAME" "$@"
 end=$(date +%s.%N)
 
-"$PY" - "$OUT/$NAME/metrics.jsonl" "$HERE/results_pfedsim.json" "$start" "$end" "$REPO" <<'PYEOF'
+"$PY" - "$OUT/$NAME/metrics.jsonl" "$RESULT" "$start" "$end" "$REPO" "$*" <<'PYEOF'
 import json, subprocess, sys
-metrics, dest, start, end, repo = sys.argv[1:]
+metrics, dest, start, end, repo, extra = sys.argv[1:]
 recs = [json.loads(line) for line in open(metrics) if line.strip()]
 last = max(recs, key=lambda r: r["round"])
 commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "core", "experiments", "utils", "e2e_trainer.py"],
+                       capture_output=True, text=True).stdout
+dirty = sorted({line[3:] for line in dirty.splitlines() if line.strip()})
+if dirty:
+    commit += " + uncommitted changes in " + ", ".join(dirty)
 out = {"framework": "pfedsim", "version": f"git {commit}", "rounds": last["round"],
        "wall_s": round(last["elapsed_s"], 2), "s_per_round": round(last["elapsed_s"] / last["round"], 3),
        "final_test_acc": round(last["global_test_acc"], 4),
@@ -30,6 +38,8 @@ out = {"framework": "pfedsim", "version": f"git {commit}", "rounds": last["round
                    "broadcast, local training, aggregation); excludes data loading, model/engine set-up "
                    "and the final test-set evaluation",
        "process_wall_s": round(float(end) - float(start), 2)}
+if extra:
+    out["extra_args"] = extra
 json.dump(out, open(dest, "w"), indent=1)
 print(json.dumps(out))
 PYEOF
