@@ -46,7 +46,7 @@ class BaseDataset:
                  split_plan: Optional[ClientSplit] = None):
         self.split = split
         self.inputs, self.labels = self.load_split(data_path, split, data_config)
-        self.split_plan = split_plan or self.make_split_plan(data_path, data_config, seed)
+        self.split_plan = split_plan or self.make_split_plan(data_path, data_config, seed, {split: self.labels})
         parts = self.split_plan.train if split == "train" else self.split_plan.test
         self.client_indices = parts
         ids = range(len(parts)) if user_idx < 0 else [user_idx]
@@ -62,10 +62,15 @@ class BaseDataset:
         raise NotImplementedError
 
     @classmethod
-    def make_split_plan(cls, data_path: str, data_config, seed: int) -> ClientSplit:
-        """Partition the train split into clients and match local test splits (deterministic in seed)."""
-        train_labels = cls.load_split(data_path, "train", data_config)[1].numpy()
-        test_labels = cls.load_split(data_path, "test", data_config)[1].numpy()
+    def make_split_plan(cls, data_path: str, data_config, seed: int, known: Optional[dict] = None) -> ClientSplit:
+        """Partition the train split into clients and match local test splits (deterministic in seed).
+
+        ``known`` maps a split name to its labels already in memory, so that split is not read again.
+        """
+        known = known or {}
+        train_labels, test_labels = (
+            (known[s] if s in known else cls.load_split(data_path, s, data_config)[1]).numpy()
+            for s in ("train", "test"))
         return partition(train_labels, test_labels, data_config.partition, data_config.num_clients, seed,
                          alpha=data_config.alpha, classes_per_client=data_config.classes_per_client,
                          min_samples=data_config.min_samples)

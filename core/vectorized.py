@@ -6,6 +6,7 @@ randomness (no dropout) the result equals sequential training up to float summat
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
@@ -79,10 +80,10 @@ class VectorizedTrainer:
             grads = grads.add(params, alpha=o.weight_decay)
         if o.momentum:
             buf = momentum[rows]
-            fresh = ~self._has_momentum[rows]
+            fresh = torch.from_numpy(~self._has_momentum[rows.cpu().numpy()]).to(stack.device)
             buf = torch.where(fresh[:, None], grads, buf.mul(o.momentum).add_(grads))
             momentum[rows] = buf
-            self._has_momentum[rows] = True
+            self._has_momentum[rows.cpu().numpy()] = True
             grads = grads.add(buf, alpha=o.momentum) if o.nesterov else buf
         stack[rows] = params.sub_(grads, alpha=o.lr)
 
@@ -101,7 +102,7 @@ class VectorizedTrainer:
             start[:, personal_index] = personal
         stack = start[:, :k].contiguous()
         momentum = torch.zeros_like(stack) if self.opt.momentum else None
-        self._has_momentum = torch.zeros(count, dtype=torch.bool, device=stack.device)
+        self._has_momentum = np.zeros(count, dtype=bool)  # host-side: no device sync per step
         loss_sum = torch.zeros(count, device=stack.device)
         steps = torch.zeros(count, device=stack.device)
         streams = self._streams(round_idx, client_ids, indices)
@@ -118,13 +119,38 @@ class VectorizedTrainer:
                 self._step(stack, momentum, rows, [batches[i] for i in rows], loss_sum, steps)
         return stack, loss_sum / steps.clamp(min=1)
 
+    def _views(self, stack: torch.Tensor) -> list[torch.Tensor]:
+        """Per-parameter (C, *shape) views into the rows of a (C, P) stack."""
+        return [v.view(stack.shape[0], *s) for v, s in zip(stack.split(self.numels, dim=1), self.shapes)]
+
+    def _update_all(self, stack, momentum, grads: list[torch.Tensor]) -> None:
+        """The SGD step of :meth:`_update` in place on every row, without gathering or concatenating."""
+        o = self.opt
+        params = self._views(stack)
+        if o.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=o.weight_decay)
+        if o.momentum:
+            bufs = self._views(momentum)
+            if self._has_momentum[0]:
+                torch._foreach_mul_(bufs, o.momentum)
+                torch._foreach_add_(bufs, grads)
+            else:
+                torch._foreach_copy_(bufs, grads)
+            self._has_momentum[:] = True
+            grads = torch._foreach_add(grads, bufs, alpha=o.momentum) if o.nesterov else bufs
+        torch._foreach_add_(params, grads, alpha=-o.lr)
+
     def _step(self, stack, momentum, rows, batches, loss_sum, steps) -> None:
+        every_row = len(rows) == stack.shape[0] and len(set(self._has_momentum.tolist())) == 1
         rows_t = torch.tensor(rows, device=stack.device)
-        sub = stack[rows_t]
-        params = {n: v.view(len(rows), *s) for n, v, s in zip(self.names, sub.split(self.numels, dim=1), self.shapes)}
+        sub = stack if every_row else stack[rows_t]
+        params = dict(zip(self.names, self._views(sub)))
         batch = {key: torch.stack([b[key] for b in batches]) for key in batches[0]}
         grads, losses = self.step(params, batch)
-        flat_grad = torch.cat([grads[n].reshape(len(rows), -1) for n in self.names], dim=1)
-        self._update(stack, momentum, rows_t, flat_grad)
+        if every_row:
+            self._update_all(stack, momentum, [grads[n] for n in self.names])
+        else:
+            flat_grad = torch.cat([grads[n].reshape(len(rows), -1) for n in self.names], dim=1)
+            self._update(stack, momentum, rows_t, flat_grad)
         loss_sum.index_add_(0, rows_t, losses.detach())
         steps.index_add_(0, rows_t, torch.ones_like(losses))
