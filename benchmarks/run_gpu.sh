@@ -4,13 +4,30 @@ set -u
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD"
+only=${1:-all}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -m benchmarks.overhead --device cuda --data synthetic --out "$out/overhead.jsonl"
-python3 -m benchmarks.vectorized --device cuda --out "$out/vectorized.jsonl"
-for n in 1 2 4; do
-  python3 -m torch.distributed.run --nproc_per_node=$n benchmarks/workers.py --device cuda --out "$out/workers.jsonl" 2>&1 | grep '"benchmark"'
-done
-for n in 1 2 4; do
-  OMP_NUM_THREADS=2 python3 -m torch.distributed.run --nproc_per_node=$n benchmarks/workers.py --device cpu \
-    --set server_config.num_clients_per_iteration=12 --out "$out/workers.jsonl" 2>&1 | grep '"benchmark"'
-done
+if [[ $only == all || $only == overhead ]]; then
+  python3 -m benchmarks.overhead --device cuda --data synthetic --out "$out/overhead.jsonl"
+fi
+if [[ $only == all || $only == vectorized ]]; then
+  python3 -m benchmarks.vectorized --device cuda --out "$out/vectorized.jsonl"
+fi
+if [[ $only == all || $only == precision ]]; then
+  python3 -m benchmarks.precision --device cuda --out "$out/precision.jsonl"
+  python3 -m benchmarks.precision --device cuda --config benchmarks/configs/pfl_cnn_50x50.yaml --out "$out/precision.jsonl"
+fi
+if [[ $only == all || $only == workers ]]; then
+  for n in 1 2 4; do
+    python3 -m torch.distributed.run --nproc_per_node=$n benchmarks/workers.py --device cuda --out "$out/workers.jsonl" 2>&1 | grep '"benchmark"'
+  done
+  for n in 1 2 4; do
+    OMP_NUM_THREADS=2 python3 -m torch.distributed.run --nproc_per_node=$n benchmarks/workers.py --device cpu \
+      --set server_config.num_clients_per_iteration=12 --out "$out/workers.jsonl" 2>&1 | grep '"benchmark"'
+  done
+fi
+if [[ $only == all || $only == scale ]]; then
+  for clients in 10000 100000; do
+    python3 -m torch.distributed.run --nproc_per_node=2 benchmarks/scale.py --device cuda --clients $clients \
+      --out "$out/scale.jsonl" 2>&1 | grep '"benchmark"'
+  done
+fi
