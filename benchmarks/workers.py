@@ -1,4 +1,4 @@
-"""Item 4: 1, 2, 4 processes (rank 0 server + workers) on one device: seconds per round.
+"""Item 4: 1, 2, 4 processes (rank 0 server, which trains a share too, + workers) on one device: seconds per round.
 
 Run under torch.distributed.run; each process builds the simulation on synthetic CIFAR-shaped data
 (or real data with --data PATH) and rank 0 writes the per-round time measured by the server.
@@ -41,7 +41,7 @@ def main() -> None:
         per_round = [h["sec_per_round"] for h in history[1:]]  # the first block includes warm-up
         save({"benchmark": "workers", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "device": args.device, "backend": args.backend, "processes": world,
-              "training_workers": max(world - 1, 1), "config": args.config, "overrides": args.overrides,
+              "training_ranks": world, "config": args.config, "overrides": args.overrides,
               "sec_per_round": sum(per_round) / len(per_round)}, Path(args.out))
 
 

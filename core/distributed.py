@@ -30,8 +30,9 @@ class DistContext:
 
     @property
     def workers(self) -> list[int]:
-        """Ranks that train clients: 1..W-1, or [0] when the server runs alone."""
-        return list(range(1, self.world_size)) if self.world_size > 1 else [0]
+        """Ranks that train and evaluate clients: all of them. The server (rank 0) takes a share
+        too, since it would otherwise wait idle between the broadcast and the reduce."""
+        return list(range(self.world_size))
 
 
 def _mpi_environment() -> None:

@@ -23,6 +23,28 @@ def correct_count(model, loader, indices: torch.Tensor, prepare=lambda batch: ba
     return total
 
 
+@torch.no_grad()
+def batched_correct(model, loader, clients: np.ndarray, index, prepare) -> torch.Tensor | None:
+    """Correct predictions per client (len(clients),) from ONE pass over their concatenated samples.
+
+    Needs ``inference`` to return the optional per-sample ``correct`` (B,) tensor; returns None
+    otherwise (callers then evaluate client by client).
+    """
+    if len(clients) == 0:
+        return torch.zeros(0, device=index.flat.device)
+    indices = torch.cat([index.get(c) for c in clients])
+    owner = torch.repeat_interleave(torch.arange(len(clients), device=indices.device),
+                                    torch.as_tensor(index.sizes[clients], device=indices.device))
+    model.eval()
+    parts = []
+    for batch in loader.batches(indices):
+        out = model.inference(prepare(batch))
+        if "correct" not in out:
+            return None
+        parts.append(out["correct"].float())
+    return torch.zeros(len(clients), device=indices.device).index_add_(0, owner, torch.cat(parts))
+
+
 def eval_share(sim, eval_buf: torch.Tensor, trained: list[int]) -> torch.Tensor:
     """This rank's part of a client evaluation, as a (num_clients, 3) matrix to be sum-reduced.
 
@@ -37,10 +59,13 @@ def eval_share(sim, eval_buf: torch.Tensor, trained: list[int]) -> torch.Tensor:
     mine = balance(with_data, sizes[with_data], len(sim.ctx.workers))[sim.ctx.workers.index(sim.ctx.rank)]
     global_flat = eval_buf[:n]
     sim.trainer.load(global_flat, None)
-    for cid in mine:
-        result[cid, GLOBAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid),
-                                            sim.trainer.prepare)
-        result[cid, COUNT] = float(sizes[cid])
+    correct = batched_correct(sim.model, sim.test_loader, mine, sim.test_clients, sim.trainer.prepare)
+    if correct is None:
+        correct = torch.stack([correct_count(sim.model, sim.test_loader, sim.test_clients.get(c), sim.trainer.prepare)
+                               for c in mine]) if len(mine) else torch.zeros(0, device=sim.ctx.device)
+    rows = torch.as_tensor(mine, device=sim.ctx.device)
+    result[rows, GLOBAL] = correct
+    result[rows, COUNT] = torch.as_tensor(sizes[mine], dtype=torch.float32, device=sim.ctx.device)
     if p:
         personal = eval_buf[n:].view(-1, p)
         row = {c: i for i, c in enumerate(trained)}

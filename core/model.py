@@ -11,7 +11,8 @@ class BaseModel(nn.Module):
     - ``loss(batch) -> Tensor``: a scalar training loss for one batch (a dict of device tensors).
     - ``inference(batch) -> dict``: ``output`` (the model output), ``acc`` (a 0-dim tensor, fraction
       of correct predictions in the batch), ``batch_size`` (int), and any custom metric as
-      ``{"value": float, "higher_is_better": bool}``.
+      ``{"value": float, "higher_is_better": bool}``. Optionally ``correct``: a (B,) tensor of
+      per-sample correctness, which lets evaluation pass over many clients' samples at once.
 
     The engine never calls ``.item()`` inside the client loop, so return tensors, not floats.
     """

@@ -1,4 +1,5 @@
-"""Run one experiment on this rank: build the simulation, then serve (rank 0) or work (ranks >= 1)."""
+"""Run one experiment on this rank: build the simulation, then serve (rank 0, which also trains a share)
+or work (ranks >= 1)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from core.client_store import ClientStore
 from core.evaluation import eval_share, full_test_accuracy, summarize
 from core.optim import build_optimizer
-from core.worker import contribution_size, train_share
+from core.worker import train_share
 from utils.checkpoint import load_checkpoint, save_atomic
 from utils.metrics_writer import MetricsWriter
 from utils.report import format_line, plot_accuracy, results_table, write_summary
@@ -72,8 +72,7 @@ class Server:
         slots = [self.store.get(c, default) for c in cohort] if p else []
         payload = torch.cat([self.global_flat] + [s.to(sim.ctx.device) for s in slots])
         buf = sim.transport.broadcast(payload, f"round {round_idx} broadcast")
-        own = train_share(sim, round_idx, buf) if sim.ctx.world_size == 1 else \
-            torch.zeros(contribution_size(sim), device=sim.ctx.device)
+        own = train_share(sim, round_idx, buf)
         total = sim.transport.reduce_sum(own, f"round {round_idx} reduce")
         if p:
             for cid, vec in zip(cohort, total[n + 2:].view(len(cohort), p)):
@@ -98,8 +97,7 @@ class Server:
         ids = self.store.ids() if sim.personal_numel else []
         payload = torch.cat([self.global_flat] + [self.store.get(i, None).to(sim.ctx.device) for i in ids])
         buf = sim.transport.broadcast(payload, f"round {round_idx} eval broadcast")
-        own = eval_share(sim, buf, ids) if sim.ctx.world_size == 1 else \
-            torch.zeros(len(sim.test_clients.sizes), 3, device=sim.ctx.device)
+        own = eval_share(sim, buf, ids)
         matrix = sim.transport.reduce_sum(own.view(-1), f"round {round_idx} eval reduce").view(-1, 3)
         record = {"round": round_idx, "train_loss": train_loss,
                   "global_test_acc": full_test_accuracy(sim, self.global_flat)}
