@@ -45,6 +45,7 @@ def test_vectorized_round_equals_sequential(cifar_path):
     assert a[n] == b[n] == float(sizes.sum())
     assert a[:n].abs().max() > 1.0, "clients really trained"
     assert (a[:n] / a[n] - b[:n] / b[n]).abs().max() < 1e-4, "same averaged delta"
+    assert a[n + 2:].numel() == 6 * p > 0
     assert (a[n + 2:] - b[n + 2:]).abs().max() < 1e-4, "same personal layers"
     assert torch.allclose(a[n + 1], b[n + 1], rtol=1e-4), "same weighted loss"
 

@@ -18,9 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# Same constants as experiments/cv/dataloaders/dataloader.py
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
+from experiments.cv.dataloaders.dataloader import MEAN, STD  # noqa: E402  (same normalisation as pfedsim)
 
 DATA_PATH = os.environ.get("FW_DATA", "/work/shared/data/cifar10")
 HERE = Path(__file__).resolve().parent
@@ -35,6 +33,16 @@ BATCH_SIZE = 10
 LOCAL_LR = 0.05
 SEED = 0
 EVAL_BATCH = 1000
+
+
+def seed_all() -> None:
+    """Seed every RNG the scripts use with SEED and pin torch to one thread."""
+    import random
+
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    torch.set_num_threads(1)
 
 
 def normalise(x_uint8: torch.Tensor) -> torch.Tensor:

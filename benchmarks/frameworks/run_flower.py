@@ -13,7 +13,6 @@ Run pinned: taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python run_flow
 from __future__ import annotations
 
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -110,10 +109,7 @@ class TimedFedAvg(FedAvg):
 
 
 def main() -> None:
-    random.seed(W.SEED)
-    np.random.seed(W.SEED)
-    torch.manual_seed(W.SEED)
-    torch.set_num_threads(1)
+    W.seed_all()
     import flwr
     from flwr.clientapp import ClientApp
     from flwr.common import ndarrays_to_parameters

@@ -12,7 +12,6 @@ Run pinned: taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python run_pfl.
 """
 from __future__ import annotations
 
-import random
 import sys
 import time
 from pathlib import Path
@@ -66,10 +65,7 @@ class CohortSampler:
 
 
 def main() -> None:
-    random.seed(W.SEED)
-    np.random.seed(W.SEED)
-    torch.manual_seed(W.SEED)
-    torch.set_num_threads(1)
+    W.seed_all()
 
     import pfl
     from pfl.aggregate.simulate import SimulatedBackend
