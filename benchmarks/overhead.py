@@ -63,7 +63,7 @@ def main() -> None:
     central = timed(centralized_steps(sim, cfg, steps), sim.ctx.device, args.repeats + 1)[1:]
     result = {"benchmark": "overhead", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "device": args.device, "data": "synthetic" if args.data == "synthetic" else "cifar10",
-              "config": args.config, "overrides": args.overrides, "cohort": sim.schedule.cohort_size,
+              "config": args.config, "overrides": args.overrides, "cohort": sim.schedule.cohort_size(1),
               "steps_per_round": steps, "fl_round_s": median(fl), "centralized_s": median(central),
               "ratio": median(fl) / median(central), "fl_all": fl, "centralized_all": central}
     save(result, Path(args.out))

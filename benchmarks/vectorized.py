@@ -37,7 +37,7 @@ def main() -> None:
     seq, cfg, sim = round_seconds(args.config, args.data, args.device, args.overrides, args.repeats)
     vec, _, _ = round_seconds(args.config, args.data, args.device,
                               args.overrides + ["client_config.vectorize=true"], args.repeats)
-    cohort = sim.schedule.cohort_size
+    cohort = sim.schedule.cohort_size(1)
     samples = int(sum(sim.train_clients.sizes[c] for c in sim.schedule.cohort(1))) * cfg.client_config.local_epochs
     big = cohort * cfg.client_config.batch_size
     _, csim = single_process_simulation(args.config, args.data, args.device,

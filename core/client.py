@@ -15,7 +15,7 @@ class ClientTrainer:
     is allocated per client beyond the batches.
     """
 
-    def __init__(self, model, layout, loader, client_config, personal_index: torch.Tensor, seed: int):
+    def __init__(self, model, layout, loader, client_config, personal_index: torch.Tensor, seed: int, strategy):
         self.model = model
         self.layout = layout
         self.loader = loader
@@ -23,6 +23,7 @@ class ClientTrainer:
         self.optimizer = build_optimizer(model.parameters(), client_config.optimizer_config)
         self.personal_index = personal_index
         self.seed = seed
+        self.strategy = strategy
         self.bf16 = client_config.precision == "bf16"
         self.channels_last = client_config.channels_last
 
@@ -52,10 +53,14 @@ class ClientTrainer:
         self.model.train()
         loss_sum = torch.zeros((), device=indices.device)
         steps = 0
+        params = list(self.model.parameters())
+        anchors = self.layout.param_views(global_flat) if self.strategy.has_local_penalty else None
         for _ in range(self.epochs):
             for batch in self.loader.batches(indices, generator):
                 with torch.autocast(indices.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss = self.model.loss(self.prepare(batch))
+                if anchors is not None:
+                    loss = loss + self.strategy.local_penalty(params, anchors)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()

@@ -7,10 +7,10 @@ keys are errors. :func:`load_config` turns any mistake into a one-line :class:`U
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import UserError
 
@@ -22,7 +22,8 @@ class _Section(BaseModel):
 class OptimizerConfig(_Section):
     """A torch optimizer: ``type`` is ``sgd``, ``adam`` or ``adamw``; ``lr`` is the step size."""
 
-    type: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer class")
+    type: Literal["sgd", "adam", "adamw", "adagrad", "yogi"] = Field(
+        "sgd", description="optimizer class (adagrad/yogi: for the server, FedAdagrad/FedYogi)")
     lr: float = Field(0.05, gt=0, description="learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (server SGD momentum = FedAvgM)")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
@@ -48,7 +49,8 @@ class ServerConfig(_Section):
     """
 
     max_iteration: int = Field(50, ge=1, description="number of rounds")
-    num_clients_per_iteration: int = Field(10, ge=1, description="cohort size (clients per round)")
+    num_clients_per_iteration: Union[int, str] = Field(
+        10, description="cohort size (clients per round), or 'a,b' for a size drawn per round in [a, b]")
     val_freq: int = Field(5, ge=1, description="evaluate every this many rounds (and at the last)")
     ckpt_freq: int = Field(10, ge=0, description="checkpoint every this many rounds; 0: only at the end")
     optimizer_config: OptimizerConfig = Field(OptimizerConfig(type="sgd", lr=1.0),
@@ -56,6 +58,28 @@ class ServerConfig(_Section):
     eval_batch_size: int = Field(1000, ge=1, description="batch size of evaluation passes")
     resume_from_checkpoint: Optional[str] = Field(None, description="checkpoint file or run folder to continue")
     timeout_s: float = Field(600.0, gt=0, description="process-group timeout in seconds (a dead peer is reported by then)")
+
+    @field_validator("num_clients_per_iteration")
+    @classmethod
+    def _cohort(cls, value):
+        cohort_range(value)
+        return value
+
+
+def cohort_range(value: Union[int, str]) -> tuple[int, int]:
+    """(low, high) cohort sizes of ``num_clients_per_iteration`` (an int or ``'a,b'``).
+
+    Raises:
+        ValueError: not a positive int or ``'a,b'`` with 1 <= a <= b.
+    """
+    parts = [value] if isinstance(value, int) else str(value).split(",")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
+    except ValueError:
+        low, high = 0, 0
+    if not 1 <= low <= high:
+        raise ValueError("expected a positive int or 'a,b' with 1 <= a <= b, e.g. 10 or '5,20'")
+    return low, high
 
 
 class ClientConfig(_Section):
@@ -83,19 +107,29 @@ class DataConfig(_Section):
     download: bool = Field(True, description="try torchvision's download when the data folder is missing")
 
 
+class StrategyConfig(_Section):
+    """Options of the aggregation strategy."""
+
+    client_weighting: Literal["samples", "uniform"] = Field("samples", description="client weight in the average")
+    mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient")
+
+
 class PersonalizationConfig(_Section):
     """``method: none`` is plain FedAvg; ``fedper`` keeps ``local_layers`` (module-name prefixes)
     on each client."""
 
-    method: Literal["none", "fedper"] = Field("none", description="none (FedAvg) or fedper")
+    method: Literal["none", "fedper", "lgfedavg", "fedbn", "local"] = Field(
+        "none", description="none (FedAvg), fedper (local head), lgfedavg (local body), fedbn (local BatchNorm), "
+                            "local (no federation)")
     local_layers: list[str] = Field(default_factory=list, description="module-name prefixes kept on each client")
 
     @model_validator(mode="after")
     def _layers_match_method(self) -> "PersonalizationConfig":
-        if self.method == "fedper" and not self.local_layers:
-            raise ValueError("method fedper needs local_layers, e.g. [linear]")
-        if self.method == "none" and self.local_layers:
-            raise ValueError("local_layers is set but method is none; set method: fedper")
+        if self.method in ("fedper", "lgfedavg") and not self.local_layers:
+            raise ValueError(f"method {self.method} needs local_layers, e.g. [linear]")
+        if self.method in ("none", "fedbn", "local") and self.local_layers:
+            raise ValueError(f"local_layers is set but method {self.method} chooses its own; remove local_layers "
+                             f"or use method fedper / lgfedavg")
         return self
 
 
@@ -103,7 +137,8 @@ class Config(_Section):
     """The whole experiment. ``seed`` drives partition, cohorts and client training."""
 
     model: ModelSection = Field(default_factory=ModelSection, alias="model_config")
-    strategy: Literal["fedavg"] = Field("fedavg", description="aggregation strategy")
+    strategy: Literal["fedavg", "fedprox"] = Field("fedavg", description="aggregation strategy")
+    strategy_config: StrategyConfig = Field(default_factory=StrategyConfig)
     server_config: ServerConfig = Field(default_factory=ServerConfig)
     client_config: ClientConfig = Field(default_factory=ClientConfig)
     data_config: DataConfig = Field(default_factory=DataConfig)

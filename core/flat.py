@@ -20,6 +20,7 @@ class StateLayout:
         self.tensors = [t for _, t in params + buffers]
         self.numels = [t.numel() for t in self.tensors]
         self.num_params = sum(t.numel() for _, t in params)
+        self._param_shapes = [t.shape for _, t in params]
         self.numel = sum(self.numels)
         self._float = [t for t in self.tensors if t.is_floating_point()]
         self._float_pos = [i for i, t in enumerate(self.tensors) if t.is_floating_point()]
@@ -36,6 +37,11 @@ class StateLayout:
             for t, v in zip(self.tensors, views):
                 if not t.is_floating_point():
                     t.copy_(v.view_as(t))
+
+    def param_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the parameter part of ``flat`` shaped like the module's parameters, in order."""
+        views = flat[:self.num_params].split(self.numels[:len(self._param_shapes)])
+        return [v.view(shape) for v, shape in zip(views, self._param_shapes)]
 
     def accumulate_(self, out: torch.Tensor, alpha: float) -> None:
         """``out += alpha * state`` for a (numel,) ``out``, read straight from the module (no flat copy)."""

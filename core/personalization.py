@@ -1,5 +1,12 @@
-"""Personalization methods: which parameters stay on each client, declared as data."""
+"""Personalization methods: which parameters stay on each client, declared as data.
+
+A method's personal tensors are never averaged: each client keeps its own copy in the client store
+(its first copy comes from the global model), trains it with the rest, and the "personalized model"
+of a client is the global model with its personal tensors written over it.
+"""
 from __future__ import annotations
+
+from torch import nn
 
 from core.errors import UserError
 
@@ -8,24 +15,60 @@ class NoPersonalization:
     """Plain FedAvg: every parameter is global; the personalized model is the global model."""
 
     name = "none"
-    has_personal_layers = False
+    needs_local_layers = False
+    personal_module_types: tuple = ()
 
     def __init__(self, local_layers=()):
         self.local_layers = list(local_layers)
 
+    def personal_names(self, layout, model: nn.Module) -> list[str]:
+        """Names (parameters and buffers) of the personal tensors."""
+        return [f"{m}.{t}" if m else t for m, mod in model.named_modules()
+                if isinstance(mod, self.personal_module_types)
+                for t, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))]
+
+    @property
+    def has_personal_layers(self) -> bool:
+        return self.name != "none"
+
 
 class FedPer(NoPersonalization):
     """FedPer (Arivazhagan et al. 2019, arXiv:1912.00818): the layers named by ``local_layers``
-    (module-name prefixes, e.g. ``linear``) are personal. They are trained with the rest on the
-    client, never averaged, and kept per client across rounds; a client's first copy comes from
-    the global model. The personalized model is the global body with the client's own layers.
-    """
+    (module-name prefixes, usually the head, e.g. ``linear``) are personal; the body is shared."""
 
     name = "fedper"
-    has_personal_layers = True
+    needs_local_layers = True
+
+    def personal_names(self, layout, model):
+        return [n for n in layout.names if any(n == p or n.startswith(p + ".") for p in self.local_layers)]
 
 
-METHODS = {cls.name: cls for cls in (NoPersonalization, FedPer)}
+class LGFedAvg(FedPer):
+    """LG-FedAvg (Liang et al. 2020, arXiv:2001.01523): local representation layers, global head.
+    ``local_layers`` names the local body modules (the complement of FedPer's choice)."""
+
+    name = "lgfedavg"
+
+
+class FedBN(NoPersonalization):
+    """FedBN (Li et al. 2021, arXiv:2102.07623): every BatchNorm layer (affine parameters and running
+    statistics) stays local; everything else is averaged."""
+
+    name = "fedbn"
+    personal_module_types = (nn.modules.batchnorm._BatchNorm,)
+
+
+class LocalOnly(NoPersonalization):
+    """Local training only: every tensor is personal, nothing is federated (the lower baseline
+    every personalization method must beat). The global model stays at its initialisation."""
+
+    name = "local"
+
+    def personal_names(self, layout, model):
+        return list(layout.names)
+
+
+METHODS = {cls.name: cls for cls in (NoPersonalization, FedPer, LGFedAvg, FedBN, LocalOnly)}
 
 
 def build_personalization(cfg):

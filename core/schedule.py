@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from core.cohort import sample_cohort
+from core.config import cohort_range
+from utils.seeding import derive_seed
 
 
 class Schedule:
@@ -11,15 +13,22 @@ class Schedule:
 
     def __init__(self, server_config, num_clients: int, seed: int):
         self.rounds = server_config.max_iteration
-        self.cohort_size = min(server_config.num_clients_per_iteration, num_clients)
+        self.cohort_range = cohort_range(server_config.num_clients_per_iteration)
         self.val_freq = server_config.val_freq
         self.ckpt_freq = server_config.ckpt_freq
         self.num_clients = num_clients
         self.seed = seed
 
+    def cohort_size(self, round_idx: int) -> int:
+        """Clients in round ``round_idx``: fixed, or drawn from the configured range by (seed, round)."""
+        low, high = self.cohort_range
+        if low != high:
+            low = int(np.random.default_rng(derive_seed(self.seed, round_idx, 0xC5)).integers(low, high + 1))
+        return min(low, self.num_clients)
+
     def cohort(self, round_idx: int) -> np.ndarray:
-        """(cohort_size,) sorted client ids of ``round_idx``."""
-        return sample_cohort(self.seed, round_idx, self.num_clients, self.cohort_size)
+        """(cohort_size(round_idx),) sorted client ids of ``round_idx``."""
+        return sample_cohort(self.seed, round_idx, self.num_clients, self.cohort_size(round_idx))
 
     def is_eval_round(self, round_idx: int) -> bool:
         return round_idx % self.val_freq == 0 or round_idx == self.rounds

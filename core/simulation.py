@@ -54,13 +54,17 @@ class Simulation:
         return int(self.personal_index.numel())
 
 
-def _personal_index(layout: StateLayout, personalization, model_type: str, device) -> torch.Tensor:
+def _personal_index(layout: StateLayout, personalization, model, model_type: str, device) -> torch.Tensor:
     missing = layout.unmatched(personalization.local_layers)
     if missing:
         modules = sorted({n.split(".")[0] for n in layout.names})
         raise UserError(f"personalization.local_layers: {missing} match no module of {model_type}; "
                         f"top-level modules are {', '.join(modules)}")
-    return layout.index_of(personalization.local_layers).to(device)
+    names = personalization.personal_names(layout, model)
+    if personalization.has_personal_layers and not names:
+        raise UserError(f"personalization.method {personalization.name}: {model_type} has no layer it keeps local "
+                        f"(e.g. fedbn needs BatchNorm); choose another method or model")
+    return layout.index_of(names).to(device)
 
 
 def init_model(task, cfg, device: torch.device) -> torch.nn.Module:
@@ -83,17 +87,18 @@ def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Tra
         model = model.to(memory_format=torch.channels_last)
     layout = StateLayout(model)
     personalization = build_personalization(cfg.personalization)
-    personal_index = _personal_index(layout, personalization, cfg.model.model_type, ctx.device)
+    personal_index = _personal_index(layout, personalization, model, cfg.model.model_type, ctx.device)
     client_cfg = cfg.client_config
     train_loader = task.dataloader_cls(train_ds, client_cfg.batch_size, ctx.device, True, client_cfg.augment)
     test_loader = task.dataloader_cls(test_ds, cfg.server_config.eval_batch_size, ctx.device, False, False)
-    trainer = ClientTrainer(model, layout, train_loader, client_cfg, personal_index, cfg.seed)
+    strategy = build_strategy(cfg.strategy, cfg.strategy_config)
+    trainer = ClientTrainer(model, layout, train_loader, client_cfg, personal_index, cfg.seed, strategy)
     return Simulation(cfg=cfg, ctx=ctx, transport=transport,
                       schedule=Schedule(cfg.server_config, data_cfg.num_clients, cfg.seed),
                       model=model, layout=layout, personal_index=personal_index, trainer=trainer,
                       test_loader=test_loader,
                       train_clients=ClientIndex(train_ds.split_plan.train, ctx.device),
                       test_clients=ClientIndex(train_ds.split_plan.test, ctx.device),
-                      strategy=build_strategy(cfg.strategy), personalization=personalization,
-                      vectorized=VectorizedTrainer(model, layout, train_loader, client_cfg, cfg.seed)
+                      strategy=strategy, personalization=personalization,
+                      vectorized=VectorizedTrainer(model, layout, train_loader, client_cfg, cfg.seed, strategy)
                       if client_cfg.vectorize else None)

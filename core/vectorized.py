@@ -44,7 +44,7 @@ class VectorizedTrainer:
     (torch.optim.SGD semantics: weight decay, momentum with first buffer = gradient, Nesterov).
     """
 
-    def __init__(self, model, layout, loader, client_config, seed: int):
+    def __init__(self, model, layout, loader, client_config, seed: int, strategy):
         check_vectorizable(model, client_config)
         self.call = _LossCall(model)
         self.layout = layout
@@ -52,6 +52,8 @@ class VectorizedTrainer:
         self.epochs = client_config.local_epochs
         self.opt = client_config.optimizer_config
         self.seed = seed
+        self.strategy = strategy
+        self._anchors: list[torch.Tensor] | None = None
         self.autocast = dict(device_type=loader.device.type, dtype=torch.bfloat16,
                              enabled=client_config.precision == "bf16")
         self.names = [f"model.{n}" for n, _ in model.named_parameters()]
@@ -63,7 +65,10 @@ class VectorizedTrainer:
 
     def _loss(self, params: dict, batch: dict) -> torch.Tensor:
         with torch.autocast(**self.autocast):
-            return functional_call(self.call, (params, self.buffers), (batch,))
+            loss = functional_call(self.call, (params, self.buffers), (batch,))
+        if self._anchors is not None:
+            loss = loss + self.strategy.local_penalty([params[n] for n in self.names], self._anchors)
+        return loss
 
     def _streams(self, round_idx, client_ids, indices):
         def stream(cid, idx):
@@ -97,6 +102,7 @@ class VectorizedTrainer:
             (C, num_params) trained parameter rows and (C,) mean training losses.
         """
         count, k = len(client_ids), self.layout.num_params
+        self._anchors = self.layout.param_views(global_flat) if self.strategy.has_local_penalty else None
         start = global_flat.unsqueeze(0).repeat(count, 1)
         if personal is not None and personal_index.numel():
             start[:, personal_index] = personal

@@ -7,14 +7,14 @@ from core.cohort import balance
 from core.evaluation import eval_share
 
 
-def round_buffer_size(sim) -> int:
+def round_buffer_size(sim, round_idx: int) -> int:
     """Elements of a round's broadcast: global state (N) + cohort personal vectors (K x P)."""
-    return sim.layout.numel + sim.schedule.cohort_size * sim.personal_numel
+    return sim.layout.numel + sim.schedule.cohort_size(round_idx) * sim.personal_numel
 
 
-def contribution_size(sim) -> int:
+def contribution_size(sim, round_idx: int) -> int:
     """Elements of a round's reduce: delta sum (N), weight sum, weighted loss sum, K x P personal."""
-    return sim.layout.numel + 2 + sim.schedule.cohort_size * sim.personal_numel
+    return sim.layout.numel + 2 + sim.schedule.cohort_size(round_idx) * sim.personal_numel
 
 
 def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
     mine = balance(cohort, sizes[cohort], len(sim.ctx.workers))[sim.ctx.workers.index(sim.ctx.rank)]
     global_flat = round_buf[:n]
     slots = round_buf[n:].view(len(cohort), p)
-    out = torch.zeros(contribution_size(sim), device=sim.ctx.device)
+    out = torch.zeros(contribution_size(sim, round_idx), device=sim.ctx.device)
     out_slots = out[n + 2:].view(len(cohort), p)
     slot_of = {int(c): i for i, c in enumerate(cohort)}
     if sim.vectorized is not None:
@@ -80,7 +80,7 @@ def run_worker(sim) -> None:
     start = int(sim.transport.broadcast(torch.zeros(1, device=sim.ctx.device), "start broadcast").item())
     trained = sim.schedule.trained_through(start - 1)
     for r in range(start, sim.schedule.rounds + 1):
-        buf = sim.transport.broadcast(torch.empty(round_buffer_size(sim), device=sim.ctx.device),
+        buf = sim.transport.broadcast(torch.empty(round_buffer_size(sim, r), device=sim.ctx.device),
                                       f"round {r} broadcast")
         sim.transport.reduce_sum(train_share(sim, r, buf), f"round {r} reduce")
         trained.update(sim.schedule.cohort(r).tolist())

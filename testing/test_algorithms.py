@@ -1,0 +1,151 @@
+"""Defining behaviour of the aggregation strategies, server optimizers and personalization methods."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import OptimizerConfig, validate_config
+from core.distributed import DistContext, Transport
+from core.errors import UserError
+from core.optim import Yogi, build_optimizer
+from core.schedule import Schedule
+from core.server import Server
+from core.simulation import build_simulation
+from core.task import load_task
+from core.worker import train_share
+from testing.conftest import SMALL_CV, load_ckpt, read_metrics, run_trainer
+
+
+def _sim(cifar_path, **sections):
+    config = {key: ({**SMALL_CV[key], **sections[key]} if isinstance(SMALL_CV.get(key), dict) else sections[key])
+              if key in sections else SMALL_CV[key] for key in set(SMALL_CV) | set(sections)}
+    cfg = validate_config(config, "test")
+    ctx = DistContext(0, 1, torch.device("cpu"), "gloo")
+    return build_simulation(cfg, load_task("cv"), str(cifar_path), ctx, Transport(ctx))
+
+
+def _round_delta(sim) -> torch.Tensor:
+    start = sim.layout.flatten()
+    cohort = sim.schedule.cohort(1)
+    out = train_share(sim, 1, torch.cat([start, start[sim.personal_index].repeat(len(cohort))]))
+    n = sim.layout.numel
+    return out[:n] / out[n], out[n]
+
+
+def test_fedprox_zero_mu_is_fedavg_and_large_mu_limits_drift(cifar_path):
+    fedavg, _ = _round_delta(_sim(cifar_path))
+    prox0, _ = _round_delta(_sim(cifar_path, strategy="fedprox", strategy_config={"mu": 0.0}))
+    prox, _ = _round_delta(_sim(cifar_path, strategy="fedprox", strategy_config={"mu": 5.0}))
+    assert torch.equal(fedavg, prox0)
+    assert prox.norm() < 0.6 * fedavg.norm(), (float(prox.norm()), float(fedavg.norm()))
+
+
+def test_fedprox_penalty_gradient_is_mu_times_distance():
+    from core.strategy import FedProx
+
+    w = torch.randn(5, requires_grad=True)
+    anchor = torch.randn(5)
+    FedProx(validate_config({"strategy_config": {"mu": 0.3}}, "t").strategy_config).local_penalty([w], [anchor]).backward()
+    assert torch.allclose(w.grad, 0.3 * (w.detach() - anchor))
+
+
+def test_uniform_weighting_is_the_plain_mean_of_client_deltas(cifar_path):
+    sim = _sim(cifar_path, strategy_config={"client_weighting": "uniform"})
+    start = sim.layout.flatten()
+    mean_delta, weight_sum = _round_delta(sim)
+    cohort = sim.schedule.cohort(1)
+    assert float(weight_sum) == len(cohort)
+    assert len(set(sim.train_clients.sizes[cohort].tolist())) > 1, "clients of different sizes"
+    deltas = []
+    for cid in cohort:
+        sim.trainer.train(1, int(cid), sim.train_clients.get(cid), start, start[sim.personal_index])
+        deltas.append(sim.layout.flatten() - start)
+    assert torch.allclose(mean_delta, torch.stack(deltas).mean(0), atol=1e-6)
+
+
+def test_yogi_step_follows_its_formula():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = Yogi([w], lr=0.1, betas=(0.9, 0.99), eps=1e-3, initial_v=0.5)
+    g = torch.tensor([2.0, 0.1])
+    w.grad = g.clone()
+    opt.step()
+    m = 0.1 * g
+    v = 0.5 - 0.01 * g.square() * torch.sign(0.5 - g.square())  # grows where g^2 > v, shrinks elsewhere
+    assert torch.allclose(w.detach(), torch.tensor([1.0, -2.0]) - 0.1 * m / (v.sqrt() + 1e-3))
+    assert v[0] > 0.5 > v[1]
+
+
+def test_server_optimizer_choices_build():
+    for kind, cls in [("adagrad", torch.optim.Adagrad), ("yogi", Yogi), ("adam", torch.optim.Adam)]:
+        assert isinstance(build_optimizer([torch.nn.Parameter(torch.zeros(2))], OptimizerConfig(type=kind, lr=0.1)), cls)
+
+
+def test_cohort_size_range_is_seeded_and_bounded():
+    cfg = validate_config({"server_config": {"num_clients_per_iteration": "3,7"}}, "t")
+    schedule = Schedule(cfg.server_config, 100, seed=1)
+    sizes = [len(schedule.cohort(r)) for r in range(1, 60)]
+    assert min(sizes) >= 3 and max(sizes) <= 7 and len(set(sizes)) > 2
+    assert sizes == [len(Schedule(cfg.server_config, 100, seed=1).cohort(r)) for r in range(1, 60)]
+    with pytest.raises(UserError, match="num_clients_per_iteration"):
+        validate_config({"server_config": {"num_clients_per_iteration": "7,3"}}, "t")
+
+
+def test_cohort_range_runs_across_processes(tmp_path):
+    args = ["-dataPath", "unused", "-outputPath", str(tmp_path), "-config", "experiments/synthetic/config.yaml",
+            "-task", "synthetic", "--set", "server_config.num_clients_per_iteration='2,6'"]
+    one = run_trainer(args + ["-run_name", "one"])
+    two = run_trainer(args + ["-run_name", "two"], nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-1500:] + two.stderr[-1500:]
+    assert torch.allclose(load_ckpt(tmp_path / "one")["global"], load_ckpt(tmp_path / "two")["global"], atol=1e-5)
+    assert read_metrics(tmp_path / "one")[-1]["round"] == 10
+
+
+def _run_rounds(sim, tmp_path, rounds=2):
+    server = Server(sim, tmp_path, None)
+    start = server.global_flat.clone()
+    for r in range(1, rounds + 1):
+        server._round(r)
+    server.writer.close()
+    return start, server
+
+
+def test_fedbn_keeps_every_batchnorm_tensor_local(cifar_path, tmp_path):
+    sim = _sim(cifar_path, model_config={"model_type": "ResNet18"},
+               personalization={"method": "fedbn", "local_layers": []},
+               server_config={"num_clients_per_iteration": 2}, data_config={"num_clients": 1000})
+    bn_names = {n for n in sim.layout.names if ".bn" in n or n.startswith("bn") or ".shortcut.1." in n}
+    personal = set(sim.personalization.personal_names(sim.layout, sim.model))
+    assert personal == bn_names and any(n.endswith("running_mean") for n in personal)
+    start, server = _run_rounds(sim, tmp_path, rounds=1)
+    idx = sim.personal_index
+    assert torch.equal(server.global_flat[idx], start[idx]), "BatchNorm weights and statistics are not averaged"
+    assert not torch.equal(server.global_flat, start)
+    entries = list(server.store.state_dict()["entries"].values())
+    assert len(entries) == 2 and not torch.equal(entries[0], entries[1])
+
+
+def test_fedbn_needs_batchnorm(cifar_path):
+    with pytest.raises(UserError, match="fedbn needs BatchNorm"):
+        _sim(cifar_path, personalization={"method": "fedbn", "local_layers": []})
+
+
+def test_local_only_never_changes_the_global_model(cifar_path, tmp_path):
+    sim = _sim(cifar_path, personalization={"method": "local", "local_layers": []})
+    assert sim.personal_numel == sim.layout.numel
+    start, server = _run_rounds(sim, tmp_path)
+    assert torch.equal(server.global_flat, start)
+    entries = server.store.state_dict()["entries"]
+    assert len(entries) >= 4 and all(v.numel() == sim.layout.numel for v in entries.values())
+    assert all(not torch.equal(v, start) for v in entries.values())
+
+
+def test_lgfedavg_averages_only_the_head(cifar_path, tmp_path):
+    sim = _sim(cifar_path, personalization={"method": "lgfedavg", "local_layers": ["features", "fc"]})
+    start, server = _run_rounds(sim, tmp_path)
+    head = sim.layout.index_of(["linear"])
+    body = sim.personal_index
+    assert torch.equal(server.global_flat[body], start[body])
+    assert not torch.equal(server.global_flat[head], start[head])
+    assert body.numel() + head.numel() == sim.layout.numel
+    assert np.isfinite(float(server.global_flat.sum()))
