@@ -15,7 +15,8 @@ class ClientTrainer:
     is allocated per client beyond the batches.
     """
 
-    def __init__(self, model, layout, loader, client_config, personal_index: torch.Tensor, seed: int, strategy):
+    def __init__(self, model, layout, loader, client_config, personal_index: torch.Tensor, seed: int, strategy,
+                 personalization=None, personal_names=()):
         self.model = model
         self.layout = layout
         self.loader = loader
@@ -24,6 +25,9 @@ class ClientTrainer:
         self.personal_index = personal_index
         self.seed = seed
         self.strategy = strategy
+        self.personalization = personalization
+        personal = set(personal_names)
+        self.param_is_personal = [name in personal for name, _ in model.named_parameters()]
         self.bf16 = client_config.precision == "bf16"
         self.channels_last = client_config.channels_last
 
@@ -40,22 +44,45 @@ class ClientTrainer:
             global_flat = global_flat.index_copy(0, self.personal_index, personal)
         self.layout.load_(global_flat)
 
-    def train(self, round_idx: int, client_id: int, indices: torch.Tensor, global_flat: torch.Tensor,
-              personal: torch.Tensor | None) -> torch.Tensor:
-        """Run ``local_epochs`` over the client's samples ``indices`` (int64, on the device).
+    def _trainable(self, which: str) -> None:
+        """Freeze all but ``which`` parameters (``all``, ``personal`` or ``shared``)."""
+        for param, personal in zip(self.model.parameters(), self.param_is_personal):
+            param.requires_grad_(which == "all" or (which == "personal") == personal)
 
-        The trained state is left in the replica (read it with the layout). Returns the mean
-        training loss as a 0-dim tensor (no host sync).
+    def _phases(self, epochs: int | None) -> list[tuple[int, str]]:
+        if epochs is not None or self.personalization is None:
+            return [(self.epochs if epochs is None else epochs, "all")]
+        return self.personalization.training_phases(self.epochs)
+
+    def train(self, round_idx: int, client_id: int, indices: torch.Tensor, global_flat: torch.Tensor,
+              personal: torch.Tensor | None, epochs: int | None = None, stream: int = 0,
+              correction: torch.Tensor | None = None) -> torch.Tensor:
+        """Train the client on its samples ``indices`` (int64, on the device).
+
+        Runs the personalization method's phases (``local_epochs`` of all parameters by default), or
+        ``epochs`` epochs of all parameters when given. The trained state is left in the replica
+        (read it with the layout); ``last_steps`` holds the number of optimizer steps. ``correction``
+        (num_params,) is added to every gradient (SCAFFOLD). Returns the mean training loss as a
+        0-dim tensor (no host sync).
         """
         self.load(global_flat, personal)
         self.optimizer.state.clear()
-        generator = client_generator(indices.device, self.seed, round_idx, client_id)
+        generator = client_generator(indices.device, self.seed, round_idx, client_id, stream)
         self.model.train()
         loss_sum = torch.zeros((), device=indices.device)
         steps = 0
         params = list(self.model.parameters())
         anchors = self.layout.param_views(global_flat) if self.strategy.has_local_penalty else None
-        for _ in range(self.epochs):
+        shifts = self.layout.param_views(correction) if correction is not None else None
+        for phase_epochs, which in self._phases(epochs):
+            self._trainable(which)
+            steps = self._epochs(phase_epochs, indices, generator, params, anchors, shifts, loss_sum, steps)
+        self._trainable("all")
+        self.last_steps = steps
+        return loss_sum / max(steps, 1)
+
+    def _epochs(self, epochs, indices, generator, params, anchors, shifts, loss_sum, steps) -> int:
+        for _ in range(epochs):
             for batch in self.loader.batches(indices, generator):
                 with torch.autocast(indices.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss = self.model.loss(self.prepare(batch))
@@ -63,7 +90,11 @@ class ClientTrainer:
                     loss = loss + self.strategy.local_penalty(params, anchors)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if shifts is not None:
+                    for param, shift in zip(params, shifts):
+                        if param.grad is not None:
+                            param.grad.add_(shift)
                 self.optimizer.step()
                 loss_sum += loss.detach()
                 steps += 1
-        return loss_sum / max(steps, 1)
+        return steps

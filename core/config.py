@@ -118,18 +118,20 @@ class PersonalizationConfig(_Section):
     """``method: none`` is plain FedAvg; ``fedper`` keeps ``local_layers`` (module-name prefixes)
     on each client."""
 
-    method: Literal["none", "fedper", "lgfedavg", "fedbn", "local"] = Field(
-        "none", description="none (FedAvg), fedper (local head), lgfedavg (local body), fedbn (local BatchNorm), "
-                            "local (no federation)")
+    method: Literal["none", "fedper", "fedrep", "lgfedavg", "fedbn", "local", "finetune"] = Field(
+        "none", description="none (FedAvg), fedper (local head), fedrep (head then body), lgfedavg (local body), "
+                            "fedbn (local BatchNorm), local (no federation), finetune (FedAvg + fine-tuning)")
     local_layers: list[str] = Field(default_factory=list, description="module-name prefixes kept on each client")
+    head_epochs: int = Field(10, ge=0, description="fedrep: epochs training the personal head before the body")
+    finetune_epochs: int = Field(1, ge=0, description="finetune: local epochs of fine-tuning before evaluation")
 
     @model_validator(mode="after")
     def _layers_match_method(self) -> "PersonalizationConfig":
-        if self.method in ("fedper", "lgfedavg") and not self.local_layers:
+        if self.method in ("fedper", "fedrep", "lgfedavg") and not self.local_layers:
             raise ValueError(f"method {self.method} needs local_layers, e.g. [linear]")
-        if self.method in ("none", "fedbn", "local") and self.local_layers:
+        if self.method in ("none", "fedbn", "local", "finetune") and self.local_layers:
             raise ValueError(f"local_layers is set but method {self.method} chooses its own; remove local_layers "
-                             f"or use method fedper / lgfedavg")
+                             f"or use method fedper / fedrep / lgfedavg")
         return self
 
 
@@ -137,7 +139,7 @@ class Config(_Section):
     """The whole experiment. ``seed`` drives partition, cohorts and client training."""
 
     model: ModelSection = Field(default_factory=ModelSection, alias="model_config")
-    strategy: Literal["fedavg", "fedprox"] = Field("fedavg", description="aggregation strategy")
+    strategy: Literal["fedavg", "fedprox", "scaffold"] = Field("fedavg", description="aggregation strategy")
     strategy_config: StrategyConfig = Field(default_factory=StrategyConfig)
     server_config: ServerConfig = Field(default_factory=ServerConfig)
     client_config: ClientConfig = Field(default_factory=ClientConfig)

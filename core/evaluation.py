@@ -45,11 +45,11 @@ def batched_correct(model, loader, clients: np.ndarray, index, prepare) -> torch
     return torch.zeros(len(clients), device=indices.device).index_add_(0, owner, torch.cat(parts))
 
 
-def eval_share(sim, eval_buf: torch.Tensor, trained: list[int]) -> torch.Tensor:
+def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) -> torch.Tensor:
     """This rank's part of a client evaluation, as a (num_clients, 3) matrix to be sum-reduced.
 
     Columns: correct predictions of the global model, correct predictions of the personalized
-    model (clients in ``trained`` only), and test samples. ``eval_buf`` holds the global state (N,)
+    model (clients in ``trained`` only, prepared by the personalization method), and test samples. ``eval_buf`` holds the global state (N,)
     followed by the personal vectors (len(trained), P) of the ``trained`` clients in order.
     """
     n, p = sim.layout.numel, sim.personal_numel
@@ -66,11 +66,12 @@ def eval_share(sim, eval_buf: torch.Tensor, trained: list[int]) -> torch.Tensor:
     rows = torch.as_tensor(mine, device=sim.ctx.device)
     result[rows, GLOBAL] = correct
     result[rows, COUNT] = torch.as_tensor(sizes[mine], dtype=torch.float32, device=sim.ctx.device)
-    if p:
-        personal = eval_buf[n:].view(-1, p)
+    if sim.personalization.evaluates_personalized:
+        personal = eval_buf[n:].view(len(trained), p)
         row = {c: i for i, c in enumerate(trained)}
-        for cid in (c for c in mine if int(c) in row):
-            sim.trainer.load(global_flat, personal[row[int(cid)]])
+        for cid in (int(c) for c in mine if int(c) in row):
+            sim.personalization.prepare_eval(sim.trainer, round_idx, cid, sim.train_clients.get(cid), global_flat,
+                                             personal[row[cid]] if p else None)
             result[cid, PERSONAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid),
                                                   sim.trainer.prepare)
     return result

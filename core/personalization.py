@@ -18,8 +18,19 @@ class NoPersonalization:
     needs_local_layers = False
     personal_module_types: tuple = ()
 
-    def __init__(self, local_layers=()):
-        self.local_layers = list(local_layers)
+    evaluates_personalized = False
+
+    def __init__(self, cfg):
+        self.local_layers = list(cfg.local_layers)
+        self.cfg = cfg
+
+    def training_phases(self, local_epochs: int) -> list[tuple[int, str]]:
+        """(epochs, which parameters train: ``all``, ``personal`` or ``shared``) of one client's round."""
+        return [(local_epochs, "all")]
+
+    def prepare_eval(self, trainer, round_idx: int, client_id: int, train_indices, global_flat, personal) -> None:
+        """Put the client's personalized model in the replica before it is evaluated."""
+        trainer.load(global_flat, personal)
 
     def personal_names(self, layout, model: nn.Module) -> list[str]:
         """Names (parameters and buffers) of the personal tensors."""
@@ -29,7 +40,7 @@ class NoPersonalization:
 
     @property
     def has_personal_layers(self) -> bool:
-        return self.name != "none"
+        return self.name not in ("none", "finetune")
 
 
 class FedPer(NoPersonalization):
@@ -38,6 +49,7 @@ class FedPer(NoPersonalization):
 
     name = "fedper"
     needs_local_layers = True
+    evaluates_personalized = True
 
     def personal_names(self, layout, model):
         return [n for n in layout.names if any(n == p or n.startswith(p + ".") for p in self.local_layers)]
@@ -55,6 +67,7 @@ class FedBN(NoPersonalization):
     statistics) stays local; everything else is averaged."""
 
     name = "fedbn"
+    evaluates_personalized = True
     personal_module_types = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -63,16 +76,41 @@ class LocalOnly(NoPersonalization):
     every personalization method must beat). The global model stays at its initialisation."""
 
     name = "local"
+    evaluates_personalized = True
 
     def personal_names(self, layout, model):
         return list(layout.names)
 
 
-METHODS = {cls.name: cls for cls in (NoPersonalization, FedPer, LGFedAvg, FedBN, LocalOnly)}
+class FedRep(FedPer):
+    """FedRep (Collins et al. 2021, arXiv:2102.07078): each round a client first trains only its
+    personal head (``local_layers``) for ``head_epochs`` epochs with the body frozen, then only the
+    shared body for ``local_epochs`` epochs with the head frozen; the body is averaged."""
+
+    name = "fedrep"
+
+    def training_phases(self, local_epochs):
+        return [(self.cfg.head_epochs, "personal"), (local_epochs, "shared")]
+
+
+class FineTune(NoPersonalization):
+    """Fine-tuning: plain FedAvg training; before a client is evaluated, the global model is
+    trained for ``finetune_epochs`` epochs on the client's train split (all parameters, the client
+    optimizer, a data order seeded apart from training). Nothing is stored between rounds."""
+
+    name = "finetune"
+    evaluates_personalized = True
+
+    def prepare_eval(self, trainer, round_idx, client_id, train_indices, global_flat, personal):
+        trainer.train(round_idx, client_id, train_indices, global_flat, None, epochs=self.cfg.finetune_epochs,
+                      stream=1)
+
+
+METHODS = {cls.name: cls for cls in (NoPersonalization, FedPer, FedRep, LGFedAvg, FedBN, LocalOnly, FineTune)}
 
 
 def build_personalization(cfg):
-    """The method named by ``personalization.method`` with its ``local_layers``."""
+    """The method named by ``personalization.method``, configured by the ``personalization`` section."""
     if cfg.method not in METHODS:
         raise UserError(f"personalization.method: unknown {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[cfg.method](cfg.local_layers)
+    return METHODS[cfg.method](cfg)

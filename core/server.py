@@ -13,10 +13,11 @@ from tqdm import tqdm
 from core.client_store import ClientStore
 from core.evaluation import eval_share, full_test_accuracy, summarize
 from core.optim import build_optimizer
-from core.worker import train_share
+from core.worker import RoundLayout, train_share
 from utils.checkpoint import load_checkpoint, save_atomic
 from utils.metrics_writer import MetricsWriter
-from utils.report import format_line, plot_accuracy, results_table, write_summary
+from utils.report import (format_line, plot_accuracy, plot_client_histogram, results_table, write_client_table,
+                          write_summary)
 
 
 class Server:
@@ -34,6 +35,7 @@ class Server:
         self.weights = torch.nn.Parameter(self.global_flat[:sim.layout.num_params])
         self.optimizer = build_optimizer([self.weights], sim.cfg.server_config.optimizer_config)
         self.store = ClientStore()
+        self.strategy_state = torch.zeros(sim.strategy.server_state_numel(sim.layout), device=sim.ctx.device)
         self.history: list[dict] = []
         self.start_round = 1
         self.elapsed_before = 0.0
@@ -44,7 +46,8 @@ class Server:
     # ---- checkpoint -------------------------------------------------------------------------
     def _state(self, round_idx: int, elapsed: float) -> dict:
         return {"round": round_idx, "global": self.global_flat.cpu(), "server_optimizer": self.optimizer.state_dict(),
-                "client_store": self.store.state_dict(), "history": self.history, "elapsed_s": elapsed,
+                "client_store": self.store.state_dict(), "strategy_state": self.strategy_state.cpu(),
+                "history": self.history, "elapsed_s": elapsed,
                 "config": self.sim.cfg.to_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
 
@@ -53,6 +56,7 @@ class Server:
             self.global_flat.copy_(state["global"])
         self.optimizer.load_state_dict(state["server_optimizer"])
         self.store.load_state_dict(state["client_store"])
+        self.strategy_state = state["strategy_state"].to(self.sim.ctx.device)
         self.history = list(state["history"])
         self.start_round = state["round"] + 1
         self.elapsed_before = state.get("elapsed_s", 0.0)
@@ -66,19 +70,23 @@ class Server:
 
     # ---- one round ----------------------------------------------------------------------------
     def _round(self, round_idx: int) -> float:
-        sim, n, p = self.sim, self.sim.layout.numel, self.sim.personal_numel
+        sim, lay = self.sim, RoundLayout(self.sim, round_idx)
         cohort = sim.schedule.cohort(round_idx)
-        default = self.global_flat[sim.personal_index].cpu()
-        slots = [self.store.get(c, default) for c in cohort] if p else []
-        payload = torch.cat([self.global_flat] + [s.to(sim.ctx.device) for s in slots])
+        default = torch.cat([self.global_flat[sim.personal_index].cpu(), torch.zeros(lay.c)])
+        slots = [self.store.get(c, default) for c in cohort] if lay.width else []
+        payload = torch.cat([self.global_flat, self.strategy_state] + [s.to(sim.ctx.device) for s in slots])
         buf = sim.transport.broadcast(payload, f"round {round_idx} broadcast")
         own = train_share(sim, round_idx, buf)
         total = sim.transport.reduce_sum(own, f"round {round_idx} reduce")
-        if p:
-            for cid, vec in zip(cohort, total[n + 2:].view(len(cohort), p)):
+        delta_sum, weight_sum, loss_sum, state_change, new_slots = lay.reduce_parts(total)
+        if lay.width:
+            for cid, vec in zip(cohort, new_slots):
                 self.store.put(int(cid), vec)
-        self._apply(total[:n], total[n])
-        return float(total[n + 1] / total[n])
+        if lay.s:
+            self.strategy_state = sim.strategy.new_server_state(self.strategy_state, state_change,
+                                                                sim.schedule.num_clients)
+        self._apply(delta_sum, weight_sum)
+        return float(loss_sum / weight_sum)
 
     def _apply(self, delta_sum: torch.Tensor, weight_sum: torch.Tensor) -> None:
         sim = self.sim
@@ -94,14 +102,16 @@ class Server:
     # ---- evaluation -------------------------------------------------------------------------
     def _evaluate(self, round_idx: int, train_loss: float, elapsed: float) -> dict:
         sim = self.sim
-        ids = self.store.ids() if sim.personal_numel else []
-        payload = torch.cat([self.global_flat] + [self.store.get(i, None).to(sim.ctx.device) for i in ids])
-        buf = sim.transport.broadcast(payload, f"round {round_idx} eval broadcast")
-        own = eval_share(sim, buf, ids)
+        ids = sorted(sim.schedule.trained_through(round_idx)) if sim.personalization.evaluates_personalized else []
+        p = sim.personal_numel
+        stored = [self.store.get(i, None)[:p].to(sim.ctx.device) for i in ids] if p else []
+        buf = sim.transport.broadcast(torch.cat([self.global_flat] + stored), f"round {round_idx} eval broadcast")
+        own = eval_share(sim, round_idx, buf, ids)
         matrix = sim.transport.reduce_sum(own.view(-1), f"round {round_idx} eval reduce").view(-1, 3)
         record = {"round": round_idx, "train_loss": train_loss,
                   "global_test_acc": full_test_accuracy(sim, self.global_flat)}
-        record.update(summarize(matrix.cpu().double().numpy(), ids, sim.personal_numel > 0))
+        self.last_matrix, self.last_trained = matrix.cpu().double().numpy(), ids
+        record.update(summarize(self.last_matrix, ids, sim.personalization.evaluates_personalized))
         record["elapsed_s"] = elapsed
         return record
 
@@ -144,6 +154,10 @@ class Server:
         config_text = yaml.safe_dump(self.sim.cfg.to_dict(), sort_keys=False)
         write_summary(self.run_dir / "summary.md", name, self.history, config_text, wall_s)
         plot_accuracy(self.run_dir / "plots" / "accuracy.png", self.history, name)
+        if getattr(self, "last_matrix", None) is not None:
+            write_client_table(self.run_dir / "clients.csv", self.last_matrix, self.last_trained)
+            plot_client_histogram(self.run_dir / "plots" / "clients_hist.png", self.last_matrix, self.last_trained, name)
         print(f"\nFinal results of {name} (accuracy %, round {self.history[-1]['round']}, {wall_s:.0f} s):")
         print(results_table(self.history[-1]))
-        print(f"Written to {self.run_dir}: metrics.jsonl, summary.md, plots/accuracy.png, checkpoints/, TensorBoard events")
+        print(f"Written to {self.run_dir}: metrics.jsonl, summary.md, clients.csv, plots/, checkpoints/, "
+              f"TensorBoard events")

@@ -92,7 +92,8 @@ def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Tra
     train_loader = task.dataloader_cls(train_ds, client_cfg.batch_size, ctx.device, True, client_cfg.augment)
     test_loader = task.dataloader_cls(test_ds, cfg.server_config.eval_batch_size, ctx.device, False, False)
     strategy = build_strategy(cfg.strategy, cfg.strategy_config)
-    trainer = ClientTrainer(model, layout, train_loader, client_cfg, personal_index, cfg.seed, strategy)
+    trainer = ClientTrainer(model, layout, train_loader, client_cfg, personal_index, cfg.seed, strategy,
+                            personalization, personalization.personal_names(layout, model))
     return Simulation(cfg=cfg, ctx=ctx, transport=transport,
                       schedule=Schedule(cfg.server_config, data_cfg.num_clients, cfg.seed),
                       model=model, layout=layout, personal_index=personal_index, trainer=trainer,
@@ -100,5 +101,6 @@ def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Tra
                       train_clients=ClientIndex(train_ds.split_plan.train, ctx.device),
                       test_clients=ClientIndex(train_ds.split_plan.test, ctx.device),
                       strategy=strategy, personalization=personalization,
-                      vectorized=VectorizedTrainer(model, layout, train_loader, client_cfg, cfg.seed, strategy)
+                      vectorized=VectorizedTrainer(model, layout, train_loader, client_cfg, cfg.seed, strategy,
+                                                   personalization)
                       if client_cfg.vectorize else None)

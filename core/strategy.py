@@ -35,6 +35,26 @@ class FedAvg:
         """A term added to every local training step's loss (None: nothing added)."""
         return None
 
+    def client_state_numel(self, layout) -> int:
+        """Floats of per-client strategy state kept in the client store (0: none)."""
+        return 0
+
+    def server_state_numel(self, layout) -> int:
+        """Floats of server-side strategy state broadcast every round (0: none)."""
+        return 0
+
+    def gradient_correction(self, server_state: torch.Tensor, client_state: torch.Tensor):
+        """(num_params,) vector added to every local gradient, or None."""
+        return None
+
+    def new_client_state(self, server_state, client_state, global_params, trained_params, steps: int, lr: float):
+        """The client's state after local training (only called when client_state_numel > 0)."""
+        raise NotImplementedError
+
+    def new_server_state(self, server_state, client_state_change_sum, num_clients: int):
+        """The server state after a round, from the summed change of the cohort's client states."""
+        return server_state
+
 
 class FedProx(FedAvg):
     """FedProx (Li et al. 2020, arXiv:1812.06127): each local step minimises
@@ -52,7 +72,34 @@ class FedProx(FedAvg):
         return 0.5 * self.mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors))
 
 
-STRATEGIES = {cls.name: cls for cls in (FedAvg, FedProx)}
+class Scaffold(FedAvg):
+    """SCAFFOLD (Karimireddy et al. 2020, arXiv:1910.06378), control variates of option II.
+
+    Every local gradient is corrected by ``c - c_i`` (server control minus the client's control,
+    kept per client in the client store, zero before a client's first round). After K local steps
+    with learning rate lr: ``c_i+ = c_i - c + (x - y) / (K lr)``; the server sets
+    ``c += sum(c_i+ - c_i) / num_clients``. Designed for plain local SGD.
+    """
+
+    name = "scaffold"
+
+    def client_state_numel(self, layout):
+        return layout.num_params
+
+    def server_state_numel(self, layout):
+        return layout.num_params
+
+    def gradient_correction(self, server_state, client_state):
+        return server_state - client_state
+
+    def new_client_state(self, server_state, client_state, global_params, trained_params, steps, lr):
+        return client_state - server_state + (global_params - trained_params) / (max(steps, 1) * lr)
+
+    def new_server_state(self, server_state, client_state_change_sum, num_clients):
+        return server_state + client_state_change_sum / num_clients
+
+
+STRATEGIES = {cls.name: cls for cls in (FedAvg, FedProx, Scaffold)}
 
 
 def build_strategy(name: str, strategy_config):

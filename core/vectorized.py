@@ -26,8 +26,12 @@ class _LossCall(nn.Module):
         return self.model.loss(batch)
 
 
-def check_vectorizable(model: nn.Module, client_config) -> None:
-    """Raise UserError unless the model has no BatchNorm and the client optimizer is SGD."""
+def check_vectorizable(model: nn.Module, client_config, personalization=None) -> None:
+    """Raise UserError unless the model has no BatchNorm, the client optimizer is SGD and every
+    client trains all its parameters together (one training phase)."""
+    if personalization is not None and len(personalization.training_phases(1)) != 1:
+        raise UserError(f"client_config.vectorize does not support personalization.method "
+                        f"{personalization.name} (several training phases); set vectorize: false")
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise UserError("client_config.vectorize needs a model without BatchNorm (use GroupNorm or none); "
                         "set client_config.vectorize: false for this model")
@@ -44,8 +48,10 @@ class VectorizedTrainer:
     (torch.optim.SGD semantics: weight decay, momentum with first buffer = gradient, Nesterov).
     """
 
-    def __init__(self, model, layout, loader, client_config, seed: int, strategy):
-        check_vectorizable(model, client_config)
+    def __init__(self, model, layout, loader, client_config, seed: int, strategy, personalization=None):
+        check_vectorizable(model, client_config, personalization)
+        if strategy.client_state_numel(layout):
+            raise UserError(f"client_config.vectorize does not support strategy {strategy.name}; set vectorize: false")
         self.call = _LossCall(model)
         self.layout = layout
         self.loader = loader

@@ -7,55 +7,78 @@ from core.cohort import balance
 from core.evaluation import eval_share
 
 
-def round_buffer_size(sim, round_idx: int) -> int:
-    """Elements of a round's broadcast: global state (N) + cohort personal vectors (K x P)."""
-    return sim.layout.numel + sim.schedule.cohort_size(round_idx) * sim.personal_numel
+class RoundLayout:
+    """Offsets of one round's two messages.
 
+    Broadcast: global state (N) | server strategy state (S) | K cohort slots of width P + C.
+    Reduce: weighted delta sum (N) | weight sum | weighted loss sum | summed change of the client
+    strategy states (C, only when S > 0) | K slots. A slot holds a client's personal layers (P) then
+    its strategy state (C); each client's slot is filled by the rank that trains it.
+    """
 
-def contribution_size(sim, round_idx: int) -> int:
-    """Elements of a round's reduce: delta sum (N), weight sum, weighted loss sum, K x P personal."""
-    return sim.layout.numel + 2 + sim.schedule.cohort_size(round_idx) * sim.personal_numel
+    def __init__(self, sim, round_idx: int):
+        self.n, self.p = sim.layout.numel, sim.personal_numel
+        self.c = sim.strategy.client_state_numel(sim.layout)
+        self.s = sim.strategy.server_state_numel(sim.layout)
+        self.k = sim.schedule.cohort_size(round_idx)
+        self.width = self.p + self.c
+        self.broadcast_size = self.n + self.s + self.k * self.width
+        self.reduce_size = self.n + 2 + self.s + self.k * self.width
+
+    def broadcast_parts(self, buf: torch.Tensor):
+        """(global state, server state, slots (K, P + C)) views of a broadcast buffer."""
+        n, s = self.n, self.s
+        return buf[:n], buf[n:n + s], buf[n + s:].view(self.k, self.width)
+
+    def reduce_parts(self, buf: torch.Tensor):
+        """(delta sum, weight sum, loss sum, state change sum, slots) views of a reduce buffer."""
+        n, s = self.n, self.s
+        return buf[:n], buf[n], buf[n + 1], buf[n + 2:n + 2 + s], buf[n + 2 + s:].view(self.k, self.width)
 
 
 def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
-    """Train this rank's clients of the round's cohort; return its (contribution_size,) vector.
-
-    Holds the weighted sum of client deltas, the sum of client weights, the weighted sum of mean
-    client losses, and each trained client's new personal vector in its cohort slot.
-    """
-    n, p = sim.layout.numel, sim.personal_numel
+    """Train this rank's clients of the round's cohort; return its reduce buffer (see RoundLayout)."""
+    lay = RoundLayout(sim, round_idx)
+    p, k = lay.p, sim.layout.num_params
     cohort = sim.schedule.cohort(round_idx)
     sizes = sim.train_clients.sizes
     mine = balance(cohort, sizes[cohort], len(sim.ctx.workers))[sim.ctx.workers.index(sim.ctx.rank)]
-    global_flat = round_buf[:n]
-    slots = round_buf[n:].view(len(cohort), p)
-    out = torch.zeros(contribution_size(sim, round_idx), device=sim.ctx.device)
-    out_slots = out[n + 2:].view(len(cohort), p)
+    global_flat, server_state, slots = lay.broadcast_parts(round_buf)
+    out = torch.zeros(lay.reduce_size, device=sim.ctx.device)
+    delta_sum, _, _, state_change, out_slots = lay.reduce_parts(out)
     slot_of = {int(c): i for i, c in enumerate(cohort)}
     if sim.vectorized is not None:
-        _train_vectorized(sim, round_idx, mine, [slot_of[int(c)] for c in mine], global_flat, slots, out)
+        _train_vectorized(sim, round_idx, mine, [slot_of[int(c)] for c in mine], global_flat, slots, out, lay)
         return out
-    weight_sum = 0.0
+    weight_sum, lr = 0.0, sim.cfg.client_config.optimizer_config.lr
     for cid in mine:
         slot = slot_of[int(cid)]
+        client_state = slots[slot, p:] if lay.c else None
+        correction = sim.strategy.gradient_correction(server_state, client_state) if lay.c else None
         loss = sim.trainer.train(round_idx, int(cid), sim.train_clients.get(cid), global_flat,
-                                 slots[slot] if p else None)
+                                 slots[slot, :p] if p else None, correction=correction)
         weight = sim.strategy.client_weight(int(sizes[cid]))
-        sim.layout.accumulate_(out[:n], weight)
+        sim.layout.accumulate_(delta_sum, weight)
         weight_sum += weight
-        out[n + 1] += weight * loss
-        if p:
-            out_slots[slot] = sim.layout.flatten()[sim.personal_index]
-    out[:n].add_(global_flat, alpha=-weight_sum)  # sum_i w_i (x_i - g) without a copy per client
-    out[n] = weight_sum
+        out[lay.n + 1] += weight * loss
+        if p or lay.c:
+            state = sim.layout.flatten()
+            out_slots[slot, :p] = state[sim.personal_index]
+        if lay.c:
+            new = sim.strategy.new_client_state(server_state, client_state, global_flat[:k], state[:k],
+                                                sim.trainer.last_steps, lr)
+            out_slots[slot, p:] = new
+            state_change += new - client_state
+    delta_sum.add_(global_flat, alpha=-weight_sum)  # sum_i w_i (x_i - g) without a copy per client
+    out[lay.n] = weight_sum
     return out
 
 
-def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out) -> None:
+def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out, lay) -> None:
     """Vectorized variant of the client loop: groups of ``vectorize_chunk`` clients at once."""
     n, p, k = sim.layout.numel, sim.personal_numel, sim.layout.num_params
     chunk = sim.cfg.client_config.vectorize_chunk
-    out_slots = out[n + 2:].view(len(slots), p)
+    out_slots = lay.reduce_parts(out)[4]
     for start in range(0, len(mine), chunk):
         ids, rows = mine[start:start + chunk], mine_slots[start:start + chunk]
         personal = slots[rows] if p else None
@@ -80,12 +103,12 @@ def run_worker(sim) -> None:
     start = int(sim.transport.broadcast(torch.zeros(1, device=sim.ctx.device), "start broadcast").item())
     trained = sim.schedule.trained_through(start - 1)
     for r in range(start, sim.schedule.rounds + 1):
-        buf = sim.transport.broadcast(torch.empty(round_buffer_size(sim, r), device=sim.ctx.device),
+        buf = sim.transport.broadcast(torch.empty(RoundLayout(sim, r).broadcast_size, device=sim.ctx.device),
                                       f"round {r} broadcast")
         sim.transport.reduce_sum(train_share(sim, r, buf), f"round {r} reduce")
         trained.update(sim.schedule.cohort(r).tolist())
         if sim.schedule.is_eval_round(r):
-            ids = sorted(trained) if sim.personal_numel else []
+            ids = sorted(trained) if sim.personalization.evaluates_personalized else []
             ebuf = sim.transport.broadcast(torch.empty(eval_buffer_size(sim, len(ids)), device=sim.ctx.device),
                                            f"round {r} eval broadcast")
-            sim.transport.reduce_sum(eval_share(sim, ebuf, ids).view(-1), f"round {r} eval reduce")
+            sim.transport.reduce_sum(eval_share(sim, r, ebuf, ids).view(-1), f"round {r} eval reduce")

@@ -149,3 +149,73 @@ def test_lgfedavg_averages_only_the_head(cifar_path, tmp_path):
     assert not torch.equal(server.global_flat[head], start[head])
     assert body.numel() + head.numel() == sim.layout.numel
     assert np.isfinite(float(server.global_flat.sum()))
+
+
+def test_fedrep_trains_head_then_body(cifar_path):
+    frozen_head = _sim(cifar_path, personalization={"method": "fedrep", "local_layers": ["linear"], "head_epochs": 0})
+    start = frozen_head.layout.flatten()
+    head, cid = frozen_head.personal_index, 5
+    frozen_head.trainer.train(1, cid, frozen_head.train_clients.get(cid), start, start[head])
+    after = frozen_head.layout.flatten()
+    body = torch.ones_like(start, dtype=torch.bool)
+    body[head] = False
+    assert torch.equal(after[head], start[head]), "head_epochs 0: the head is frozen while the body trains"
+    assert not torch.equal(after[body], start[body])
+    both = _sim(cifar_path, personalization={"method": "fedrep", "local_layers": ["linear"], "head_epochs": 2})
+    both.trainer.train(1, cid, both.train_clients.get(cid), start, start[head])
+    assert not torch.equal(both.layout.flatten()[head], start[head])
+    assert all(p.requires_grad for p in both.model.parameters()), "parameters are unfrozen afterwards"
+    with pytest.raises(UserError, match="several training phases"):
+        _sim(cifar_path, personalization={"method": "fedrep", "local_layers": ["linear"]},
+             client_config={"vectorize": True})
+
+
+def _evaluate_after_one_round(cifar_path, tmp_path, **personalization):
+    sim = _sim(cifar_path, personalization={"local_layers": [], **personalization},
+               data_config={"alpha": 0.1, "num_clients": 100}, server_config={"num_clients_per_iteration": 5})
+    _, server = _run_rounds(sim, tmp_path, rounds=1)
+    return server._evaluate(1, 0.0, 0.0)
+
+
+def test_finetune_is_the_only_difference_from_global(cifar_path, tmp_path):
+    none = _evaluate_after_one_round(cifar_path, tmp_path / "a", method="finetune", finetune_epochs=0)
+    assert none["personalized"]["clients"] == 5
+    assert none["personalized"] == none["global_on_personalized_clients"]
+    tuned = _evaluate_after_one_round(cifar_path, tmp_path / "b", method="finetune", finetune_epochs=3)
+    assert tuned["global_on_personalized_clients"] == none["global_on_personalized_clients"]
+    assert tuned["personalized"]["weighted_mean"] > tuned["global_on_personalized_clients"]["weighted_mean"] + 0.05
+
+
+def test_scaffold_control_variates(cifar_path, tmp_path):
+    plain_sgd = {"optimizer_config": {"type": "sgd", "lr": 0.05}}
+    fedavg = _sim(cifar_path, client_config=plain_sgd)
+    scaffold = _sim(cifar_path, strategy="scaffold", client_config=plain_sgd)
+    start, avg_server = _run_rounds(fedavg, tmp_path / "a", rounds=1)
+    _, sc_server = _run_rounds(scaffold, tmp_path / "b", rounds=1)
+    assert torch.equal(avg_server.global_flat, sc_server.global_flat), "round 1: all controls are 0, so FedAvg"
+    k, p = scaffold.layout.num_params, scaffold.personal_numel
+    cohort = scaffold.schedule.cohort(1)
+    states = []
+    for cid in cohort:  # c_i+ = (x - y) / (K lr) with c = c_i = 0
+        scaffold.trainer.train(1, int(cid), scaffold.train_clients.get(cid), start, start[scaffold.personal_index])
+        expected = (start[:k] - scaffold.layout.flatten()[:k]) / (scaffold.trainer.last_steps * 0.05)
+        stored = sc_server.store.get(int(cid), None)
+        assert stored.numel() == p + k
+        assert torch.allclose(stored[p:], expected, atol=1e-5)
+        states.append(stored[p:])
+    assert torch.allclose(sc_server.strategy_state, torch.stack(states).sum(0) / 500, atol=1e-6)
+    sc_server._round(2)
+    avg_server._round(2)
+    assert not torch.allclose(sc_server.global_flat, avg_server.global_flat), "round 2 gradients are corrected"
+
+
+def test_scaffold_resumes_exactly(tmp_path):
+    args = ["-dataPath", "unused", "-outputPath", str(tmp_path), "-config", "experiments/synthetic/config.yaml",
+            "-task", "synthetic", "--set", "strategy=scaffold", "--set", "server_config.ckpt_freq=2"]
+    straight = run_trainer(args + ["-run_name", "straight", "--set", "server_config.max_iteration=4"])
+    half = run_trainer(args + ["-run_name", "half", "--set", "server_config.max_iteration=2"])
+    resumed = run_trainer(args + ["-run_name", "half", "--set", "server_config.max_iteration=4", "-resume"])
+    assert straight.returncode == half.returncode == resumed.returncode == 0, resumed.stderr[-1500:]
+    a, b = load_ckpt(tmp_path / "straight"), load_ckpt(tmp_path / "half")
+    assert b["round"] == 4 and b["strategy_state"].abs().sum() > 0
+    assert torch.allclose(a["global"], b["global"], atol=1e-6) and torch.allclose(a["strategy_state"], b["strategy_state"])

@@ -102,3 +102,27 @@ def test_resume_from_checkpoint_config_key(tmp_path, cifar_path, straight):
                                                  "resume_from_checkpoint": str(run / "checkpoints" / "latest.pt")}}
     _launch(tmp_path, cifar_path, "by_key", resumed_cfg)
     assert torch.allclose(load_ckpt(run)["global"], load_ckpt(straight[0])["global"], atol=1e-6, rtol=0)
+
+
+def test_client_table_histogram_and_compare(straight, tmp_path):
+    import shutil
+
+    import compare
+
+    run = straight[0]
+    assert (run / "plots" / "clients_hist.png").is_file()
+    rows = [line.split(",") for line in (run / "clients.csv").read_text().splitlines()[1:]]
+    samples = np.array([int(r[1]) for r in rows])
+    global_acc = np.array([float(r[2]) for r in rows])
+    assert samples.sum() == 10_000, "every test sample belongs to a listed client"
+    assert np.average(global_acc, weights=samples) == pytest.approx(read_metrics(run)[-1]["global_test_acc"], abs=1e-5)
+    trained = [r for r in rows if r[3]]
+    assert len(trained) == read_metrics(run)[-1]["personalized"]["clients"]
+    other = tmp_path / "copy_of_straight"
+    shutil.copytree(run, other)
+    assert compare.main([str(run), str(other), "-out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+    assert len(table) == 4 and "| straight | fedavg | fedper | 4 |" in table[2]
+    assert f"{100 * read_metrics(run)[-1]['global_test_acc']:.2f}" in table[2]
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    assert compare.main([str(tmp_path / "nothing"), "-out", str(tmp_path / "cmp2")]) == 2

@@ -74,3 +74,48 @@ def plot_accuracy(path: Path, history: list[dict], title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _client_accuracies(matrix, trained: list[int]):
+    """Per-client (ids, global accuracy, personalized accuracy or NaN) of clients with test data."""
+    import numpy as np
+
+    counts = matrix[:, 2]
+    ids = np.flatnonzero(counts > 0)
+    personal = np.full(len(matrix), np.nan)
+    personal[trained] = matrix[trained, 1] / np.maximum(counts[trained], 1)
+    return ids, matrix[ids, 0] / counts[ids], personal[ids]
+
+
+def write_client_table(path: Path, matrix, trained: list[int]) -> None:
+    """clients.csv: per client of the last evaluation, test samples, global and personalized accuracy
+    (empty when the client never trained)."""
+    ids, global_acc, personal_acc = _client_accuracies(matrix, trained)
+    rows = ["client,test_samples,global_acc,personalized_acc"]
+    for cid, g, p in zip(ids, global_acc, personal_acc):
+        rows.append(f"{cid},{int(matrix[cid, 2])},{g:.6f},{'' if p != p else f'{p:.6f}'}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def plot_client_histogram(path: Path, matrix, trained: list[int], title: str) -> None:
+    """PNG histogram of per-client accuracy at the last evaluation: global vs personalized."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    _, global_acc, personal_acc = _client_accuracies(matrix, trained)
+    bins = np.linspace(0, 100, 21)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.hist(100 * global_acc, bins=bins, alpha=0.6, label=f"global model ({len(global_acc)} clients)")
+    personal = personal_acc[~np.isnan(personal_acc)]
+    if len(personal):
+        ax.hist(100 * personal, bins=bins, alpha=0.6, label=f"personalized ({len(personal)} clients)")
+    ax.set_xlabel("accuracy on the client's local test split (%)")
+    ax.set_ylabel("clients")
+    ax.set_title(f"{title}: per-client accuracy, last evaluation")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -10,12 +10,14 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def client_generator(device: torch.device, seed: int, round_idx: int, client_id: int) -> torch.Generator:
-    """A torch Generator on ``device`` for one client's training in one round.
+def client_generator(device: torch.device, seed: int, round_idx: int, client_id: int,
+                     stream: int = 0) -> torch.Generator:
+    """A torch Generator on ``device`` for one client's training in one round (``stream`` tells
+    apart other uses in the same round, e.g. fine-tuning before evaluation).
 
     Also seeds torch's default generators with the same value, so randomness inside the model
     (dropout) is a function of (seed, round, client) too.
     """
-    value = derive_seed(seed, round_idx, client_id)
+    value = derive_seed(seed, round_idx, client_id, stream) if stream else derive_seed(seed, round_idx, client_id)
     torch.manual_seed(value)
     return torch.Generator(device=device).manual_seed(value)
