@@ -49,18 +49,18 @@ class ClientTrainer:
         for param, personal in zip(self.model.parameters(), self.param_is_personal):
             param.requires_grad_(which == "all" or (which == "personal") == personal)
 
-    def _phases(self, epochs: int | None) -> list[tuple[int, str]]:
+    def _phases(self, epochs: int | None, which: str) -> list[tuple[int, str]]:
         if epochs is not None or self.personalization is None:
-            return [(self.epochs if epochs is None else epochs, "all")]
+            return [(self.epochs if epochs is None else epochs, which)]
         return self.personalization.training_phases(self.epochs)
 
     def train(self, round_idx: int, client_id: int, indices: torch.Tensor, global_flat: torch.Tensor,
               personal: torch.Tensor | None, epochs: int | None = None, stream: int = 0,
-              correction: torch.Tensor | None = None) -> torch.Tensor:
+              correction: torch.Tensor | None = None, which: str = "all") -> torch.Tensor:
         """Train the client on its samples ``indices`` (int64, on the device).
 
         Runs the personalization method's phases (``local_epochs`` of all parameters by default), or
-        ``epochs`` epochs of all parameters when given. The trained state is left in the replica
+        ``epochs`` epochs of the ``which`` parameters (``all``, ``personal``, ``shared``) when given. The trained state is left in the replica
         (read it with the layout); ``last_steps`` holds the number of optimizer steps. ``correction``
         (num_params,) is added to every gradient (SCAFFOLD). Returns the mean training loss as a
         0-dim tensor (no host sync).
@@ -74,8 +74,8 @@ class ClientTrainer:
         params = list(self.model.parameters())
         anchors = self.layout.param_views(global_flat) if self.strategy.has_local_penalty else None
         shifts = self.layout.param_views(correction) if correction is not None else None
-        for phase_epochs, which in self._phases(epochs):
-            self._trainable(which)
+        for phase_epochs, part in self._phases(epochs, which):
+            self._trainable(part)
             steps = self._epochs(phase_epochs, indices, generator, params, anchors, shifts, loss_sum, steps)
         self._trainable("all")
         self.last_steps = steps

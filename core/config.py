@@ -124,6 +124,8 @@ class PersonalizationConfig(_Section):
     local_layers: list[str] = Field(default_factory=list, description="module-name prefixes kept on each client")
     head_epochs: int = Field(10, ge=0, description="fedrep: epochs training the personal head before the body")
     finetune_epochs: int = Field(1, ge=0, description="finetune: local epochs of fine-tuning before evaluation")
+    new_client_epochs: int = Field(0, ge=0, description="epochs fine-tuning the personal layers of never-trained "
+                                                        "clients before evaluating them (0: not evaluated)")
 
     @model_validator(mode="after")
     def _layers_match_method(self) -> "PersonalizationConfig":

@@ -6,7 +6,8 @@ import torch
 
 from core.cohort import balance
 
-GLOBAL, PERSONAL, COUNT = 0, 1, 2
+GLOBAL, PERSONAL, COUNT, NEW = 0, 1, 2, 3
+COLUMNS = 4
 
 
 @torch.no_grad()
@@ -46,15 +47,16 @@ def batched_correct(model, loader, clients: np.ndarray, index, prepare) -> torch
 
 
 def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) -> torch.Tensor:
-    """This rank's part of a client evaluation, as a (num_clients, 3) matrix to be sum-reduced.
+    """This rank's part of a client evaluation, as a (num_clients, COLUMNS) matrix to be sum-reduced.
 
-    Columns: correct predictions of the global model, correct predictions of the personalized
-    model (clients in ``trained`` only, prepared by the personalization method), and test samples. ``eval_buf`` holds the global state (N,)
-    followed by the personal vectors (len(trained), P) of the ``trained`` clients in order.
+    Columns: correct predictions of the global model; of the personalized model (clients in
+    ``trained`` only, prepared by the personalization method); test samples; and of the new-client
+    model (never-trained clients, when ``personalization.new_client_epochs`` > 0). ``eval_buf`` holds
+    the global state (N,) followed by the personal vectors (len(trained), P) of ``trained`` in order.
     """
     n, p = sim.layout.numel, sim.personal_numel
     sizes = sim.test_clients.sizes
-    result = torch.zeros(len(sizes), 3, device=sim.ctx.device)
+    result = torch.zeros(len(sizes), COLUMNS, device=sim.ctx.device)
     with_data = np.flatnonzero(sizes)
     mine = balance(with_data, sizes[with_data], len(sim.ctx.workers))[sim.ctx.workers.index(sim.ctx.rank)]
     global_flat = eval_buf[:n]
@@ -74,7 +76,20 @@ def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) 
                                              personal[row[cid]] if p else None)
             result[cid, PERSONAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid),
                                                   sim.trainer.prepare)
+    _new_clients(sim, round_idx, global_flat, [int(c) for c in mine if int(c) not in set(trained)], result)
     return result
+
+
+def _new_clients(sim, round_idx: int, global_flat: torch.Tensor, clients: list[int], result: torch.Tensor) -> None:
+    """Never-trained clients: fine-tune the personal layers from the global model for
+    ``new_client_epochs`` epochs on the client's train split (the rest frozen), then evaluate."""
+    epochs = sim.cfg.personalization.new_client_epochs
+    if not epochs or not sim.personal_numel:
+        return
+    for cid in clients:
+        sim.trainer.train(round_idx, cid, sim.train_clients.get(cid), global_flat, None, epochs=epochs,
+                          stream=2, which="personal")
+        result[cid, NEW] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid), sim.trainer.prepare)
 
 
 def full_test_accuracy(sim, global_flat: torch.Tensor) -> float:
@@ -106,4 +121,9 @@ def summarize(matrix: np.ndarray, trained: list[int], has_personal: bool) -> dic
         sel &= has
         out["personalized"] = client_stats(matrix[sel, PERSONAL] / counts[sel], counts[sel])
         out["global_on_personalized_clients"] = client_stats(matrix[sel, GLOBAL] / counts[sel], counts[sel])
+        new = has.copy()
+        new[trained] = False
+        if matrix[new, NEW].sum() > 0:
+            out["new_clients"] = client_stats(matrix[new, NEW] / counts[new], counts[new])
+            out["global_on_new_clients"] = client_stats(matrix[new, GLOBAL] / counts[new], counts[new])
     return out

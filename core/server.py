@@ -11,7 +11,7 @@ import yaml
 from tqdm import tqdm
 
 from core.client_store import ClientStore
-from core.evaluation import eval_share, full_test_accuracy, summarize
+from core.evaluation import COLUMNS, eval_share, full_test_accuracy, summarize
 from core.optim import build_optimizer
 from core.worker import RoundLayout, train_share
 from utils.checkpoint import load_checkpoint, save_atomic
@@ -107,7 +107,7 @@ class Server:
         stored = [self.store.get(i, None)[:p].to(sim.ctx.device) for i in ids] if p else []
         buf = sim.transport.broadcast(torch.cat([self.global_flat] + stored), f"round {round_idx} eval broadcast")
         own = eval_share(sim, round_idx, buf, ids)
-        matrix = sim.transport.reduce_sum(own.view(-1), f"round {round_idx} eval reduce").view(-1, 3)
+        matrix = sim.transport.reduce_sum(own.view(-1), f"round {round_idx} eval reduce").view(-1, COLUMNS)
         record = {"round": round_idx, "train_loss": train_loss,
                   "global_test_acc": full_test_accuracy(sim, self.global_flat)}
         self.last_matrix, self.last_trained = matrix.cpu().double().numpy(), ids

@@ -219,3 +219,26 @@ def test_scaffold_resumes_exactly(tmp_path):
     a, b = load_ckpt(tmp_path / "straight"), load_ckpt(tmp_path / "half")
     assert b["round"] == 4 and b["strategy_state"].abs().sum() > 0
     assert torch.allclose(a["global"], b["global"], atol=1e-6) and torch.allclose(a["strategy_state"], b["strategy_state"])
+
+
+def test_new_clients_fine_tune_personal_layers_and_are_reported_apart(cifar_path, tmp_path):
+    rec = _evaluate_after_one_round(cifar_path, tmp_path, method="fedper", local_layers=["linear"],
+                                    new_client_epochs=1)
+    assert rec["personalized"]["clients"] == 5
+    assert rec["new_clients"]["clients"] == rec["global_local"]["clients"] - 5
+    assert rec["new_clients"]["clients"] == rec["global_on_new_clients"]["clients"]
+    # under Dirichlet(0.1), a head fitted to the client's own labels beats the shared head
+    assert rec["new_clients"]["weighted_mean"] > rec["global_on_new_clients"]["weighted_mean"] + 0.05
+    off = _evaluate_after_one_round(cifar_path, tmp_path / "off", method="fedper", local_layers=["linear"])
+    assert "new_clients" not in off
+
+
+def test_new_client_fine_tuning_touches_only_personal_layers(cifar_path):
+    sim = _sim(cifar_path)
+    start = sim.layout.flatten()
+    sim.trainer.train(1, 9, sim.train_clients.get(9), start, None, epochs=1, stream=2, which="personal")
+    after = sim.layout.flatten()
+    body = torch.ones_like(start, dtype=torch.bool)
+    body[sim.personal_index] = False
+    assert torch.equal(after[body], start[body])
+    assert not torch.equal(after[sim.personal_index], start[sim.personal_index])

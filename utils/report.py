@@ -27,6 +27,9 @@ def results_table(rec: dict) -> str:
     if rec.get("personalized", {}).get("clients"):
         rows.append(("global model, trained clients only", rec["global_on_personalized_clients"]))
         rows.append(("personalized models, trained clients", rec["personalized"]))
+    if rec.get("new_clients", {}).get("clients"):
+        rows.append(("global model, never-trained clients", rec["global_on_new_clients"]))
+        rows.append(("new-client models (personal layers fine-tuned)", rec["new_clients"]))
     lines = ["| model | weighted mean | mean | std | p10 | p50 | p90 | clients |", "|---|---|---|---|---|---|---|---|"]
     for name, s in rows:
         cells = [_pct(s.get(k)) for k in ("weighted_mean", "mean", "std", "p10", "p50", "p90")]
