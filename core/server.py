@@ -42,6 +42,7 @@ class Server:
         self.writer = MetricsWriter(run_dir)
         if resume is not None:
             self._restore(load_checkpoint(resume))
+        self.trained = sim.schedule.trained_through(self.start_round - 1)  # clients sampled so far
 
     # ---- checkpoint -------------------------------------------------------------------------
     def _state(self, round_idx: int, elapsed: float) -> dict:
@@ -72,6 +73,7 @@ class Server:
     def _round(self, round_idx: int) -> float:
         sim, lay = self.sim, RoundLayout(self.sim, round_idx)
         cohort = sim.schedule.cohort(round_idx)
+        self.trained.update(cohort.tolist())
         default = torch.cat([self.global_flat[sim.personal_index].cpu(), torch.zeros(lay.c)])
         slots = [self.store.get(c, default) for c in cohort] if lay.width else []
         payload = torch.cat([self.global_flat, self.strategy_state] + [s.to(sim.ctx.device) for s in slots])
@@ -102,7 +104,7 @@ class Server:
     # ---- evaluation -------------------------------------------------------------------------
     def _evaluate(self, round_idx: int, train_loss: float, elapsed: float) -> dict:
         sim = self.sim
-        ids = sorted(sim.schedule.trained_through(round_idx)) if sim.personalization.evaluates_personalized else []
+        ids = sorted(self.trained) if sim.personalization.evaluates_personalized else []
         p = sim.personal_numel
         stored = [self.store.get(i, None)[:p].to(sim.ctx.device) for i in ids] if p else []
         buf = sim.transport.broadcast(torch.cat([self.global_flat] + stored), f"round {round_idx} eval broadcast")
