@@ -56,13 +56,15 @@ class ClientTrainer:
 
     def train(self, round_idx: int, client_id: int, indices: torch.Tensor, global_flat: torch.Tensor,
               personal: torch.Tensor | None, epochs: int | None = None, stream: int = 0,
-              correction: torch.Tensor | None = None, which: str = "all") -> torch.Tensor:
+              correction: torch.Tensor | None = None, which: str = "all",
+              prox: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
         """Train the client on its samples ``indices`` (int64, on the device).
 
         Runs the personalization method's phases (``local_epochs`` of all parameters by default), or
         ``epochs`` epochs of the ``which`` parameters (``all``, ``personal``, ``shared``) when given. The trained state is left in the replica
         (read it with the layout); ``last_steps`` holds the number of optimizer steps. ``correction``
-        (num_params,) is added to every gradient (SCAFFOLD). Returns the mean training loss as a
+        (num_params,) is added to every gradient (SCAFFOLD); ``prox = (mu, anchor)`` adds
+        ``mu/2 ||w - anchor||^2`` to every step's loss (Ditto), otherwise the strategy's own penalty. Returns the mean training loss as a
         0-dim tensor (no host sync).
         """
         self.load(global_flat, personal)
@@ -72,22 +74,32 @@ class ClientTrainer:
         loss_sum = torch.zeros((), device=indices.device)
         steps = 0
         params = list(self.model.parameters())
-        anchors = self.layout.param_views(global_flat) if self.strategy.has_local_penalty else None
+        penalty = self._penalty(global_flat, prox)
         shifts = self.layout.param_views(correction) if correction is not None else None
         for phase_epochs, part in self._phases(epochs, which):
             self._trainable(part)
-            steps = self._epochs(phase_epochs, indices, generator, params, anchors, shifts, loss_sum, steps)
+            steps = self._epochs(phase_epochs, indices, generator, params, penalty, shifts, loss_sum, steps)
         self._trainable("all")
         self.last_steps = steps
         return loss_sum / max(steps, 1)
 
-    def _epochs(self, epochs, indices, generator, params, anchors, shifts, loss_sum, steps) -> int:
+    def _penalty(self, global_flat: torch.Tensor, prox):
+        """A function params -> loss term, or None."""
+        if prox is not None:
+            mu, anchors = prox[0], self.layout.param_views(prox[1])
+            return lambda params: 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors))
+        if self.strategy.has_local_penalty:
+            anchors = self.layout.param_views(global_flat)
+            return lambda params: self.strategy.local_penalty(params, anchors)
+        return None
+
+    def _epochs(self, epochs, indices, generator, params, penalty, shifts, loss_sum, steps) -> int:
         for _ in range(epochs):
             for batch in self.loader.batches(indices, generator):
                 with torch.autocast(indices.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss = self.model.loss(self.prepare(batch))
-                if anchors is not None:
-                    loss = loss + self.strategy.local_penalty(params, anchors)
+                if penalty is not None:
+                    loss = loss + penalty(params)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if shifts is not None:

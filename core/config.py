@@ -118,12 +118,15 @@ class PersonalizationConfig(_Section):
     """``method: none`` is plain FedAvg; ``fedper`` keeps ``local_layers`` (module-name prefixes)
     on each client."""
 
-    method: Literal["none", "fedper", "fedrep", "lgfedavg", "fedbn", "local", "finetune"] = Field(
+    method: Literal["none", "fedper", "fedrep", "lgfedavg", "fedbn", "local", "finetune", "ditto"] = Field(
         "none", description="none (FedAvg), fedper (local head), fedrep (head then body), lgfedavg (local body), "
-                            "fedbn (local BatchNorm), local (no federation), finetune (FedAvg + fine-tuning)")
+                            "fedbn (local BatchNorm), local (no federation), finetune (FedAvg + fine-tuning), "
+                            "ditto (regularized personal models)")
     local_layers: list[str] = Field(default_factory=list, description="module-name prefixes kept on each client")
     head_epochs: int = Field(10, ge=0, description="fedrep: epochs training the personal head before the body")
     finetune_epochs: int = Field(1, ge=0, description="finetune: local epochs of fine-tuning before evaluation")
+    ditto_lambda: float = Field(0.1, ge=0, description="ditto: weight of ||v - w_global||^2 in personal training")
+    ditto_epochs: int = Field(1, ge=1, description="ditto: epochs of personal-model training per round")
     new_client_epochs: int = Field(0, ge=0, description="epochs fine-tuning the personal layers of never-trained "
                                                         "clients before evaluating them (0: not evaluated)")
 
@@ -131,7 +134,7 @@ class PersonalizationConfig(_Section):
     def _layers_match_method(self) -> "PersonalizationConfig":
         if self.method in ("fedper", "fedrep", "lgfedavg") and not self.local_layers:
             raise ValueError(f"method {self.method} needs local_layers, e.g. [linear]")
-        if self.method in ("none", "fedbn", "local", "finetune") and self.local_layers:
+        if self.method in ("none", "fedbn", "local", "finetune", "ditto") and self.local_layers:
             raise ValueError(f"local_layers is set but method {self.method} chooses its own; remove local_layers "
                              f"or use method fedper / fedrep / lgfedavg")
         return self

@@ -54,7 +54,7 @@ def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) 
     model (never-trained clients, when ``personalization.new_client_epochs`` > 0). ``eval_buf`` holds
     the global state (N,) followed by the personal vectors (len(trained), P) of ``trained`` in order.
     """
-    n, p = sim.layout.numel, sim.personal_numel
+    n = sim.layout.numel
     sizes = sim.test_clients.sizes
     result = torch.zeros(len(sizes), COLUMNS, device=sim.ctx.device)
     with_data = np.flatnonzero(sizes)
@@ -69,11 +69,12 @@ def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) 
     result[rows, GLOBAL] = correct
     result[rows, COUNT] = torch.as_tensor(sizes[mine], dtype=torch.float32, device=sim.ctx.device)
     if sim.personalization.evaluates_personalized:
-        personal = eval_buf[n:].view(len(trained), p)
+        width = (len(eval_buf) - n) // max(len(trained), 1)
+        personal = eval_buf[n:].view(len(trained), width)
         row = {c: i for i, c in enumerate(trained)}
         for cid in (int(c) for c in mine if int(c) in row):
             sim.personalization.prepare_eval(sim.trainer, round_idx, cid, sim.train_clients.get(cid), global_flat,
-                                             personal[row[cid]] if p else None)
+                                             personal[row[cid]] if width else None)
             result[cid, PERSONAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid),
                                                   sim.trainer.prepare)
     _new_clients(sim, round_idx, global_flat, [int(c) for c in mine if int(c) not in set(trained)], result)

@@ -19,6 +19,7 @@ class NoPersonalization:
     personal_module_types: tuple = ()
 
     evaluates_personalized = False
+    keeps_layers_local = False
 
     def __init__(self, cfg):
         self.local_layers = list(cfg.local_layers)
@@ -32,6 +33,14 @@ class NoPersonalization:
         """Put the client's personalized model in the replica before it is evaluated."""
         trainer.load(global_flat, personal)
 
+    def model_state_numel(self, layout) -> int:
+        """Floats of a separate personal model kept per client in the client store (0: none)."""
+        return 0
+
+    def eval_vector(self, entry, personal_numel: int, strategy_numel: int):
+        """The part of a client-store entry that evaluation needs (default: the personal layers)."""
+        return entry[:personal_numel]
+
     def personal_names(self, layout, model: nn.Module) -> list[str]:
         """Names (parameters and buffers) of the personal tensors."""
         return [f"{m}.{t}" if m else t for m, mod in model.named_modules()
@@ -40,7 +49,7 @@ class NoPersonalization:
 
     @property
     def has_personal_layers(self) -> bool:
-        return self.name not in ("none", "finetune")
+        return self.keeps_layers_local
 
 
 class FedPer(NoPersonalization):
@@ -50,6 +59,7 @@ class FedPer(NoPersonalization):
     name = "fedper"
     needs_local_layers = True
     evaluates_personalized = True
+    keeps_layers_local = True
 
     def personal_names(self, layout, model):
         return [n for n in layout.names if any(n == p or n.startswith(p + ".") for p in self.local_layers)]
@@ -68,6 +78,7 @@ class FedBN(NoPersonalization):
 
     name = "fedbn"
     evaluates_personalized = True
+    keeps_layers_local = True
     personal_module_types = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -77,6 +88,7 @@ class LocalOnly(NoPersonalization):
 
     name = "local"
     evaluates_personalized = True
+    keeps_layers_local = True
 
     def personal_names(self, layout, model):
         return list(layout.names)
@@ -106,7 +118,31 @@ class FineTune(NoPersonalization):
                       stream=1)
 
 
-METHODS = {cls.name: cls for cls in (NoPersonalization, FedPer, FedRep, LGFedAvg, FedBN, LocalOnly, FineTune)}
+class Ditto(NoPersonalization):
+    """Ditto (Li et al. 2021, arXiv:2012.04662): the global model is trained as in FedAvg; besides,
+    each client keeps a whole personal model v (first copy: the global model) and each round trains
+    it for ``ditto_epochs`` epochs on ``loss(v) + lambda/2 ||v - w_global||^2`` (``ditto_lambda``).
+    The personalized model is v. The client store holds one full model per trained client."""
+
+    name = "ditto"
+    evaluates_personalized = True
+
+    def model_state_numel(self, layout):
+        return layout.numel
+
+    def eval_vector(self, entry, personal_numel, strategy_numel):
+        return entry[personal_numel + strategy_numel:]
+
+    def train_personal_model(self, trainer, round_idx, client_id, train_indices, global_flat, personal_model):
+        """Train the client's personal model (left in the replica) with the proximal term to the global."""
+        trainer.train(round_idx, client_id, train_indices, personal_model, None, epochs=self.cfg.ditto_epochs,
+                      stream=3, prox=(self.cfg.ditto_lambda, global_flat))
+
+    def prepare_eval(self, trainer, round_idx, client_id, train_indices, global_flat, personal):
+        trainer.layout.load_(personal)
+
+
+METHODS = {cls.name: cls for cls in (NoPersonalization, FedPer, FedRep, LGFedAvg, FedBN, LocalOnly, FineTune, Ditto)}
 
 
 def build_personalization(cfg):

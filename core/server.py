@@ -13,7 +13,7 @@ from tqdm import tqdm
 from core.client_store import ClientStore
 from core.evaluation import COLUMNS, eval_share, full_test_accuracy, summarize
 from core.optim import build_optimizer
-from core.worker import RoundLayout, train_share
+from core.worker import RoundLayout, eval_width, train_share
 from utils.checkpoint import load_checkpoint, save_atomic
 from utils.metrics_writer import MetricsWriter
 from utils.report import (format_line, plot_accuracy, plot_client_histogram, results_table, write_client_table,
@@ -74,7 +74,8 @@ class Server:
         sim, lay = self.sim, RoundLayout(self.sim, round_idx)
         cohort = sim.schedule.cohort(round_idx)
         self.trained.update(cohort.tolist())
-        default = torch.cat([self.global_flat[sim.personal_index].cpu(), torch.zeros(lay.c)])
+        start_model = [self.global_flat.cpu()] if lay.m else []
+        default = torch.cat([self.global_flat[sim.personal_index].cpu(), torch.zeros(lay.c)] + start_model)
         slots = [self.store.get(c, default) for c in cohort] if lay.width else []
         payload = torch.cat([self.global_flat, self.strategy_state] + [s.to(sim.ctx.device) for s in slots])
         buf = sim.transport.broadcast(payload, f"round {round_idx} broadcast")
@@ -105,8 +106,9 @@ class Server:
     def _evaluate(self, round_idx: int, train_loss: float, elapsed: float) -> dict:
         sim = self.sim
         ids = sorted(self.trained) if sim.personalization.evaluates_personalized else []
-        p = sim.personal_numel
-        stored = [self.store.get(i, None)[:p].to(sim.ctx.device) for i in ids] if p else []
+        p, c = sim.personal_numel, sim.strategy.client_state_numel(sim.layout)
+        stored = [sim.personalization.eval_vector(self.store.get(i, None), p, c).to(sim.ctx.device)
+                  for i in ids] if eval_width(sim) else []
         buf = sim.transport.broadcast(torch.cat([self.global_flat] + stored), f"round {round_idx} eval broadcast")
         own = eval_share(sim, round_idx, buf, ids)
         matrix = sim.transport.reduce_sum(own.view(-1), f"round {round_idx} eval reduce").view(-1, COLUMNS)

@@ -50,6 +50,9 @@ class VectorizedTrainer:
 
     def __init__(self, model, layout, loader, client_config, seed: int, strategy, personalization=None):
         check_vectorizable(model, client_config, personalization)
+        if personalization is not None and personalization.model_state_numel(layout):
+            raise UserError("client_config.vectorize does not support personalization.method ditto; "
+                            "set vectorize: false")
         if strategy.client_state_numel(layout):
             raise UserError(f"client_config.vectorize does not support strategy {strategy.name}; set vectorize: false")
         self.call = _LossCall(model)

@@ -10,23 +10,25 @@ from core.evaluation import eval_share
 class RoundLayout:
     """Offsets of one round's two messages.
 
-    Broadcast: global state (N) | server strategy state (S) | K cohort slots of width P + C.
+    Broadcast: global state (N) | server strategy state (S) | K cohort slots of width P + C + M.
     Reduce: weighted delta sum (N) | weight sum | weighted loss sum | summed change of the client
-    strategy states (C, only when S > 0) | K slots. A slot holds a client's personal layers (P) then
-    its strategy state (C); each client's slot is filled by the rank that trains it.
+    strategy states (C, only when S > 0) | K slots. A slot holds a client's personal layers (P), its
+    strategy state (C) and its separate personal model (M, Ditto); the rank that trains a client
+    fills its slot.
     """
 
     def __init__(self, sim, round_idx: int):
         self.n, self.p = sim.layout.numel, sim.personal_numel
         self.c = sim.strategy.client_state_numel(sim.layout)
         self.s = sim.strategy.server_state_numel(sim.layout)
+        self.m = sim.personalization.model_state_numel(sim.layout)
         self.k = sim.schedule.cohort_size(round_idx)
-        self.width = self.p + self.c
+        self.width = self.p + self.c + self.m
         self.broadcast_size = self.n + self.s + self.k * self.width
         self.reduce_size = self.n + 2 + self.s + self.k * self.width
 
     def broadcast_parts(self, buf: torch.Tensor):
-        """(global state, server state, slots (K, P + C)) views of a broadcast buffer."""
+        """(global state, server state, slots (K, P + C + M)) views of a broadcast buffer."""
         n, s = self.n, self.s
         return buf[:n], buf[n:n + s], buf[n + s:].view(self.k, self.width)
 
@@ -53,7 +55,7 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
     weight_sum, lr = 0.0, sim.cfg.client_config.optimizer_config.lr
     for cid in mine:
         slot = slot_of[int(cid)]
-        client_state = slots[slot, p:] if lay.c else None
+        client_state = slots[slot, p:p + lay.c] if lay.c else None
         correction = sim.strategy.gradient_correction(server_state, client_state) if lay.c else None
         loss = sim.trainer.train(round_idx, int(cid), sim.train_clients.get(cid), global_flat,
                                  slots[slot, :p] if p else None, correction=correction)
@@ -67,8 +69,12 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
         if lay.c:
             new = sim.strategy.new_client_state(server_state, client_state, global_flat[:k], state[:k],
                                                 sim.trainer.last_steps, lr)
-            out_slots[slot, p:] = new
+            out_slots[slot, p:p + lay.c] = new
             state_change += new - client_state
+        if lay.m:
+            sim.personalization.train_personal_model(sim.trainer, round_idx, int(cid), sim.train_clients.get(cid),
+                                                     global_flat, slots[slot, p + lay.c:])
+            out_slots[slot, p + lay.c:] = sim.layout.flatten()
     delta_sum.add_(global_flat, alpha=-weight_sum)  # sum_i w_i (x_i - g) without a copy per client
     out[lay.n] = weight_sum
     return out
@@ -94,8 +100,13 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
             out_slots[rows] = full[:, sim.personal_index]
 
 
+def eval_width(sim) -> int:
+    """Floats per trained client in an evaluation broadcast (personal layers, or Ditto's model)."""
+    return sim.personalization.model_state_numel(sim.layout) or sim.personal_numel
+
+
 def eval_buffer_size(sim, num_trained: int) -> int:
-    return sim.layout.numel + num_trained * sim.personal_numel
+    return sim.layout.numel + num_trained * eval_width(sim)
 
 
 def run_worker(sim) -> None:
