@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: synthetic CIFAR-shaped data, building a simulation in-process, timing."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -93,3 +94,17 @@ def save(results: dict, path: Path) -> None:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def benchmark_parser(doc: str, name: str, device: str, config: str = "benchmarks/configs/pfl_cnn_50x50.yaml",
+                     repeats: int | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --config, --data, --device, --set, --out (and --repeats)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=config)
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or the folder holding cifar-10-batches-py")
+    parser.add_argument("--device", default=device)
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, repeatable")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / f"{name}.jsonl"))
+    return parser

@@ -10,14 +10,13 @@ and optimizer. Ratio = FL round seconds / centralized seconds (1.00 = no overhea
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, machine, median, save, single_process_simulation, timed
+from benchmarks.common import benchmark_parser, machine, median, save, single_process_simulation, timed
 from core.optim import build_optimizer
 from core.server import Server
 
@@ -44,13 +43,7 @@ def centralized_steps(sim, cfg, steps: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="benchmarks/configs/pfl_cnn_50x50.yaml")
-    parser.add_argument("--data", default="synthetic", help="'synthetic' or the folder holding cifar-10-batches-py")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overhead.jsonl"))
+    parser = benchmark_parser(__doc__, "overhead", "cpu", repeats=5)
     args = parser.parse_args()
     cfg, sim = single_process_simulation(args.config, args.data, args.device, args.overrides)
     steps = sum(-(-int(sim.train_clients.sizes[c]) // cfg.client_config.batch_size) for c in sim.schedule.cohort(1)) \

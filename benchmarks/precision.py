@@ -4,11 +4,10 @@
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, machine, save
+from benchmarks.common import benchmark_parser, machine, save
 from benchmarks.vectorized import round_seconds
 
 VARIANTS = {"fp32": [], "bf16": ["client_config.precision=bf16"], "fp32+channels_last": ["client_config.channels_last=true"],
@@ -16,13 +15,7 @@ VARIANTS = {"fp32": [], "bf16": ["client_config.precision=bf16"], "fp32+channels
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="experiments/cv/config.yaml")
-    parser.add_argument("--data", default="synthetic")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "precision.jsonl"))
+    parser = benchmark_parser(__doc__, "precision", "cuda", config="experiments/cv/config.yaml", repeats=3)
     args = parser.parse_args()
     seconds = {name: round_seconds(args.config, args.data, args.device, args.overrides + extra, args.repeats)[0]
                for name, extra in VARIANTS.items()}

@@ -5,12 +5,11 @@ centralized training at batch (cohort x client batch) doing the same number of s
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, machine, median, save, single_process_simulation, timed
+from benchmarks.common import benchmark_parser, machine, median, save, single_process_simulation, timed
 from benchmarks.overhead import centralized_steps
 from core.server import Server
 
@@ -26,13 +25,7 @@ def round_seconds(config, data, device, overrides, repeats) -> tuple[float, obje
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="benchmarks/configs/pfl_cnn_50x50.yaml")
-    parser.add_argument("--data", default="synthetic")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vectorized.jsonl"))
+    parser = benchmark_parser(__doc__, "vectorized", "cuda", repeats=5)
     args = parser.parse_args()
     seq, cfg, sim = round_seconds(args.config, args.data, args.device, args.overrides, args.repeats)
     vec, _, _ = round_seconds(args.config, args.data, args.device,

@@ -7,7 +7,6 @@ Run under torch.distributed.run; each process builds the simulation on synthetic
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -16,20 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, machine, save, task_for  # noqa: E402
+from benchmarks.common import REPO, benchmark_parser, machine, save, task_for  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.runner import run_experiment  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="benchmarks/configs/pfl_cnn_50x50.yaml")
-    parser.add_argument("--data", default="synthetic")
-    parser.add_argument("--device", default="cpu")
+    parser = benchmark_parser(__doc__, "workers", "cpu")
     parser.add_argument("--backend", default="gloo")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "workers.jsonl"))
     args = parser.parse_args()
     overrides = args.overrides + [f"device={args.device}", f"server_config.max_iteration={args.rounds}",
                                   "server_config.val_freq=2", "server_config.ckpt_freq=0"]

@@ -144,5 +144,11 @@ class Transport:
         return self._run(lambda t, dst: dist.reduce(t, dst, op=dist.ReduceOp.SUM), tensor, what)
 
     def close(self) -> None:
+        """Tear the process group down once every rank is done (a barrier first, so no rank
+        destroys its connections while a peer still uses them)."""
         if self.ctx.world_size > 1 and dist.is_initialized():
+            try:
+                dist.barrier()
+            except Exception:  # a peer already failed; that failure is what gets reported
+                pass
             dist.destroy_process_group()

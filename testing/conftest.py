@@ -43,6 +43,13 @@ def run_trainer(args: list[str], nproc: int = 1, timeout: float = 600) -> subpro
                           text=True, timeout=timeout)
 
 
+def failure_text(proc: subprocess.CompletedProcess) -> str:
+    """What a failed launch printed: its rank-tagged error lines first, then the end of stderr."""
+    lines = proc.stderr.splitlines()
+    marked = [l for l in lines if "error" in l.lower() or "terminate" in l or "abort" in l.lower()]
+    return "\n".join(marked[:40]) + "\n...\n" + proc.stderr[-3000:]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

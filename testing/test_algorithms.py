@@ -14,7 +14,7 @@ from core.server import Server
 from core.simulation import build_simulation
 from core.task import load_task
 from core.worker import train_share
-from testing.conftest import SMALL_CV, load_ckpt, read_metrics, run_trainer
+from testing.conftest import SMALL_CV, failure_text, load_ckpt, read_metrics, run_trainer
 
 
 def _sim(cifar_path, **sections):
@@ -96,7 +96,8 @@ def test_cohort_range_runs_across_processes(tmp_path):
             "-task", "synthetic", "--set", "server_config.num_clients_per_iteration='2,6'"]
     one = run_trainer(args + ["-run_name", "one"])
     two = run_trainer(args + ["-run_name", "two"], nproc=2)
-    assert one.returncode == 0 and two.returncode == 0, one.stderr[-1500:] + two.stderr[-1500:]
+    assert one.returncode == 0, failure_text(one)
+    assert two.returncode == 0, failure_text(two)
     assert torch.allclose(load_ckpt(tmp_path / "one")["global"], load_ckpt(tmp_path / "two")["global"], atol=1e-5)
     assert read_metrics(tmp_path / "one")[-1]["round"] == 10
 

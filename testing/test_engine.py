@@ -9,14 +9,14 @@ from core.config import validate_config
 from core.flat import StateLayout
 from core.simulation import init_model
 from core.task import load_task
-from testing.conftest import SMALL_CV, load_ckpt, read_metrics, run_trainer, write_config
+from testing.conftest import SMALL_CV, failure_text, load_ckpt, read_metrics, run_trainer, write_config
 
 
 def _launch(tmp, data, name, config=SMALL_CV, nproc=1, extra=()):
     path = write_config(tmp, config, f"{name}.yaml")
     proc = run_trainer(["-dataPath", str(data), "-outputPath", str(tmp), "-config", str(path), "-task", "cv",
                         "-run_name", name, *extra], nproc=nproc)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, failure_text(proc)
     return tmp / name, proc
 
 
