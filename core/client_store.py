@@ -20,10 +20,6 @@ class ClientStore:
     def __contains__(self, client_id: int) -> bool:
         return int(client_id) in self._entries
 
-    def ids(self) -> list[int]:
-        """Sorted ids of the clients that have an entry."""
-        return sorted(self._entries)
-
     def get(self, client_id: int, default: torch.Tensor) -> torch.Tensor:
         return self._entries.get(int(client_id), default)
 

@@ -46,6 +46,11 @@ def batched_correct(model, loader, clients: np.ndarray, index, prepare) -> torch
     return torch.zeros(len(clients), device=indices.device).index_add_(0, owner, torch.cat(parts))
 
 
+def eval_width(sim) -> int:
+    """Floats per trained client in an evaluation broadcast (personal layers, or Ditto's model)."""
+    return sim.personalization.model_state_numel(sim.layout) or sim.personal_numel
+
+
 def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) -> torch.Tensor:
     """This rank's part of a client evaluation, as a (num_clients, COLUMNS) matrix to be sum-reduced.
 
@@ -69,7 +74,7 @@ def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) 
     result[rows, GLOBAL] = correct
     result[rows, COUNT] = torch.as_tensor(sizes[mine], dtype=torch.float32, device=sim.ctx.device)
     if sim.personalization.evaluates_personalized:
-        width = (len(eval_buf) - n) // max(len(trained), 1)
+        width = eval_width(sim)
         personal = eval_buf[n:].view(len(trained), width)
         row = {c: i for i, c in enumerate(trained)}
         for cid in (int(c) for c in mine if int(c) in row):

@@ -52,6 +52,16 @@ class StateLayout:
                 if not t.is_floating_point():
                     v.add_(t.view(-1).float(), alpha=alpha)
 
+    @staticmethod
+    def matches(name: str, prefix: str) -> bool:
+        """True when ``prefix`` is ``name`` or a whole leading module path of it (``linear`` matches
+        ``linear.weight``, not ``linear2.weight``)."""
+        return name == prefix or name.startswith(prefix + ".")
+
+    def names_matching(self, prefixes: list[str]) -> list[str]:
+        """Tensor names (in layout order) matched by any of ``prefixes``."""
+        return [n for n in self.names if any(self.matches(n, p) for p in prefixes)]
+
     def index_of(self, prefixes: list[str]) -> torch.Tensor:
         """int64 positions in the flat vector of every tensor whose name starts with a prefix.
 
@@ -62,9 +72,9 @@ class StateLayout:
         for n in self.numels:
             starts.append(starts[-1] + n)
         chosen = [torch.arange(starts[i], starts[i + 1]) for i, name in enumerate(self.names)
-                  if any(name == p or name.startswith(p + ".") for p in prefixes)]
+                  if any(self.matches(name, p) for p in prefixes)]
         return torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.int64)
 
     def unmatched(self, prefixes: list[str]) -> list[str]:
         """The prefixes that match no tensor name."""
-        return [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in self.names)]
+        return [p for p in prefixes if not self.names_matching([p])]

@@ -15,7 +15,6 @@ class NoPersonalization:
     """Plain FedAvg: every parameter is global; the personalized model is the global model."""
 
     name = "none"
-    needs_local_layers = False
     personal_module_types: tuple = ()
 
     evaluates_personalized = False
@@ -57,12 +56,11 @@ class FedPer(NoPersonalization):
     (module-name prefixes, usually the head, e.g. ``linear``) are personal; the body is shared."""
 
     name = "fedper"
-    needs_local_layers = True
     evaluates_personalized = True
     keeps_layers_local = True
 
     def personal_names(self, layout, model):
-        return [n for n in layout.names if any(n == p or n.startswith(p + ".") for p in self.local_layers)]
+        return layout.names_matching(self.local_layers)
 
 
 class LGFedAvg(FedPer):

@@ -11,9 +11,9 @@ import yaml
 from tqdm import tqdm
 
 from core.client_store import ClientStore
-from core.evaluation import COLUMNS, eval_share, full_test_accuracy, summarize
+from core.evaluation import COLUMNS, eval_share, eval_width, full_test_accuracy, summarize
 from core.optim import build_optimizer
-from core.worker import RoundLayout, eval_width, train_share
+from core.worker import RoundLayout, train_share
 from utils.checkpoint import load_checkpoint, save_atomic
 from utils.metrics_writer import MetricsWriter
 from utils.report import (format_line, plot_accuracy, plot_client_histogram, results_table, write_client_table,

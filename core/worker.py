@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from core.cohort import balance
-from core.evaluation import eval_share
+from core.evaluation import eval_share, eval_width
 
 
 class RoundLayout:
@@ -84,7 +84,7 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
     """Vectorized variant of the client loop: groups of ``vectorize_chunk`` clients at once."""
     n, p, k = sim.layout.numel, sim.personal_numel, sim.layout.num_params
     chunk = sim.cfg.client_config.vectorize_chunk
-    out_slots = lay.reduce_parts(out)[4]
+    delta_sum, _, _, _, out_slots = lay.reduce_parts(out)
     for start in range(0, len(mine), chunk):
         ids, rows = mine[start:start + chunk], mine_slots[start:start + chunk]
         personal = slots[rows] if p else None
@@ -92,17 +92,12 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
                                                    global_flat, personal, sim.personal_index)
         weights = torch.tensor([sim.strategy.client_weight(int(sim.train_clients.sizes[c])) for c in ids],
                                device=stack.device)
-        out[:k] += weights @ stack - weights.sum() * global_flat[:k]
+        delta_sum[:k] += weights @ stack - weights.sum() * global_flat[:k]
         out[n] += weights.sum()
         out[n + 1] += (weights * losses).sum()
         if p:
             full = torch.cat([stack, global_flat[k:].expand(len(ids), -1)], dim=1)
             out_slots[rows] = full[:, sim.personal_index]
-
-
-def eval_width(sim) -> int:
-    """Floats per trained client in an evaluation broadcast (personal layers, or Ditto's model)."""
-    return sim.personalization.model_state_numel(sim.layout) or sim.personal_numel
 
 
 def eval_buffer_size(sim, num_trained: int) -> int:
