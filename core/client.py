@@ -57,15 +57,17 @@ class ClientTrainer:
     def train(self, round_idx: int, client_id: int, indices: torch.Tensor, global_flat: torch.Tensor,
               personal: torch.Tensor | None, epochs: int | None = None, stream: int = 0,
               correction: torch.Tensor | None = None, which: str = "all",
-              prox: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
+              prox: tuple[float, torch.Tensor] | None = None, step_hook=None) -> torch.Tensor:
         """Train the client on its samples ``indices`` (int64, on the device).
 
         Runs the personalization method's phases (``local_epochs`` of all parameters by default), or
         ``epochs`` epochs of the ``which`` parameters (``all``, ``personal``, ``shared``) when given. The trained state is left in the replica
         (read it with the layout); ``last_steps`` holds the number of optimizer steps. ``correction``
         (num_params,) is added to every gradient (SCAFFOLD); ``prox = (mu, anchor)`` adds
-        ``mu/2 ||w - anchor||^2`` to every step's loss (Ditto), otherwise the strategy's own penalty. Returns the mean training loss as a
-        0-dim tensor (no host sync).
+        ``mu/2 ||w - anchor||^2`` to every step's loss (Ditto), otherwise the strategy's own penalty.
+        ``step_hook(batch)`` runs at every step after the backward pass and before the optimizer
+        step, while the replica still holds the step's starting weights (APFL's personal update).
+        Returns the mean training loss as a 0-dim tensor (no host sync).
         """
         self.load(global_flat, personal)
         self.optimizer.state.clear()
@@ -78,7 +80,8 @@ class ClientTrainer:
         shifts = self.layout.param_views(correction) if correction is not None else None
         for phase_epochs, part in self._phases(epochs, which):
             self._trainable(part)
-            steps = self._epochs(phase_epochs, indices, generator, params, penalty, shifts, loss_sum, steps)
+            steps = self._epochs(phase_epochs, indices, generator, params, penalty, shifts, loss_sum, steps,
+                                 step_hook)
         self._trainable("all")
         self.last_steps = steps
         return loss_sum / max(steps, 1)
@@ -93,11 +96,12 @@ class ClientTrainer:
             return lambda params: self.strategy.local_penalty(params, anchors)
         return None
 
-    def _epochs(self, epochs, indices, generator, params, penalty, shifts, loss_sum, steps) -> int:
+    def _epochs(self, epochs, indices, generator, params, penalty, shifts, loss_sum, steps, step_hook) -> int:
         for _ in range(epochs):
             for batch in self.loader.batches(indices, generator):
+                batch = self.prepare(batch)
                 with torch.autocast(indices.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss = self.model.loss(self.prepare(batch))
+                    loss = self.model.loss(batch)
                 if penalty is not None:
                     loss = loss + penalty(params)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -106,6 +110,8 @@ class ClientTrainer:
                     for param, shift in zip(params, shifts):
                         if param.grad is not None:
                             param.grad.add_(shift)
+                if step_hook is not None:
+                    step_hook(batch)
                 self.optimizer.step()
                 loss_sum += loss.detach()
                 steps += 1

@@ -100,9 +100,11 @@ class DataConfig(_Section):
     """How CIFAR-style data is split into clients (see :mod:`core.partition`)."""
 
     num_clients: int = Field(100, ge=1, description="total number of clients")
-    partition: Literal["iid", "dirichlet", "shards"] = Field("dirichlet", description="how labels are split")
+    partition: Literal["iid", "dirichlet", "shards", "label_quantity"] = Field(
+        "dirichlet", description="how labels are split (label_quantity: NIID-Bench's #C=k classes per client)")
     alpha: float = Field(0.3, gt=0, description="Dirichlet alpha (smaller: more label skew)")
-    classes_per_client: int = Field(2, ge=1, description="shards: shards (about classes) per client")
+    classes_per_client: int = Field(2, ge=1, description="shards: shards (about classes) per client; "
+                                                         "label_quantity: classes per client")
     min_samples: int = Field(10, ge=1, description="minimum train samples per client (error if impossible)")
     download: bool = Field(True, description="try torchvision's download when the data folder is missing")
 
@@ -112,21 +114,24 @@ class StrategyConfig(_Section):
 
     client_weighting: Literal["samples", "uniform"] = Field("samples", description="client weight in the average")
     mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient")
+    softmax_beta: float = Field(1.0, ge=0, description="DGA: client weight exp(-softmax_beta * mean training loss)")
 
 
 class PersonalizationConfig(_Section):
     """``method: none`` is plain FedAvg; ``fedper`` keeps ``local_layers`` (module-name prefixes)
     on each client."""
 
-    method: Literal["none", "fedper", "fedrep", "lgfedavg", "fedbn", "local", "finetune", "ditto"] = Field(
+    method: Literal["none", "fedper", "fedrep", "lgfedavg", "fedbn", "local", "finetune", "ditto", "apfl"] = Field(
         "none", description="none (FedAvg), fedper (local head), fedrep (head then body), lgfedavg (local body), "
                             "fedbn (local BatchNorm), local (no federation), finetune (FedAvg + fine-tuning), "
-                            "ditto (regularized personal models)")
+                            "ditto (regularized personal models), apfl (learned personal/global mixture)")
     local_layers: list[str] = Field(default_factory=list, description="module-name prefixes kept on each client")
     head_epochs: int = Field(10, ge=0, description="fedrep: epochs training the personal head before the body")
     finetune_epochs: int = Field(1, ge=0, description="finetune: local epochs of fine-tuning before evaluation")
     ditto_lambda: float = Field(0.1, ge=0, description="ditto: weight of ||v - w_global||^2 in personal training")
     ditto_epochs: int = Field(1, ge=1, description="ditto: epochs of personal-model training per round")
+    apfl_alpha: float = Field(0.5, ge=0, le=1, description="apfl: first mixing weight alpha of every client")
+    apfl_alpha_lr: Optional[float] = Field(None, ge=0, description="apfl: step size of alpha (null: the client lr)")
     new_client_epochs: int = Field(0, ge=0, description="epochs fine-tuning the personal layers of never-trained "
                                                         "clients before evaluating them (0: not evaluated)")
 
@@ -134,22 +139,37 @@ class PersonalizationConfig(_Section):
     def _layers_match_method(self) -> "PersonalizationConfig":
         if self.method in ("fedper", "fedrep", "lgfedavg") and not self.local_layers:
             raise ValueError(f"method {self.method} needs local_layers, e.g. [linear]")
-        if self.method in ("none", "fedbn", "local", "finetune", "ditto") and self.local_layers:
+        if self.method in ("none", "fedbn", "local", "finetune", "ditto", "apfl") and self.local_layers:
             raise ValueError(f"local_layers is set but method {self.method} chooses its own; remove local_layers "
                              f"or use method fedper / fedrep / lgfedavg")
         return self
+
+
+class LoggingConfig(_Section):
+    """Optional experiment trackers besides metrics.jsonl and TensorBoard (always written).
+
+    ``wandb: true`` logs each evaluation's scalars to Weights & Biases (needs ``pip install wandb``;
+    wandb is not imported when false).
+    """
+
+    wandb: bool = Field(False, description="log evaluations to Weights & Biases (needs the wandb package)")
+    wandb_project: str = Field("pfedsim", description="W&B project")
+    wandb_entity: Optional[str] = Field(None, description="W&B team or user (null: your default entity)")
+    wandb_mode: Literal["online", "offline"] = Field(
+        "online", description="offline: W&B files only under the run folder (upload later with wandb sync)")
 
 
 class Config(_Section):
     """The whole experiment. ``seed`` drives partition, cohorts and client training."""
 
     model: ModelSection = Field(default_factory=ModelSection, alias="model_config")
-    strategy: Literal["fedavg", "fedprox", "scaffold"] = Field("fedavg", description="aggregation strategy")
+    strategy: Literal["fedavg", "fedprox", "scaffold", "dga"] = Field("fedavg", description="aggregation strategy")
     strategy_config: StrategyConfig = Field(default_factory=StrategyConfig)
     server_config: ServerConfig = Field(default_factory=ServerConfig)
     client_config: ClientConfig = Field(default_factory=ClientConfig)
     data_config: DataConfig = Field(default_factory=DataConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    logging_config: LoggingConfig = Field(default_factory=LoggingConfig)
     seed: int = Field(0, ge=0, description="seed of partition, cohorts, initial model and client training")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the rank's GPU when present")
 

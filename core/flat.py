@@ -43,14 +43,22 @@ class StateLayout:
         views = flat[:self.num_params].split(self.numels[:len(self._param_shapes)])
         return [v.view(shape) for v, shape in zip(views, self._param_shapes)]
 
-    def accumulate_(self, out: torch.Tensor, alpha: float) -> None:
-        """``out += alpha * state`` for a (numel,) ``out``, read straight from the module (no flat copy)."""
+    def accumulate_(self, out: torch.Tensor, alpha: float | torch.Tensor) -> None:
+        """``out += alpha * state`` for a (numel,) ``out``, read straight from the module (no flat copy).
+
+        ``alpha`` is a number or a 0-dim tensor on the module's device (no host sync either way).
+        """
         views = out.split(self.numels)
+        floats = [t.reshape(-1) for t in self._float]
         with torch.no_grad():
-            torch._foreach_add_([views[i] for i in self._float_pos], [t.reshape(-1) for t in self._float], alpha=alpha)
+            targets = [views[i] for i in self._float_pos]
+            if torch.is_tensor(alpha):
+                torch._foreach_add_(targets, torch._foreach_mul(floats, alpha))
+            else:
+                torch._foreach_add_(targets, floats, alpha=alpha)
             for v, t in zip(views, self.tensors):
                 if not t.is_floating_point():
-                    v.add_(t.view(-1).float(), alpha=alpha)
+                    v.add_(t.view(-1).float() * alpha)
 
     @staticmethod
     def matches(name: str, prefix: str) -> bool:

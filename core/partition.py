@@ -1,4 +1,5 @@
-"""Split a labelled data set into clients: IID, Dirichlet(alpha) over labels, or label shards.
+"""Split a labelled data set into clients: IID, Dirichlet(alpha) over labels, label shards, or a
+fixed number of classes per client (label quantity).
 
 Every partitioner returns, per client, the indices of its train samples, and
 :func:`matched_test_split` gives each client a local test split with the same label proportions,
@@ -145,6 +146,37 @@ def shards(labels: np.ndarray, num_clients: int, classes_per_client: int, seed: 
     return [np.sort(np.concatenate([pieces[s] for s in row])) for row in owner]
 
 
+def label_quantity(labels: np.ndarray, num_clients: int, classes_per_client: int, seed: int,
+                   min_samples: int = 1) -> list[np.ndarray]:
+    """Quantity-based label skew "#C = k" of NIID-Bench (Li et al. 2021, arXiv:2102.02079).
+
+    Client ``i`` holds class ``i mod C`` and ``classes_per_client - 1`` other classes drawn at random
+    without repetition; each class's samples are split equally among the clients that hold it.
+    Classes no client holds (possible only with fewer clients than classes) are left out.
+
+    Raises:
+        UserError: ``classes_per_client`` exceeds the number of classes, or a client would get
+            fewer than ``min_samples`` samples.
+    """
+    num_classes = int(labels.max()) + 1
+    if classes_per_client > num_classes:
+        raise UserError(f"data_config.classes_per_client: {classes_per_client} exceeds the {num_classes} classes")
+    rng = np.random.default_rng(seed)
+    owned = np.zeros((num_clients, num_classes), dtype=bool)
+    for client in range(num_clients):
+        first = client % num_classes
+        others = rng.choice(np.delete(np.arange(num_classes), first), classes_per_client - 1, replace=False)
+        owned[client, [first, *others]] = True
+    class_sizes = np.bincount(labels, minlength=num_classes)
+    counts = np.zeros(owned.shape, dtype=np.int64)
+    for cls in np.flatnonzero(owned.any(axis=0)):
+        counts[owned[:, cls], cls] = apportion(int(class_sizes[cls]), np.ones(owned[:, cls].sum()), rng)
+    if counts.sum(axis=1).min() < min_samples:
+        raise UserError(f"data_config: label_quantity leaves a client under min_samples {min_samples} samples; "
+                        f"lower data_config.num_clients or raise data_config.classes_per_client")
+    return _indices_from_counts(labels, counts, rng)
+
+
 def matched_test_split(train_labels: np.ndarray, train_parts: list[np.ndarray], test_labels: np.ndarray,
                        seed: int) -> list[np.ndarray]:
     """Local test splits with each client's train label proportions, covering the test set once.
@@ -166,7 +198,8 @@ def matched_test_split(train_labels: np.ndarray, train_parts: list[np.ndarray], 
 
 def partition(train_labels: np.ndarray, test_labels: np.ndarray, method: str, num_clients: int, seed: int,
               alpha: float = 0.3, classes_per_client: int = 2, min_samples: int = 1) -> ClientSplit:
-    """Partition train labels with ``method`` (``iid``, ``dirichlet``, ``shards``) and match test splits.
+    """Partition train labels with ``method`` (``iid``, ``dirichlet``, ``shards``, ``label_quantity``)
+    and match test splits.
 
     Args:
         train_labels, test_labels: int arrays of shape (N,) and (M,), classes 0..C-1.
@@ -181,6 +214,9 @@ def partition(train_labels: np.ndarray, test_labels: np.ndarray, method: str, nu
         parts = dirichlet(train_labels, num_clients, alpha, seed, min_samples)
     elif method == "shards":
         parts = shards(train_labels, num_clients, classes_per_client, seed, min_samples)
+    elif method == "label_quantity":
+        parts = label_quantity(train_labels, num_clients, classes_per_client, seed, min_samples)
     else:
-        raise UserError(f"data_config.partition: unknown method {method!r}; use iid, dirichlet or shards")
+        raise UserError(f"data_config.partition: unknown method {method!r}; use iid, dirichlet, shards or "
+                        f"label_quantity")
     return ClientSplit(train=parts, test=matched_test_split(train_labels, parts, test_labels, seed))

@@ -74,7 +74,7 @@ class Server:
         sim, lay = self.sim, RoundLayout(self.sim, round_idx)
         cohort = sim.schedule.cohort(round_idx)
         self.trained.update(cohort.tolist())
-        start_model = [self.global_flat.cpu()] if lay.m else []
+        start_model = [sim.personalization.initial_model_state(self.global_flat.cpu(), sim.layout)] if lay.m else []
         default = torch.cat([self.global_flat[sim.personal_index].cpu(), torch.zeros(lay.c)] + start_model)
         slots = [self.store.get(c, default) for c in cohort] if lay.width else []
         payload = torch.cat([self.global_flat, self.strategy_state] + [s.to(sim.ctx.device) for s in slots])

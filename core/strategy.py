@@ -23,9 +23,14 @@ class FedAvg:
     def __init__(self, strategy_config):
         self.weighting = strategy_config.client_weighting
 
-    def client_weight(self, num_samples: int) -> float:
-        """Weight of a client with ``num_samples`` train samples in the aggregate."""
-        return float(num_samples) if self.weighting == "samples" else 1.0
+    def client_weight(self, num_samples, train_loss: torch.Tensor) -> torch.Tensor:
+        """Weight of clients in the aggregate: their train sample counts (``samples``) or 1 (``uniform``).
+
+        ``num_samples`` is an int or a (K,) tensor; ``train_loss`` the clients' mean local training
+        loss, a 0-dim or (K,) tensor on the device. Returns a tensor shaped like ``train_loss``.
+        """
+        counts = torch.as_tensor(num_samples, dtype=train_loss.dtype, device=train_loss.device)
+        return counts if self.weighting == "samples" else torch.ones_like(counts)
 
     def pseudo_gradient(self, delta_sum: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
         """(N,) pseudo-gradient from the (N,) weighted delta sum and the scalar weight sum."""
@@ -99,7 +104,28 @@ class Scaffold(FedAvg):
         return server_state + client_state_change_sum / num_clients
 
 
-STRATEGIES = {cls.name: cls for cls in (FedAvg, FedProx, Scaffold)}
+class DGA(FedAvg):
+    """Dynamic Gradient Aggregation (Dimitriadis et al. 2021, arXiv:2106.07578), FLUTE's ``DGA``.
+
+    A client's weight is ``exp(-softmax_beta * train_loss)`` (its mean local training loss), so
+    after normalisation by the weight sum the cohort's deltas are averaged with softmax weights of
+    the negated losses: clients that fit their data better count more, and ``softmax_beta = 0`` is
+    the uniform average. Sample counts are not used (as in FLUTE). Weights are floored at the
+    smallest normal float32 (about 1.2e-38): when ``softmax_beta * loss`` exceeds about 87 for every
+    client, the weights tie and the average becomes uniform.
+    """
+
+    name = "dga"
+
+    def __init__(self, strategy_config):
+        super().__init__(strategy_config)
+        self.beta = strategy_config.softmax_beta
+
+    def client_weight(self, num_samples, train_loss):
+        return torch.exp(-self.beta * train_loss).clamp_min(torch.finfo(train_loss.dtype).tiny)
+
+
+STRATEGIES = {cls.name: cls for cls in (FedAvg, FedProx, Scaffold, DGA)}
 
 
 def build_strategy(name: str, strategy_config):

@@ -15,7 +15,7 @@ from core.errors import UserError
 from utils.seeding import client_generator
 
 
-class _LossCall(nn.Module):
+class LossCall(nn.Module):
     """Makes ``model.loss(batch)`` the forward of a module, so functional_call can run it."""
 
     def __init__(self, model: nn.Module):
@@ -51,11 +51,11 @@ class VectorizedTrainer:
     def __init__(self, model, layout, loader, client_config, seed: int, strategy, personalization=None):
         check_vectorizable(model, client_config, personalization)
         if personalization is not None and personalization.model_state_numel(layout):
-            raise UserError("client_config.vectorize does not support personalization.method ditto; "
-                            "set vectorize: false")
+            raise UserError(f"client_config.vectorize does not support personalization.method "
+                            f"{personalization.name} (a personal model per client); set vectorize: false")
         if strategy.client_state_numel(layout):
             raise UserError(f"client_config.vectorize does not support strategy {strategy.name}; set vectorize: false")
-        self.call = _LossCall(model)
+        self.call = LossCall(model)
         self.layout = layout
         self.loader = loader
         self.epochs = client_config.local_epochs

@@ -52,14 +52,17 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
     if sim.vectorized is not None:
         _train_vectorized(sim, round_idx, mine, [slot_of[int(c)] for c in mine], global_flat, slots, out, lay)
         return out
-    weight_sum, lr = 0.0, sim.cfg.client_config.optimizer_config.lr
+    weight_sum, lr = torch.zeros((), device=sim.ctx.device), sim.cfg.client_config.optimizer_config.lr
     for cid in mine:
         slot = slot_of[int(cid)]
         client_state = slots[slot, p:p + lay.c] if lay.c else None
         correction = sim.strategy.gradient_correction(server_state, client_state) if lay.c else None
+        hook = sim.personalization.client_hook(sim.trainer, round_idx, int(cid), sim.train_clients.get(cid),
+                                               global_flat, slots[slot, p + lay.c:]) if lay.m else None
         loss = sim.trainer.train(round_idx, int(cid), sim.train_clients.get(cid), global_flat,
-                                 slots[slot, :p] if p else None, correction=correction)
-        weight = sim.strategy.client_weight(int(sizes[cid]))
+                                 slots[slot, :p] if p else None, correction=correction,
+                                 step_hook=getattr(hook, "step", None))
+        weight = sim.strategy.client_weight(int(sizes[cid]), loss)
         sim.layout.accumulate_(delta_sum, weight)
         weight_sum += weight
         out[lay.n + 1] += weight * loss
@@ -72,10 +75,8 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
             out_slots[slot, p:p + lay.c] = new
             state_change += new - client_state
         if lay.m:
-            sim.personalization.train_personal_model(sim.trainer, round_idx, int(cid), sim.train_clients.get(cid),
-                                                     global_flat, slots[slot, p + lay.c:])
-            out_slots[slot, p + lay.c:] = sim.layout.flatten()
-    delta_sum.add_(global_flat, alpha=-weight_sum)  # sum_i w_i (x_i - g) without a copy per client
+            out_slots[slot, p + lay.c:] = hook.result()
+    delta_sum.sub_(global_flat * weight_sum)  # sum_i w_i (x_i - g) without a copy per client
     out[lay.n] = weight_sum
     return out
 
@@ -90,8 +91,7 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
         personal = slots[rows] if p else None
         stack, losses = sim.vectorized.train_group(round_idx, ids, [sim.train_clients.get(c) for c in ids],
                                                    global_flat, personal, sim.personal_index)
-        weights = torch.tensor([sim.strategy.client_weight(int(sim.train_clients.sizes[c])) for c in ids],
-                               device=stack.device)
+        weights = sim.strategy.client_weight(torch.as_tensor(sim.train_clients.sizes[ids]), losses)
         delta_sum[:k] += weights @ stack - weights.sum() * global_flat[:k]
         out[n] += weights.sum()
         out[n + 1] += (weights * losses).sum()

@@ -267,3 +267,100 @@ def test_ditto_personalized_accuracy_uses_personal_models(cifar_path, tmp_path):
     rec = _evaluate_after_one_round(cifar_path, tmp_path, method="ditto", ditto_lambda=0.0)
     assert rec["personalized"]["clients"] == 5
     assert rec["personalized"]["weighted_mean"] > rec["global_on_personalized_clients"]["weighted_mean"] + 0.05
+
+
+def _client_losses_and_deltas(sim, start, cohort):
+    losses, deltas = [], []
+    for cid in cohort:
+        losses.append(sim.trainer.train(1, int(cid), sim.train_clients.get(cid), start, start[sim.personal_index]))
+        deltas.append(sim.layout.flatten() - start)
+    return torch.stack(losses), torch.stack(deltas)
+
+
+def test_dga_weights_are_a_softmax_of_negated_training_losses(cifar_path):
+    sim = _sim(cifar_path, strategy="dga", strategy_config={"softmax_beta": 4.0})
+    start = sim.layout.flatten()
+    mean_delta, weight_sum = _round_delta(sim)
+    losses, deltas = _client_losses_and_deltas(sim, start, sim.schedule.cohort(1))
+    assert losses.max() - losses.min() > 0.05, "clients must differ in loss for the test to mean anything"
+    softmax = torch.softmax(-4.0 * losses, dim=0)
+    assert torch.allclose(mean_delta, softmax @ deltas, atol=1e-6)
+    assert torch.allclose(weight_sum, torch.exp(-4.0 * losses).sum())
+    assert not torch.allclose(mean_delta, deltas.mean(0), atol=1e-5), "beta > 0 is not the plain mean"
+
+
+def test_dga_with_zero_beta_is_the_uniform_average(cifar_path):
+    uniform, _ = _round_delta(_sim(cifar_path, strategy_config={"client_weighting": "uniform"}))
+    flat, _ = _round_delta(_sim(cifar_path, strategy="dga", strategy_config={"softmax_beta": 0.0}))
+    assert torch.allclose(uniform, flat, atol=1e-7)
+
+
+def _apfl(cifar_path, **options):
+    return _sim(cifar_path, personalization={"method": "apfl", "local_layers": [], **options},
+                client_config={"optimizer_config": {"type": "sgd", "lr": 0.05}})
+
+
+def test_apfl_step_follows_its_update_rules(cifar_path):
+    sim = _apfl(cifar_path, apfl_alpha=0.3, apfl_alpha_lr=0.2)
+    k = sim.layout.num_params
+    w = sim.layout.flatten()
+    v = w.clone()
+    v[:k] += 0.01 * torch.randn(k, generator=torch.Generator().manual_seed(0))
+    state = torch.cat([v[:k], torch.tensor([0.3])])
+    hook = sim.personalization.client_hook(sim.trainer, 1, 0, sim.train_clients.get(0), w, state)
+    batch = next(iter(sim.trainer.loader.batches(sim.train_clients.get(0), torch.Generator().manual_seed(1))))
+    hook.step(batch)
+    new = hook.result()
+    mixed = w.clone()
+    mixed[:k] = 0.3 * v[:k] + 0.7 * w[:k]
+    sim.layout.load_(mixed)
+    sim.model.train()
+    sim.model.zero_grad()
+    sim.model.loss(batch).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in sim.model.parameters()])
+    assert torch.allclose(new[:k], v[:k] - 0.05 * 0.3 * g, atol=1e-6), "v -= lr * alpha * grad f(mixture)"
+    expected_alpha = min(max(0.3 - 0.2 * float((v[:k] - w[:k]) @ g), 0.0), 1.0)
+    assert abs(float(new[k]) - expected_alpha) < 1e-5 and expected_alpha != 0.3
+
+
+def test_apfl_leaves_the_global_update_alone_and_alpha_one_is_local_sgd(cifar_path, tmp_path):
+    fedavg = _sim(cifar_path, personalization={"method": "none", "local_layers": []},
+                  client_config={"optimizer_config": {"type": "sgd", "lr": 0.05}})
+    apfl = _apfl(cifar_path, apfl_alpha=1.0, apfl_alpha_lr=0.0)
+    start, avg_server = _run_rounds(fedavg, tmp_path / "a", rounds=1)
+    _, apfl_server = _run_rounds(apfl, tmp_path / "b", rounds=1)
+    assert torch.equal(avg_server.global_flat, apfl_server.global_flat), "w trains as in FedAvg"
+    k = apfl.layout.num_params
+    for cid in apfl.schedule.cohort(1)[:2]:
+        apfl.trainer.train(1, int(cid), apfl.train_clients.get(cid), start, None)
+        stored = apfl_server.store.get(int(cid), None)
+        assert stored.numel() == k + 1 and float(stored[k]) == 1.0
+        # alpha = 1: the mixture is v, so v takes the same plain SGD steps on the same batches as w
+        assert torch.allclose(stored[:k], apfl.layout.flatten()[:k], atol=1e-5)
+
+
+def test_apfl_personalized_model_is_the_mixture(cifar_path, tmp_path):
+    from core.evaluation import COUNT, PERSONAL, correct_count
+
+    sim = _sim(cifar_path, personalization={"method": "apfl", "local_layers": [], "apfl_alpha": 0.0,
+                                            "apfl_alpha_lr": 0.0},
+               data_config={"alpha": 0.1, "num_clients": 100}, server_config={"num_clients_per_iteration": 5})
+    _, server = _run_rounds(sim, tmp_path / "a", rounds=1)
+    rec = server._evaluate(1, 0.0, 0.0)
+    assert rec["personalized"] == rec["global_on_personalized_clients"], "alpha 0: w alone"
+    sim = _sim(cifar_path, personalization={"method": "apfl", "local_layers": [], "apfl_alpha": 0.5},
+               data_config={"alpha": 0.1, "num_clients": 100}, server_config={"num_clients_per_iteration": 5})
+    _, server = _run_rounds(sim, tmp_path / "b", rounds=1)
+    server._evaluate(1, 0.0, 0.0)
+    k, g = sim.layout.num_params, server.global_flat
+    alphas = []
+    for cid in sim.schedule.cohort(1):
+        entry = server.store.get(int(cid), None)
+        alphas.append(float(entry[k]))
+        mixed = g.clone()
+        mixed[:k] = entry[k] * entry[:k] + (1 - entry[k]) * g[:k]
+        sim.layout.load_(mixed)
+        idx = sim.test_clients.get(int(cid))
+        assert server.last_matrix[int(cid), COUNT] == len(idx)
+        assert server.last_matrix[int(cid), PERSONAL] == float(correct_count(sim.model, sim.test_loader, idx))
+    assert all(0.0 <= a <= 1.0 for a in alphas) and len(set(alphas)) == len(alphas), "alpha learned per client"

@@ -20,7 +20,8 @@ def _coverage(parts, n):
     assert len(flat) == n and len(np.unique(flat)) == n, "every sample belongs to exactly one client"
 
 
-@pytest.mark.parametrize("method,kw", [("iid", {}), ("dirichlet", {"alpha": 0.3}), ("shards", {"classes_per_client": 2})])
+@pytest.mark.parametrize("method,kw", [("iid", {}), ("dirichlet", {"alpha": 0.3}), ("shards", {"classes_per_client": 2}),
+                                       ("label_quantity", {"classes_per_client": 2})])
 def test_train_and_test_splits_cover_each_sample_once(labels, method, kw):
     split = P.partition(labels[0], labels[1], method, 100, seed=0, min_samples=10, **kw)
     assert split.num_clients == 100
@@ -74,10 +75,21 @@ def test_ten_thousand_clients_alpha_0_1_terminates_above_minimum(labels):
     _coverage(split.test, 10_000)
 
 
-@pytest.mark.parametrize("method", ["iid", "dirichlet", "shards"])
+@pytest.mark.parametrize("method", ["iid", "dirichlet", "shards", "label_quantity"])
 def test_impossible_minimum_is_a_user_error(labels, method):
     with pytest.raises(UserError, match="min_samples"):
         P.partition(labels[0], labels[1], method, 1000, seed=0, min_samples=60)
+
+
+def test_label_quantity_gives_exactly_k_classes_split_equally(labels):
+    parts = P.label_quantity(labels[0], 10, 2, seed=42)
+    held = [set(np.unique(labels[0][p]).tolist()) for p in parts]
+    assert all(len(h) == 2 and i % 10 in h for i, h in enumerate(held)), "class i mod 10 plus one other"
+    for cls in range(10):
+        holders = [len(np.flatnonzero(labels[0][p] == cls)) for p, h in zip(parts, held) if cls in h]
+        assert holders and max(holders) - min(holders) <= 1, "a class is split equally among its holders"
+    with pytest.raises(UserError, match="classes_per_client"):
+        P.label_quantity(labels[0], 10, 11, seed=0)
 
 
 def test_apportion_is_exact_and_proportional():
