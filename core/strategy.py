@@ -23,12 +23,16 @@ class FedAvg:
     def __init__(self, strategy_config):
         self.weighting = strategy_config.client_weighting
 
-    def client_weight(self, num_samples, train_loss: torch.Tensor) -> torch.Tensor:
+    def client_weight(self, num_samples, train_loss: torch.Tensor):
         """Weight of clients in the aggregate: their train sample counts (``samples``) or 1 (``uniform``).
 
-        ``num_samples`` is an int or a (K,) tensor; ``train_loss`` the clients' mean local training
-        loss, a 0-dim or (K,) tensor on the device. Returns a tensor shaped like ``train_loss``.
+        ``num_samples`` is an int (one client) or a (K,) tensor; ``train_loss`` the clients' mean local
+        training loss, a 0-dim or (K,) tensor on the device. For one client the weight is a float
+        (known on the host, so summing the client's state costs no extra device work); for K
+        clients a (K,) tensor on ``train_loss``'s device.
         """
+        if isinstance(num_samples, int):
+            return float(num_samples) if self.weighting == "samples" else 1.0
         counts = torch.as_tensor(num_samples, dtype=train_loss.dtype, device=train_loss.device)
         return counts if self.weighting == "samples" else torch.ones_like(counts)
 
@@ -122,6 +126,7 @@ class DGA(FedAvg):
         self.beta = strategy_config.softmax_beta
 
     def client_weight(self, num_samples, train_loss):
+        """``exp(-softmax_beta * train_loss)``, floored; a tensor shaped like ``train_loss``."""
         return torch.exp(-self.beta * train_loss).clamp_min(torch.finfo(train_loss.dtype).tiny)
 
 

@@ -76,7 +76,7 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
             state_change += new - client_state
         if lay.m:
             out_slots[slot, p + lay.c:] = hook.result()
-    delta_sum.sub_(global_flat * weight_sum)  # sum_i w_i (x_i - g) without a copy per client
+    delta_sum.addcmul_(global_flat, weight_sum, value=-1.0)  # sum_i w_i (x_i - g) without a copy per client
     out[lay.n] = weight_sum
     return out
 
