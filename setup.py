@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["core", "core.*", "utils", "utils.*", "experiments", "experiments.*"]),
-    py_modules=["e2e_trainer", "compare"],
+    py_modules=["e2e_trainer", "compare", "submit"],
     package_data={"experiments": ["*/*.yaml", "*/*.md"]},
     install_requires=[
         "torch>=2.4,<3",
@@ -21,7 +21,9 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "mpi4py>=3.1", "mpich>=4.1"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "mpi4py>=3.1", "mpich>=4.1", "submitit>=1.5", "wandb>=0.16"],
         "mpi": ["mpi4py>=3.1", "mpich>=4.1"],
+        "slurm": ["submitit>=1.5"],
+        "wandb": ["wandb>=0.16"],
     },
 )

@@ -1,7 +1,8 @@
 """Process setup and transport of flat tensors (knows nothing about algorithms).
 
 Launch modes: ``torch.distributed.run`` (RANK/WORLD_SIZE in the environment), ``mpiexec`` (rank
-and size from mpi4py) or a plain single process (world size 1, no process group).
+and size from mpi4py) or a plain single process (world size 1, no process group). On several
+nodes, RANK is global and LOCAL_RANK (rank within the node) picks the GPU.
 """
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def _mpi_environment() -> None:
         raise UserError("launched by mpiexec but mpi4py is missing; pip install -e \".[mpi]\"") from None
     comm = MPI.COMM_WORLD
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(comm.Get_rank()), str(comm.Get_size())
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK",
-                                                       os.environ.get("MPI_LOCALRANKID", "0")))
+    # rank among the processes of this node (picks the GPU), from any MPI: ranks sharing memory
+    os.environ.setdefault("LOCAL_RANK", str(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()))
     os.environ.setdefault("MASTER_ADDR", comm.bcast(MPI.Get_processor_name(), root=0))
     os.environ.setdefault("MASTER_PORT", str(comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0)))
 

@@ -39,7 +39,7 @@ class Server:
         self.history: list[dict] = []
         self.start_round = 1
         self.elapsed_before = 0.0
-        self.writer = MetricsWriter(run_dir)
+        self.writer = MetricsWriter(run_dir, sim.cfg.logging_config, sim.cfg.to_dict())
         if resume is not None:
             self._restore(load_checkpoint(resume))
         self.trained = sim.schedule.trained_through(self.start_round - 1)  # clients sampled so far

@@ -1,4 +1,4 @@
-"""Launch modes: mpiexec (through mpi4py) gives the same model as one process."""
+"""Launch modes: mpiexec (through mpi4py) forms one process group and gives the same model as one process."""
 from __future__ import annotations
 
 import os
@@ -21,11 +21,37 @@ def _mpiexec() -> str:
     return found
 
 
-def test_mpiexec_three_ranks_match_one_process(tmp_path):
+# Each rank prints what init_distributed derived from MPI, then the sum of all ranks over gloo.
+PROBE = """
+import os, torch, torch.distributed as dist
+from core.distributed import init_distributed
+ctx = init_distributed("gloo", "cpu", 60)
+total = torch.tensor([float(ctx.rank)]); dist.all_reduce(total)
+print("probe", ctx.rank, ctx.world_size, os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"],
+      os.environ["MASTER_PORT"], int(total.item()), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _run_mpiexec(args: list[str], n: int = 3) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    proc = subprocess.run([_mpiexec(), "-n", "3", sys.executable, "e2e_trainer.py", *ARGS, "-outputPath", str(tmp_path),
-                           "-run_name", "mpi"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([_mpiexec(), "-n", str(n), sys.executable, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_mpiexec_sets_rank_world_and_master_from_mpi():
+    proc = _run_mpiexec(["-c", PROBE])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("probe "))
+    assert [r[:3] for r in rows] == [["0", "3", "0"], ["1", "3", "1"], ["2", "3", "2"]]
+    assert len({(r[3], r[4]) for r in rows}) == 1, "every rank must meet at rank 0's address and port"
+    assert all(r[5] == "3" for r in rows), "0 + 1 + 2 summed over the gloo group"
+
+
+def test_mpiexec_three_ranks_match_one_process(tmp_path):
+    proc = _run_mpiexec(["e2e_trainer.py", *ARGS, "-backend", "gloo", "-outputPath", str(tmp_path), "-run_name", "mpi"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("Final results of mpi") == 1, "only rank 0 of one 3-rank group reports"
     single = run_trainer([*ARGS, "-outputPath", str(tmp_path), "-run_name", "single"])
     assert single.returncode == 0, single.stderr[-2000:]
     a, b = load_ckpt(tmp_path / "mpi"), load_ckpt(tmp_path / "single")

@@ -1,8 +1,12 @@
-"""metrics.jsonl (one JSON object per evaluation) and TensorBoard scalars."""
+"""metrics.jsonl (one JSON object per evaluation), TensorBoard scalars and, when switched on,
+Weights & Biases (``logging_config.wandb``; wandb is imported only then)."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
+
+from core.errors import UserError
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:
@@ -16,14 +20,43 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return out
 
 
-class MetricsWriter:
-    """Appends evaluation records to ``metrics.jsonl`` and TensorBoard in ``run_dir``."""
+def start_wandb(run_dir: Path, logging, config: dict | None):
+    """Start the W&B run of ``run_dir`` (its files under ``run_dir/wandb/``, named after the folder),
+    or continue it after a resume: the run id is kept in ``run_dir/wandb/pfedsim_run_id``.
 
-    def __init__(self, run_dir: Path):
+    ``logging`` is a ``LoggingConfig``; ``config`` (the resolved experiment) becomes ``wandb.config``.
+
+    Raises:
+        UserError: the wandb package is not installed.
+    """
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("logging_config.wandb is true but the wandb package is missing; pip install wandb "
+                        "or set logging_config.wandb: false") from None
+    id_file = run_dir / "wandb" / "pfedsim_run_id"
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return wandb.init(project=logging.wandb_project, entity=logging.wandb_entity, mode=logging.wandb_mode,
+                      dir=str(run_dir), name=run_dir.name, id=run_id, resume="allow", config=config)
+
+
+class MetricsWriter:
+    """Appends evaluation records to ``metrics.jsonl`` and TensorBoard in ``run_dir``, and to W&B
+    when ``logging.wandb`` is true (``logging``: a ``LoggingConfig`` or None; ``config``: the
+    resolved experiment as plain data, logged as the W&B run's config).
+
+    Raises:
+        UserError: W&B switched on but the wandb package is missing.
+    """
+
+    def __init__(self, run_dir: Path, logging=None, config: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
         self.tb = SummaryWriter(log_dir=str(run_dir))
+        self.wandb_run = start_wandb(run_dir, logging, config) if logging is not None and logging.wandb else None
 
     def rewrite(self, history: list[dict]) -> None:
         """Replace metrics.jsonl by ``history`` (after a resume, the checkpoint's records win)."""
@@ -32,11 +65,19 @@ class MetricsWriter:
         tmp.replace(self.path)
 
     def write(self, record: dict) -> None:
+        """Append one evaluation ``record`` (has ``round``); its numeric leaves become scalars
+        named by their key path (``personalized/weighted``) at step ``round``."""
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        for name, value in _flatten(record).items():
+        scalars = _flatten(record)
+        for name, value in scalars.items():
             self.tb.add_scalar(name, value, record["round"])
         self.tb.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=record["round"])
 
     def close(self) -> None:
+        """Flush and close TensorBoard, and finish the W&B run."""
         self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
