@@ -17,6 +17,7 @@ from core.config import load_config
 from core.distributed import PeerFailure
 from core.errors import UserError
 from core.task import load_task
+from utils.experiment import write_run_info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +66,7 @@ def _run_dir(args, cfg, rank: int) -> Path:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
@@ -75,6 +77,7 @@ def main(argv=None) -> int:
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_run_info(run_dir, task, args.dataPath, argv)
         from core.runner import run_experiment
         run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume)
     except UserError as exc:

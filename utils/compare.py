@@ -23,6 +23,20 @@ def load_run(run_dir: Path) -> dict:
             "history": [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]}
 
 
+def run_scores(history: list[dict]) -> dict:
+    """Final (last evaluation) and best (over evaluations) accuracy of one run, as fractions.
+
+    Keys ``final_global``, ``best_global`` (global model, full test set), ``final_personalized``,
+    ``best_personalized`` (sample-weighted mean over the personalized clients; None when the run has
+    no personalized evaluation).
+    """
+    personal = [r.get("personalized", {}).get("weighted_mean") if r.get("personalized", {}).get("clients") else None
+                for r in history]
+    known = [p for p in personal if p is not None]
+    return {"final_global": history[-1]["global_test_acc"], "best_global": max(r["global_test_acc"] for r in history),
+            "final_personalized": personal[-1], "best_personalized": max(known) if known else None}
+
+
 def _pct(stats: dict | None, key: str) -> str:
     value = (stats or {}).get(key)
     return "-" if value is None else f"{100 * value:.2f}"

@@ -1,0 +1,302 @@
+"""Reload a run folder: its config, metrics, models (global or one client's personalized) and data.
+
+    exp = Experiment("runs/my_run")
+    model = exp.load_model(reload="best", client=7)      # eval mode, ready for model.inference(batch)
+    data = exp.dataloaders(client=7)                      # data.test: batches of client 7's local test split
+    record, matrix, trained = exp.evaluate("best")        # the engine's evaluation, run again
+
+A run folder holds ``run.json`` (written by e2e_trainer.py): the task, the data path and the command
+lines that made it. Older folders lack it; pass ``task`` and ``data_path`` then.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from core.config import apply_override, validate_config
+from core.distributed import DistContext, Transport
+from core.errors import UserError
+from core.evaluation import eval_share, eval_width, full_test_accuracy, summarize
+from core.flat import StateLayout
+from core.personalization import build_personalization
+from core.simulation import build_simulation, init_model
+from core.task import EXPERIMENTS_DIR, load_task
+from utils.checkpoint import load_checkpoint
+from utils.compare import load_run
+
+__all__ = ["Experiment", "ClientData", "Batches", "write_run_info", "read_run_info"]
+
+RUN_INFO = "run.json"
+CHECKPOINTS = {"last": "latest.pt", "best": "best.pt"}
+# Keys an evaluation may change: the data section (another partition), how never-trained clients are
+# fine-tuned, evaluation batch size, device and seed (the seed also draws the partition).
+EVAL_KEYS = ("data_config.", "personalization.new_client_epochs", "server_config.eval_batch_size", "device", "seed")
+PARTITION_KEYS = ("data_config.", "seed")
+
+
+def _version() -> dict:
+    """pfedsim's installed version and the git commit of this checkout (None when unknown)."""
+    try:
+        version = metadata.version("pfedsim")
+    except metadata.PackageNotFoundError:
+        version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                                capture_output=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"pfedsim_version": version, "git_commit": commit}
+
+
+def write_run_info(run_dir: Path, task, data_path: str, argv: list[str]) -> None:
+    """Write ``run_dir/run.json``: what rebuilding the run needs besides its config.
+
+    Keys: ``task`` (a name under experiments/ or an absolute task folder), ``dataPath`` (absolute),
+    ``commands`` (every command line that started or resumed the run, oldest first), the pfedsim
+    version and git commit.
+    """
+    path = Path(run_dir) / RUN_INFO
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    info = {"task": task.name if task.folder.parent == EXPERIMENTS_DIR else str(task.folder),
+            "dataPath": str(Path(data_path).resolve()),
+            "commands": old.get("commands", []) + [shlex.join(["e2e_trainer.py"] + list(argv))], **_version()}
+    path.write_text(json.dumps(info, indent=1) + "\n")
+
+
+def read_run_info(run_dir: Path) -> dict:
+    """The run's ``run.json`` as a dict.
+
+    Raises:
+        UserError: when the file is missing (a run made before pfedsim wrote it).
+    """
+    path = Path(run_dir) / RUN_INFO
+    if not path.is_file():
+        raise UserError(f"{path} not found (run made before pfedsim recorded its task and data); "
+                        f"pass -task T and -dataPath D (Experiment(..., task=, data_path=))")
+    return json.loads(path.read_text())
+
+
+def _check_eval_override(assignment: str) -> str:
+    key = assignment.split("=", 1)[0].strip()
+    if "=" not in assignment or not any(key == k or (k.endswith(".") and key.startswith(k)) for k in EVAL_KEYS):
+        raise UserError(f"--set {assignment!r}: evaluation may only change "
+                        f"{', '.join(k + '*' if k.endswith('.') else k for k in EVAL_KEYS)} (key.path=value); "
+                        f"the model and training keys come from the run")
+    return key
+
+
+@dataclass(frozen=True)
+class Batches:
+    """An iterable over batches (dicts of device tensors, e.g. cv: ``x`` (B, 3, 32, 32), ``y`` (B,))
+    of the samples ``indices`` (int64, in order, no shuffling) through a task's data loader."""
+
+    loader: object
+    indices: torch.Tensor
+
+    def __iter__(self):
+        return iter(self.loader.batches(self.indices))
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.indices.numel())
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """A client's train and local test split (or the whole train and test sets for ``client=None``).
+    ``train`` goes through the training loader (augmentation as configured, no shuffling)."""
+
+    train: Batches
+    test: Batches
+
+
+class Experiment:
+    """One run folder, reloaded in this process (world size 1) for inspection and evaluation.
+
+    Args:
+        run_dir: ``OUT/<run name>`` holding ``config.resolved.yaml`` (and ``checkpoints/``).
+        task, data_path: override ``run.json`` (required for run folders that lack it).
+        overrides: ``key.path=value`` changes limited to :data:`EVAL_KEYS`; a change of ``data_config``
+            or ``seed`` makes a new partition, whose clients count as never trained.
+        device: ``cpu``/``cuda``; default: the config's ``device`` (``auto``: a GPU when present).
+
+    Raises:
+        UserError: missing run folder or config, missing run.json without task/data_path, a
+            disallowed or invalid override, an unknown task.
+    """
+
+    def __init__(self, run_dir, task: str | None = None, data_path: str | None = None, overrides=(),
+                 device: str | None = None):
+        self.run_dir = Path(run_dir)
+        config_path = self.run_dir / "config.resolved.yaml"
+        if not config_path.is_file():
+            what = "run folder" if not self.run_dir.is_dir() else "config.resolved.yaml in"
+            raise UserError(f"{what} {self.run_dir if what == 'run folder' else config_path} not found; "
+                            f"pass a run folder OUT/<run name> written by e2e_trainer.py")
+        info = read_run_info(self.run_dir) if task is None or data_path is None else {}
+        self.task = load_task(task or info["task"])
+        self.data_path = data_path or info["dataPath"]
+        raw = yaml.safe_load(config_path.read_text())
+        raw["server_config"]["resume_from_checkpoint"] = None
+        keys = [_check_eval_override(a) for a in overrides]
+        for assignment in overrides:
+            apply_override(raw, assignment)
+        self.config = validate_config(raw, f"{config_path} with --set")
+        self.overrides = list(overrides)
+        self.partition_changed = any(k.startswith(PARTITION_KEYS) for k in keys)
+        auto = "cuda" if torch.cuda.is_available() and self.config.device != "cpu" else "cpu"
+        self.device = torch.device(device or auto)
+        self._sim = None
+        self._states: dict[str, dict] = {}
+
+    # ---- what the run wrote ------------------------------------------------------------------
+    def metrics(self) -> list[dict]:
+        """The records of metrics.jsonl, one dict per evaluation, oldest first (see README).
+
+        Raises:
+            UserError: when the run has no metrics.jsonl yet.
+        """
+        return load_run(self.run_dir)["history"]
+
+    def checkpoint(self, reload: str = "best") -> dict:
+        """The checkpoint ``last`` (checkpoints/latest.pt) or ``best`` as a dict on the CPU.
+
+        Raises:
+            UserError: unknown ``reload``, or the file is missing.
+        """
+        if reload not in CHECKPOINTS:
+            raise UserError(f"--reload {reload!r}: choose one of {', '.join(CHECKPOINTS)}")
+        if reload not in self._states:
+            path = self.run_dir / "checkpoints" / CHECKPOINTS[reload]
+            if not path.is_file():
+                raise UserError(f"checkpoint {path} not found; the run has not checkpointed yet "
+                                f"(server_config.ckpt_freq) — try --reload last or resume the run")
+            self._states[reload] = load_checkpoint(path)
+        return self._states[reload]
+
+    # ---- rebuilt pieces ----------------------------------------------------------------------
+    def simulation(self):
+        """The run's :class:`core.simulation.Simulation` in this process (loads and partitions the data
+        once; built on first use).
+
+        Raises:
+            UserError: missing data, impossible partition.
+        """
+        if self._sim is None:
+            ctx = DistContext(0, 1, self.device, "gloo")
+            self._sim = build_simulation(self.config, self.task, self.data_path, ctx, Transport(ctx))
+        return self._sim
+
+    def trained_clients(self, reload: str = "best") -> list[int]:
+        """Sorted ids of the clients that had trained by the checkpoint's round and have a personalized
+        model (empty for methods without one, or for a changed partition)."""
+        sim = self.simulation()
+        if self.partition_changed or not sim.personalization.evaluates_personalized:
+            return []
+        return sorted(sim.schedule.trained_through(self.checkpoint(reload)["round"]))
+
+    def _personal_vector(self, state: dict, client: int) -> torch.Tensor | None:
+        """(W,) what evaluation needs of a client's store entry (personal layers or Ditto's model)."""
+        sim = self.simulation()
+        if not eval_width(sim):
+            return None
+        entry = state["client_store"]["entries"].get(int(client))
+        c = sim.strategy.client_state_numel(sim.layout)
+        return sim.personalization.eval_vector(entry, sim.personal_numel, c).to(self.device)
+
+    def _personalize(self, reload: str, client: int) -> None:
+        """Put ``client``'s personalized model into the simulation's replica, as evaluation does:
+        the method's own preparation for a trained client; for a never-trained one, personal layers
+        fine-tuned ``personalization.new_client_epochs`` epochs from the global model."""
+        sim, state = self.simulation(), self.checkpoint(reload)
+        round_idx, global_flat = state["round"], state["global"].to(self.device)
+        if client in set(self.trained_clients(reload)):
+            sim.personalization.prepare_eval(sim.trainer, round_idx, client, sim.train_clients.get(client), global_flat,
+                                             self._personal_vector(state, client))
+            return
+        epochs = self.config.personalization.new_client_epochs
+        if not epochs or not sim.personal_numel:
+            raise UserError(f"client {client} has no personalized model at round {round_idx} (never trained, "
+                            f"and personalization.new_client_epochs is 0 or the method has no personal layers); "
+                            f"pass client=None or --set personalization.new_client_epochs=K")
+        sim.trainer.train(round_idx, client, sim.train_clients.get(client), global_flat, None, epochs=epochs,
+                          stream=2, which="personal")
+
+    def _check_client(self, client: int) -> int:
+        n = self.config.data_config.num_clients
+        if not 0 <= int(client) < n:
+            raise UserError(f"client {client}: not a client id of this run; ids are 0..{n - 1}")
+        return int(client)
+
+    def load_model(self, reload: str = "best", client: int | None = None) -> torch.nn.Module:
+        """A new model (the task's ``BaseModel``) in eval mode on :attr:`device`.
+
+        ``client=None``: the global model of the checkpoint (no data loaded). ``client=c``: c's
+        personalized model as the run evaluates it (global body with c's personal layers from the
+        client store; Ditto: c's personal model; fine-tuning methods: fine-tuned on c's train split).
+        With a method without personalization it is the global model.
+
+        Raises:
+            UserError: bad ``reload``, missing checkpoint, unknown client id, or a client without a
+                personalized model (never trained and no ``new_client_epochs``).
+        """
+        state = self.checkpoint(reload)
+        model = init_model(self.task, self.config, self.device)
+        layout = StateLayout(model)
+        client = None if client is None else self._check_client(client)
+        if client is None or not build_personalization(self.config.personalization).evaluates_personalized:
+            layout.load_(state["global"].to(self.device))
+            return model.eval()
+        self._personalize(reload, client)
+        layout.load_(self.simulation().layout.flatten())
+        return model.eval()
+
+    def dataloaders(self, client: int | None = None) -> ClientData:
+        """Batches of ``client``'s train split and local test split (``None``: the whole train and test
+        sets), for this run's partition (or the overridden one).
+
+        Raises:
+            UserError: unknown client id, missing data.
+        """
+        sim = self.simulation()
+        if client is None:
+            train_all = torch.arange(len(sim.trainer.loader.dataset.labels), device=self.device)
+            test_all = torch.arange(len(sim.test_loader.dataset.labels), device=self.device)
+            return ClientData(Batches(sim.trainer.loader, train_all), Batches(sim.test_loader, test_all))
+        cid = self._check_client(client)
+        return ClientData(Batches(sim.trainer.loader, sim.train_clients.get(cid)),
+                          Batches(sim.test_loader, sim.test_clients.get(cid)))
+
+    def evaluate(self, reload: str = "best") -> tuple[dict, np.ndarray, list[int]]:
+        """Evaluate the checkpoint with the engine's evaluation (core/evaluation.py), in one process.
+
+        Returns:
+            ``(record, matrix, trained)``: ``record`` has the keys of a metrics.jsonl record
+            (``round``, ``global_test_acc``, ``global_local``, ``personalized``, ``new_clients``...,
+            accuracies as fractions); ``matrix`` (num_clients, 4) float64 per client: correct global,
+            correct personalized, test samples, correct new-client model; ``trained``: the ids whose
+            personalized model was evaluated.
+        """
+        state, sim = self.checkpoint(reload), self.simulation()
+        global_flat = state["global"].to(self.device)
+        trained = self.trained_clients(reload)
+        stored = [self._personal_vector(state, c) for c in trained] if eval_width(sim) else []
+        matrix = eval_share(sim, state["round"], torch.cat([global_flat] + stored), trained)
+        record = {"round": state["round"], "global_test_acc": full_test_accuracy(sim, global_flat)}
+        matrix = matrix.cpu().double().numpy()
+        record.update(summarize(matrix, trained, sim.personalization.evaluates_personalized))
+        return record, matrix, trained
+
+    def recorded(self, round_idx: int) -> dict | None:
+        """The metrics.jsonl record of ``round_idx`` (None when that round was not evaluated)."""
+        path = self.run_dir / "metrics.jsonl"
+        records = self.metrics() if path.is_file() else []
+        return next((r for r in records if r["round"] == round_idx), None)

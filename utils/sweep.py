@@ -1,0 +1,285 @@
+"""Grid sweeps: every grid point x seed is one e2e_trainer.py run (a subprocess) under one sweep folder.
+
+Run names are a pure function of the grid point and the seed (``lr=0.01_alpha=0.1_seed=0``), so a
+second invocation finds its runs again: finished ones are skipped, interrupted ones resumed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from core.config import load_config
+from core.errors import UserError
+from utils.compare import compare_plot, load_run, run_scores
+
+SCORES = ("final_global", "best_global", "final_personalized", "best_personalized")
+IGNORED_KEYS = (("server_config", "max_iteration"), ("server_config", "resume_from_checkpoint"))
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One ``--grid`` option: a dotted config key and its values as YAML texts."""
+
+    key: str
+    values: tuple[str, ...]
+
+
+def parse_axis(text: str) -> Axis:
+    """``key.path=v1,v2`` (values split at commas) or ``key.path=[v1, v2]`` (a YAML list, for values
+    that hold commas themselves, e.g. ``server_config.num_clients_per_iteration=["5,10", 20]``).
+
+    Raises:
+        UserError: no ``=``, an empty key or value, a repeated value, or ``seed`` (use --seeds).
+    """
+    key, sep, rest = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not rest.strip() or " " in key:
+        raise UserError(f"--grid {text!r}: expected key.path=v1,v2 (e.g. client_config.optimizer_config.lr=0.01,0.05)")
+    if key == "seed":
+        raise UserError(f"--grid {text!r}: seeds are set with --seeds N, not as a grid key")
+    if rest.strip().startswith("["):
+        try:
+            items = yaml.safe_load(rest)
+        except yaml.YAMLError:
+            items = None
+        if not isinstance(items, list):
+            raise UserError(f"--grid {text!r}: the value list is not valid YAML, e.g. key=[a, b]")
+        values = [yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip() for v in items]
+    else:
+        values = [v.strip() for v in rest.split(",")]
+    if not values or any(not v for v in values) or len(set(values)) != len(values):
+        raise UserError(f"--grid {text!r}: values must be non-empty and distinct, e.g. {key}=0.1,1.0")
+    return Axis(key, tuple(values))
+
+
+def assignment_slug(pairs) -> str:
+    """``[(key, value), ...]`` -> ``leaf=value_leaf=value`` (the full key where leaf names repeat),
+    with characters outside ``[A-Za-z0-9._=+-]`` replaced by ``-``: a folder or file name part."""
+    pairs = [(k.strip(), str(v).strip()) for k, v in pairs]
+    leaves = [k.split(".")[-1] for k, _ in pairs]
+    parts = [f"{leaf if leaves.count(leaf) == 1 else key}={value}" for (key, value), leaf in zip(pairs, leaves)]
+    return "_".join(re.sub(r"[^A-Za-z0-9._=+-]", "-", part) for part in parts)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of the sweep: its grid point ((key, value text) pairs), seed and validated config."""
+
+    name: str
+    point: tuple[tuple[str, str], ...]
+    seed: int
+    config: object
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"{k}={v}" for k, v in self.point]
+
+
+def plan(config_path: str, sets: list[str], axes: list[Axis], seeds: int) -> list[SweepRun]:
+    """Every grid point x seed, each config validated; seeds are ``seed .. seed + seeds - 1`` of the
+    config (after ``sets``).
+
+    Raises:
+        UserError: a repeated grid key, a bad seed count, or any invalid config (named by grid point).
+    """
+    keys = [a.key for a in axes]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--grid: key {next(k for k in keys if keys.count(k) > 1)} is given twice; "
+                        f"list all its values in one --grid")
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds}: expected a number of seeds >= 1")
+    base = load_config(config_path, sets).seed
+    runs = []
+    for values in itertools.product(*(a.values for a in axes)):
+        point = tuple(zip(keys, values))
+        for seed in range(base, base + seeds):
+            name = assignment_slug(list(point) + [("seed", seed)])
+            try:
+                cfg = load_config(config_path, list(sets) + [f"{k}={v}" for k, v in point], seed)
+            except UserError as exc:
+                raise UserError(f"grid point {assignment_slug(point) or '(none)'}: {exc}") from None
+            runs.append(SweepRun(name, point, seed, cfg))
+    return runs
+
+
+def _comparable(config: dict) -> dict:
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for section, key in IGNORED_KEYS:
+        config.get(section, {}).pop(key, None)
+    return config
+
+
+def _first_difference(a, b, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {a!r} there, {b!r} now"
+
+
+def checkpoint_round(path: Path) -> int:
+    """The round stored in a checkpoint file (memory-mapped: the tensors are not read)."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["round"])
+
+
+def run_status(run_dir: Path, cfg) -> str:
+    """``done`` (final checkpoint at the last round), ``resume`` (an earlier checkpoint) or ``new``.
+
+    Raises:
+        UserError: the folder holds a run of another config, or one with more rounds than asked.
+    """
+    resolved = run_dir / "config.resolved.yaml"
+    if not resolved.is_file():
+        return "new"
+    old, new = _comparable(yaml.safe_load(resolved.read_text())), _comparable(cfg.to_dict())
+    if old != new:
+        raise UserError(f"{run_dir} holds a run of another config ({_first_difference(old, new)}); "
+                        f"choose another -name or remove that folder")
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if not latest.is_file():
+        return "new"
+    done = checkpoint_round(latest)
+    rounds = cfg.server_config.max_iteration
+    if done > rounds:
+        raise UserError(f"{run_dir} already ran {done} rounds, more than server_config.max_iteration={rounds}; "
+                        f"choose another -name")
+    return "done" if done == rounds else "resume"
+
+
+def trainer_command(run: SweepRun, sweep_dir: Path, args, resume: bool) -> list[str]:
+    """The e2e_trainer.py command line of one run (this Python, the e2e_trainer module next to core/)."""
+    script = importlib.util.find_spec("e2e_trainer").origin
+    cmd = [sys.executable, script, "-dataPath", args.dataPath, "-outputPath", str(sweep_dir), "-config", args.config,
+           "-task", args.task, "-run_name", run.name, "-seed", str(run.seed)]
+    for assignment in list(args.overrides) + run.overrides:
+        cmd += ["--set", assignment]
+    return cmd + (["-resume"] if resume else [])
+
+
+def _last_error(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["(no output)"])[-1].strip()
+
+
+def _run_one(cmd: list[str], log: Path, env: dict) -> int:
+    with open(log, "a") as handle:
+        handle.write(f"\n$ {' '.join(cmd)}\n")
+        handle.flush()
+        return subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def launch(jobs: list[tuple[SweepRun, list[str]]], sweep_dir: Path, workers: int) -> list[str]:
+    """Run the commands, ``workers`` at a time; each logs to ``sweep_dir/logs/<run>.log``.
+
+    Returns the names of the runs that failed (non-zero exit), after printing one line per run.
+    """
+    log_dir = sweep_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    env.setdefault("TQDM_DISABLE", "1")
+    failed, started = [], time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_run_one, cmd, log_dir / f"{run.name}.log", env): run for run, cmd in jobs}
+        for i, future in enumerate(as_completed(futures), 1):
+            run, rc = futures[future], future.result()
+            log = log_dir / f"{run.name}.log"
+            status = "done" if rc == 0 else f"FAILED (exit {rc}): {_last_error(log)} [see {log}]"
+            print(f"[{i}/{len(jobs)}] {run.name}: {status} ({time.perf_counter() - started:.0f} s)", flush=True)
+            if rc != 0:
+                failed.append(run.name)
+    return failed
+
+
+def mean_std(values) -> tuple[float, float, int] | None:
+    """(mean, sample std (n - 1; 0 for one value), n) of the non-None ``values``; None if there are none."""
+    vals = np.array([v for v in values if v is not None], dtype=float)
+    if not len(vals):
+        return None
+    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, len(vals)
+
+
+def _mean_history(histories: list[list[dict]]) -> list[dict]:
+    """Per round of the first history, the mean global test and personalized accuracy over histories."""
+    out = []
+    for rec in histories[0]:
+        same = [r for h in histories for r in h if r["round"] == rec["round"]]
+        pers = [r.get("personalized", {}).get("weighted_mean") for r in same]
+        pers = [p for p in pers if p is not None]
+        out.append({"round": rec["round"], "global_test_acc": float(np.mean([r["global_test_acc"] for r in same])),
+                    "personalized": {"weighted_mean": float(np.mean(pers)), "clients": 1} if pers else {}})
+    return out
+
+
+def aggregate(sweep_dir: Path, runs: list[SweepRun]) -> list[dict]:
+    """One row per grid point: its values, the finished seeds' runs, and per score of
+    :func:`utils.compare.run_scores` its (mean, std, n) over seeds (None without data)."""
+    rows: dict[tuple, dict] = {}
+    for run in runs:
+        row = rows.setdefault(run.point, {"point": run.point, "runs": [], "histories": []})
+        if run_status(sweep_dir / run.name, run.config) == "done":
+            row["runs"].append(run.name)
+            row["histories"].append(load_run(sweep_dir / run.name)["history"])
+    for row in rows.values():
+        scores = [run_scores(h) for h in row["histories"]]
+        row.update({s: mean_std([sc[s] for sc in scores]) for s in SCORES})
+    return list(rows.values())
+
+
+def _cell(stat) -> str:
+    return "-" if stat is None else f"{100 * stat[0]:.2f} ± {100 * stat[1]:.2f}"
+
+
+def markdown_table(rows: list[dict], axes: list[Axis]) -> str:
+    """Per grid point: final and best global / personalized accuracy, mean ± std over seeds (percent)."""
+    head = [a.key for a in axes] + ["seeds", "final global", "best global", "final personalized", "best personalized"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [v for _, v in row["point"]] + [str(len(row["runs"]))] + [_cell(row[s]) for s in SCORES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict], axes: list[Axis]) -> None:
+    """CSV: grid values, seeds, and ``<score>_mean`` / ``<score>_std`` as fractions (empty: no data)."""
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow([a.key for a in axes] + ["seeds"] + [f"{s}_{m}" for s in SCORES for m in ("mean", "std")])
+        for row in rows:
+            stats = [("" if row[s] is None else f"{row[s][i]:.6f}") for s in SCORES for i in (0, 1)]
+            out.writerow([v for _, v in row["point"]] + [len(row["runs"])] + stats)
+
+
+def write_report(sweep_dir: Path, rows: list[dict], axes: list[Axis]) -> str:
+    """sweep.md, sweep.csv and plots/accuracy.png (mean over seeds per grid point); returns the table."""
+    table = markdown_table(rows, axes)
+    (sweep_dir / "sweep.md").write_text(f"# Sweep {sweep_dir.name}\n\nAccuracy in percent, mean ± sample std "
+                                        f"over seeds (final: last round; best: best evaluation).\n\n{table}\n")
+    write_csv(sweep_dir / "sweep.csv", rows, axes)
+    curves = [{"name": assignment_slug(row["point"]) or "runs", "history": _mean_history(row["histories"])}
+              for row in rows if row["histories"]]
+    if curves:
+        compare_plot(curves, sweep_dir / "plots" / "accuracy.png")
+    return table
+
+
+def clear_incomplete(run_dir: Path) -> None:
+    """Remove a run folder that holds no checkpoint (it cannot be resumed; it is started again)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
