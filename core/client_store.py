@@ -1,33 +1,96 @@
-"""Per-client state that never leaves the client: personal-layer parameters."""
+"""Per-client state that never leaves the client: personal layers, strategy state, personal models."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
 
 
 class ClientStore:
-    """Maps client id -> (P,) float32 CPU tensor of that client's personal parameters.
+    """Maps client id -> (W,) float32 CPU vector (a client's personal state; W is fixed per run).
 
-    Lives with the server; only clients that have trained at least once have an entry. Memory is
-    ``4 * P`` bytes per trained client.
+    Lives with the server; only clients that have trained at least once have an entry. Rows live in
+    one table of ``capacity x W`` floats that doubles when full. It stays in host memory while it is
+    at most ``memory_limit_bytes``; past that it moves to a memory-mapped file ``spill_path``
+    (DESIGN invariant 2), so the operating system pages rows in and out and host memory stays
+    bounded however many clients train. Growing the file keeps every row where it is (no copy).
+
+    Vectors returned by :meth:`get` are views of the table: read them, do not modify them.
     """
 
-    def __init__(self):
-        self._entries: dict[int, torch.Tensor] = {}
+    def __init__(self, spill_path: Path | None = None, memory_limit_bytes: float = float("inf")):
+        self.spill_path = Path(spill_path) if spill_path is not None else None
+        self.memory_limit_bytes = memory_limit_bytes
+        self._row: dict[int, int] = {}
+        self._table: torch.Tensor | None = None
+        self._map: np.memmap | None = None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._row)
 
     def __contains__(self, client_id: int) -> bool:
-        return int(client_id) in self._entries
+        return int(client_id) in self._row
 
-    def get(self, client_id: int, default: torch.Tensor) -> torch.Tensor:
-        return self._entries.get(int(client_id), default)
+    @property
+    def on_disk(self) -> bool:
+        """True once the table has moved to the memory-mapped spill file."""
+        return self._map is not None
+
+    def get(self, client_id: int, default: torch.Tensor | None) -> torch.Tensor | None:
+        """The client's (W,) vector, or ``default`` when it has none."""
+        row = self._row.get(int(client_id))
+        return default if row is None else self._table[row]
 
     def put(self, client_id: int, value: torch.Tensor) -> None:
-        self._entries[int(client_id)] = value.detach().to("cpu", torch.float32).clone()
+        """Store a copy of the (W,) ``value`` (any device) as the client's vector."""
+        value = value.detach().reshape(-1)
+        if self._table is not None and self._table.shape[1] != value.numel():
+            raise ValueError(f"client store holds vectors of {self._table.shape[1]} floats, got {value.numel()}")
+        cid = int(client_id)
+        if cid not in self._row:
+            self._reserve(len(self._row) + 1, value.numel())
+            self._row[cid] = len(self._row)
+        self._table[self._row[cid]].copy_(value)
+
+    def _reserve(self, rows: int, width: int) -> None:
+        capacity = 0 if self._table is None else self._table.shape[0]
+        if rows <= capacity:
+            return
+        capacity = max(rows, 2 * capacity, 16)
+        if self.spill_path is not None and capacity * width * 4 > self.memory_limit_bytes:
+            self._grow_on_disk(capacity, width)
+        else:
+            table = torch.zeros(capacity, width)
+            if self._table is not None:
+                table[:len(self._row)] = self._table[:len(self._row)]
+            self._table = table
+
+    def _grow_on_disk(self, capacity: int, width: int) -> None:
+        """Map a file of ``capacity`` rows; rows already in memory are written to it once."""
+        was_on_disk, old = self.on_disk, self._table
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        if not was_on_disk:
+            open(self.spill_path, "wb").close()
+        os.truncate(self.spill_path, capacity * width * 4)
+        self._map = np.memmap(self.spill_path, dtype=np.float32, mode="r+", shape=(capacity, width))
+        self._table = torch.from_numpy(self._map)
+        if not was_on_disk and old is not None:
+            self._table[:len(self._row)] = old[:len(self._row)]
 
     def state_dict(self) -> dict:
-        return {"entries": dict(self._entries)}
+        """``{"entries": {client id: (W,) vector}}`` (views of the table, saved as one storage)."""
+        return {"entries": {cid: self._table[row] for cid, row in self._row.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self._entries = dict(state["entries"])
+        """Replace the content by ``state["entries"]`` (from :meth:`state_dict`)."""
+        self.close()
+        for cid, vec in state["entries"].items():
+            self.put(cid, vec)
+
+    def close(self) -> None:
+        """Empty the store and delete its spill file (checkpoints keep what must persist)."""
+        self._row, self._table, self._map = {}, None, None
+        if self.spill_path is not None:
+            self.spill_path.unlink(missing_ok=True)

@@ -58,6 +58,9 @@ class ServerConfig(_Section):
     eval_batch_size: int = Field(1000, ge=1, description="batch size of evaluation passes")
     resume_from_checkpoint: Optional[str] = Field(None, description="checkpoint file or run folder to continue")
     timeout_s: float = Field(600.0, gt=0, description="process-group timeout in seconds (a dead peer is reported by then)")
+    client_store_memory_mb: float = Field(
+        4096.0, gt=0, description="client store (personal state of trained clients) held in host memory up to this "
+                                  "many MiB; beyond, it moves to a memory-mapped file OUT/RUN/client_store.f32")
 
     @field_validator("num_clients_per_iteration")
     @classmethod

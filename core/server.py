@@ -34,7 +34,7 @@ class Server:
         self.global_flat = sim.layout.flatten().clone()
         self.weights = torch.nn.Parameter(self.global_flat[:sim.layout.num_params])
         self.optimizer = build_optimizer([self.weights], sim.cfg.server_config.optimizer_config)
-        self.store = ClientStore()
+        self.store = ClientStore(run_dir / "client_store.f32", sim.cfg.server_config.client_store_memory_mb * 2**20)
         self.strategy_state = torch.zeros(sim.strategy.server_state_numel(sim.layout), device=sim.ctx.device)
         self.history: list[dict] = []
         self.start_round = 1
@@ -152,6 +152,7 @@ class Server:
 
     def _finish(self, wall_s: float) -> None:
         self.writer.close()
+        self.store.close()
         if not self.history:
             return
         name = self.run_dir.name

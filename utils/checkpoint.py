@@ -30,7 +30,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; pass -resume with a run folder or a .pt file")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # large client stores stay paged
     if not isinstance(state, dict) or "global" not in state:
         raise UserError(f"checkpoint {path} is not a pfedsim checkpoint")
     return state
