@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from core.config import load_config
-from core.distributed import PeerFailure
+from core.distributed import PeerFailure, mpi_environment
 from core.errors import UserError
 from core.task import load_task
 from utils.experiment import write_run_info
@@ -68,8 +68,9 @@ def _run_dir(args, cfg, rank: int) -> Path:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
     try:
+        mpi_environment()
+        rank = int(os.environ.get("RANK", 0))
         task = load_task(args.task)
         cfg = load_config(args.config, args.overrides, args.seed)
         run_dir = _run_dir(args, cfg, rank)

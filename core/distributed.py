@@ -36,8 +36,13 @@ class DistContext:
         return list(range(self.world_size))
 
 
-def _mpi_environment() -> None:
-    """Fill RANK/WORLD_SIZE/MASTER_ADDR from MPI when launched by mpiexec."""
+def mpi_environment() -> None:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from MPI when launched by mpiexec
+    (no-op otherwise, and when RANK is already set). Call it before reading RANK.
+
+    Raises:
+        UserError: launched by mpiexec but mpi4py is missing.
+    """
     if "RANK" in os.environ or not any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
         return
     try:
@@ -78,7 +83,7 @@ def init_distributed(backend: str, device_preference: str, timeout_s: float) -> 
     Raises:
         UserError: nccl without a GPU, or mpiexec without mpi4py.
     """
-    _mpi_environment()
+    mpi_environment()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = _device(device_preference, backend, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":

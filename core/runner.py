@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from core.distributed import Transport, init_distributed
+from core.errors import UserError
 from core.server import Server
 from core.simulation import build_simulation
 from core.worker import run_worker
@@ -22,8 +25,19 @@ def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resum
     try:
         sim = build_simulation(cfg, task, data_path, ctx, transport)
         if ctx.rank == 0:
-            return Server(sim, run_dir, resume).run()
+            return _serve(sim, run_dir, resume)
         run_worker(sim)
         return None
     finally:
         transport.close()
+
+
+def _serve(sim, run_dir: Path, resume: Path | None):
+    """Rank 0: build the server and run it; if building fails (a missing checkpoint, say), tell the
+    workers to stop (start round -1) before raising, so they do not wait for the timeout."""
+    try:
+        server = Server(sim, run_dir, resume)
+    except UserError:
+        sim.transport.broadcast(torch.tensor([-1.0], device=sim.ctx.device), "start broadcast")
+        raise
+    return server.run()

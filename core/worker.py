@@ -105,8 +105,11 @@ def eval_buffer_size(sim, num_trained: int) -> int:
 
 
 def run_worker(sim) -> None:
-    """Loop of a rank >= 1: receive the start round, then follow the schedule to the end."""
+    """Loop of a rank >= 1: receive the start round (-1: the server could not start; stop), then
+    follow the schedule to the end."""
     start = int(sim.transport.broadcast(torch.zeros(1, device=sim.ctx.device), "start broadcast").item())
+    if start < 0:
+        return
     trained = sim.schedule.trained_through(start - 1)
     for r in range(start, sim.schedule.rounds + 1):
         buf = sim.transport.broadcast(torch.empty(RoundLayout(sim, r).broadcast_size, device=sim.ctx.device),

@@ -35,6 +35,22 @@ def test_dead_worker_stops_the_server_with_its_rank(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_server_start_error_releases_the_workers(tmp_path):
+    """A mistake only the server sees (a missing -resume checkpoint) stops every rank at once,
+    not after the process-group timeout (200 s here, longer than the 150 s allowed)."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    args = ["-dataPath", "unused", "-config", "experiments/synthetic/config.yaml", "-task", "synthetic",
+            "-outputPath", str(tmp_path), "-run_name", "r", "-resume", str(tmp_path / "missing.pt"),
+            "--set", "server_config.timeout_s=200"]
+    procs = [subprocess.Popen([sys.executable, "e2e_trainer.py", *args], cwd=REPO, stderr=subprocess.PIPE,
+                              text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(2)]
+    errs = [p.communicate(timeout=150)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 0], errs
+    assert errs[0].strip().splitlines()[-1].startswith(f"pfedsim: error: checkpoint {tmp_path / 'missing.pt'} not found")
+
+
+@pytest.mark.timeout(300)
 def test_dead_worker_under_torchrun_names_the_rank(tmp_path):
     proc = run_trainer([*DYING, "-outputPath", str(tmp_path), "-run_name", "dying"], nproc=3, timeout=240)
     assert proc.returncode != 0

@@ -21,28 +21,30 @@ def _mpiexec() -> str:
     return found
 
 
-# Each rank prints what init_distributed derived from MPI, then the sum of all ranks over gloo.
+# Each rank writes (to its own file: the ranks' stdout interleaves) what init_distributed derived
+# from MPI, then the sum of all ranks over gloo.
 PROBE = """
-import os, torch, torch.distributed as dist
+import os, pathlib, torch, torch.distributed as dist
 from core.distributed import init_distributed
 ctx = init_distributed("gloo", "cpu", 60)
 total = torch.tensor([float(ctx.rank)]); dist.all_reduce(total)
-print("probe", ctx.rank, ctx.world_size, os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"],
-      os.environ["MASTER_PORT"], int(total.item()), flush=True)
+fields = [ctx.rank, ctx.world_size, os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"],
+          int(total.item())]
+pathlib.Path(os.environ["PROBE_DIR"], f"{ctx.rank}.txt").write_text(" ".join(map(str, fields)))
 dist.destroy_process_group()
 """
 
 
-def _run_mpiexec(args: list[str], n: int = 3) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+def _run_mpiexec(args: list[str], n: int = 3, **env_vars) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", **env_vars)
     return subprocess.run([_mpiexec(), "-n", str(n), sys.executable, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
-def test_mpiexec_sets_rank_world_and_master_from_mpi():
-    proc = _run_mpiexec(["-c", PROBE])
+def test_mpiexec_sets_rank_world_and_master_from_mpi(tmp_path):
+    proc = _run_mpiexec(["-c", PROBE], PROBE_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("probe "))
+    rows = sorted(path.read_text().split() for path in tmp_path.glob("*.txt"))
     assert [r[:3] for r in rows] == [["0", "3", "0"], ["1", "3", "1"], ["2", "3", "2"]]
     assert len({(r[3], r[4]) for r in rows}) == 1, "every rank must meet at rank 0's address and port"
     assert all(r[5] == "3" for r in rows), "0 + 1 + 2 summed over the gloo group"
