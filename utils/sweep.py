@@ -213,7 +213,7 @@ def mean_std(values) -> tuple[float, float, int] | None:
     return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, len(vals)
 
 
-def _mean_history(histories: list[list[dict]]) -> list[dict]:
+def mean_history(histories: list[list[dict]]) -> list[dict]:
     """Per round of the first history, the mean global test and personalized accuracy over histories."""
     out = []
     for rec in histories[0]:
@@ -272,7 +272,7 @@ def write_report(sweep_dir: Path, rows: list[dict], axes: list[Axis]) -> str:
     (sweep_dir / "sweep.md").write_text(f"# Sweep {sweep_dir.name}\n\nAccuracy in percent, mean ± sample std "
                                         f"over seeds (final: last round; best: best evaluation).\n\n{table}\n")
     write_csv(sweep_dir / "sweep.csv", rows, axes)
-    curves = [{"name": assignment_slug(row["point"]) or "runs", "history": _mean_history(row["histories"])}
+    curves = [{"name": assignment_slug(row["point"]) or "runs", "history": mean_history(row["histories"])}
               for row in rows if row["histories"]]
     if curves:
         compare_plot(curves, sweep_dir / "plots" / "accuracy.png")

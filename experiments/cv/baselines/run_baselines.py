@@ -1,0 +1,123 @@
+"""Run the baseline configs of this folder (or a list of them) x seeds and write one comparison table.
+
+    python experiments/cv/baselines/run_baselines.py -dataPath ../shared/data/cifar10 -outputPath runs \\
+        --seeds 3 [--configs niid_fedavg_iid.yaml ...] [--jobs 2] [--set server_config.max_iteration=5]
+
+Every config is a sweep (``sweep.py``: one run per seed, finished runs skipped, interrupted ones
+resumed) in OUT/<name>/<config stem>/. Then OUT/<name>/baselines.md holds one row per config: the
+published figure named by the config's ``# published: <global|personalized> <value>`` comment, and
+ours as mean ± sample std over seeds of the final and best global test accuracy and of the final
+personalized accuracy (percent), with our minus published; OUT/<name>/plots/accuracy.png draws every
+config's mean curve over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PUBLISHED = re.compile(r"^#\s*published:\s*(global|personalized)\s+([0-9.]+)\s*(.*)$", re.MULTILINE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_baselines.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-dataPath", required=True, help="folder holding cifar-10-batches-py")
+    p.add_argument("-outputPath", required=True, help="results go to OUT/<name>/")
+    p.add_argument("-name", default="baselines", help="folder under OUT (default baselines)")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="config files (default: every *.yaml beside this script, sorted)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per config: its seed and the next ones (default 3)")
+    p.add_argument("--jobs", type=int, default=1, help="runs of one config at a time (separate processes)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a value of every config (e.g. a shorter budget), repeatable")
+    return p
+
+
+def published(config: Path) -> tuple[str, float, str] | None:
+    """(metric, value in percent, source) from the config's ``# published:`` comment, or None."""
+    match = PUBLISHED.search(config.read_text())
+    return (match.group(1), float(match.group(2)), match.group(3).strip("() ")) if match else None
+
+
+def config_paths(names: list[str] | None) -> list[Path]:
+    """The configs to run: given paths (or names in this folder), else every YAML here."""
+    if not names:
+        return sorted(HERE.glob("*.yaml"))
+    return [Path(n) if Path(n).is_file() else HERE / n for n in names]
+
+
+def _pct(stat) -> str:
+    return "-" if stat is None else f"{100 * stat[0]:.1f} ± {100 * stat[1]:.1f}"
+
+
+def table_row(config: Path, row: dict) -> str:
+    """One Markdown row: config, published, ours (final/best global, final personalized), difference."""
+    pub = published(config)
+    ours = {"global": row["final_global"], "personalized": row["final_personalized"]}
+    diff = "-"
+    if pub and ours[pub[0]] is not None:
+        diff = f"{100 * ours[pub[0]][0] - pub[1]:+.1f}"
+    pub_text = f"{pub[0]} {pub[1]:g}" if pub else "-"
+    cells = [config.stem, pub_text, _pct(row["final_global"]), _pct(row["best_global"]),
+             _pct(row["final_personalized"]), diff, str(len(row["runs"]))]
+    return "| " + " | ".join(cells) + " |"
+
+
+def write_report(out: Path, results: list[tuple[Path, dict]], header: str) -> str:
+    """baselines.md and plots/accuracy.png from (config, aggregated sweep row) pairs; returns the table."""
+    from utils.compare import compare_plot
+    from utils.sweep import mean_history
+
+    lines = ["| config | published | final global | best global | final personalized | ours - published | seeds |",
+             "|---|---|---|---|---|---|---|"] + [table_row(c, r) for c, r in results]
+    table = "\n".join(lines)
+    (out / "baselines.md").write_text(f"# Baselines\n\n{header}\n\nAccuracy in percent, mean ± sample std over "
+                                      f"seeds; final: last round, best: best evaluation.\n\n{table}\n")
+    curves = [{"name": c.stem, "history": mean_history(r["histories"])} for c, r in results if r["histories"]]
+    if curves:
+        compare_plot(curves, out / "plots" / "accuracy.png")
+    return table
+
+
+def run(args) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """Sweep every config; returns (config, aggregated row) pairs and the configs with failed runs."""
+    import sweep
+    from utils.sweep import aggregate, plan
+
+    out = Path(args.outputPath) / args.name
+    results, failed = [], []
+    for config in config_paths(args.configs):
+        argv = ["-config", str(config), "-task", "cv", "-dataPath", args.dataPath, "-outputPath", str(out),
+                "-name", config.stem, "--seeds", str(args.seeds), "--jobs", str(args.jobs)]
+        for assignment in args.overrides:
+            argv += ["--set", assignment]
+        if sweep.main(argv) != 0:
+            failed.append(config.stem)
+        runs = plan(str(config), args.overrides, [], args.seeds)
+        results.append((config, aggregate(out / config.stem, runs)[0]))
+    return results, failed
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    missing = [str(p) for p in config_paths(args.configs) if not p.is_file()]
+    if missing:
+        print(f"pfedsim: error: --configs: {', '.join(missing)} not found; name files in {HERE} or give paths",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    results, failed = run(args)
+    out = Path(args.outputPath) / args.name
+    header = (f"Generated by run_baselines.py on {time.strftime('%Y-%m-%d')}, {args.seeds} seed(s), "
+              f"overrides: {args.overrides or 'none'}, {time.perf_counter() - started:.0f} s wall.")
+    print(write_report(out, results, header))
+    print(f"Written to {out}: baselines.md, plots/accuracy.png, one sweep folder per config")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""experiments/cv/baselines/run_baselines.py: configs x seeds, published vs ours in one table."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from testing.conftest import REPO, read_metrics
+
+SHORT = ["--set", "server_config.max_iteration=2", "--set", "server_config.val_freq=1",
+         "--set", "server_config.ckpt_freq=2", "--set", "client_config.local_epochs=1"]
+CONFIGS = ["fedrep_s2_fedavg.yaml", "fedrep_s2_fedper.yaml"]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("run_baselines",
+                                                  REPO / "experiments" / "cv" / "baselines" / "run_baselines.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory, cifar_path):
+    out = tmp_path_factory.mktemp("baselines")
+    args = ["-dataPath", str(cifar_path), "-outputPath", str(out), "--seeds", "2", "--configs", *CONFIGS, *SHORT]
+    assert _script().main(args) == 0
+    return out / "baselines", args
+
+
+def test_every_config_declares_what_it_reproduces():
+    script = _script()
+    configs = script.config_paths(None)
+    assert len(configs) >= 14
+    for config in configs:
+        assert "# published:" in config.read_text(), config.name
+    assert script.published(script.HERE / "niid_fedavg_dir05.yaml")[:2] == ("global", 63.4)
+
+
+def test_table_has_published_figures_and_our_mean_over_seeds(ran):
+    folder, _ = ran
+    rows = [line for line in (folder / "baselines.md").read_text().splitlines() if line.startswith("| fedrep")]
+    assert len(rows) == 2 and (folder / "plots" / "accuracy.png").stat().st_size > 0
+    cells = {r.split(" | ")[0].strip("| "): [c.strip() for c in r.strip("|").split("|")] for r in rows}
+    finals = [read_metrics(folder / "fedrep_s2_fedper" / f"seed={s}")[-1]["personalized"]["weighted_mean"]
+              for s in (0, 1)]
+    fedper = cells["fedrep_s2_fedper"]
+    assert fedper[1] == "personalized 85" and fedper[6] == "2"
+    assert fedper[4] == f"{100 * np.mean(finals):.1f} ± {100 * np.std(finals, ddof=1):.1f}"
+    assert fedper[5] == f"{100 * np.mean(finals) - 85:+.1f}"
+    assert cells["fedrep_s2_fedavg"][1] == "-" and cells["fedrep_s2_fedavg"][5] == "-"
+
+
+def test_second_invocation_runs_nothing(ran):
+    folder, args = ran
+    metrics = folder / "fedrep_s2_fedper" / "seed=0" / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    assert _script().main(args) == 0
+    assert metrics.stat().st_mtime_ns == before
+
+
+def test_unknown_config_is_one_line(tmp_path, capsys):
+    assert _script().main(["-dataPath", "d", "-outputPath", str(tmp_path), "--configs", "nope.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.yaml not found" in err[0]
