@@ -108,6 +108,9 @@ class Batches:
     def num_samples(self) -> int:
         return int(self.indices.numel())
 
+    def __repr__(self) -> str:
+        return f"Batches({self.num_samples} samples, batch size {self.loader.batch_size})"
+
 
 @dataclass(frozen=True)
 class ClientData:
