@@ -63,7 +63,8 @@ class ClientTrainer:
         Runs the personalization method's phases (``local_epochs`` of all parameters by default), or
         ``epochs`` epochs of the ``which`` parameters (``all``, ``personal``, ``shared``) when given. The trained state is left in the replica
         (read it with the layout); ``last_steps`` holds the number of optimizer steps. ``correction``
-        (num_params,) is added to every gradient (SCAFFOLD); ``prox = (mu, anchor)`` adds
+        (num_params,) moves the weights by ``-lr * correction`` after every optimizer step (SCAFFOLD;
+        with plain SGD this is adding it to the gradient); ``prox = (mu, anchor)`` adds
         ``mu/2 ||w - anchor||^2`` to every step's loss (Ditto), otherwise the strategy's own penalty.
         ``step_hook(batch)`` runs at every step after the backward pass and before the optimizer
         step, while the replica still holds the step's starting weights (APFL's personal update).
@@ -96,6 +97,15 @@ class ClientTrainer:
             return lambda params: self.strategy.local_penalty(params, anchors)
         return None
 
+    @torch.no_grad()
+    def _shift(self, params: list[torch.Tensor], shifts: list[torch.Tensor]) -> None:
+        """``w -= lr * shift`` for the parameters trained in this step (SCAFFOLD's correction, applied
+        after the optimizer step so that momentum does not amplify it)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        trained = [(p, s) for p, s in zip(params, shifts) if p.grad is not None]
+        if trained:
+            torch._foreach_add_([p for p, _ in trained], [s for _, s in trained], alpha=-lr)
+
     def _epochs(self, epochs, indices, generator, params, penalty, shifts, loss_sum, steps, step_hook) -> int:
         for _ in range(epochs):
             for batch in self.loader.batches(indices, generator):
@@ -106,13 +116,11 @@ class ClientTrainer:
                     loss = loss + penalty(params)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if shifts is not None:
-                    for param, shift in zip(params, shifts):
-                        if param.grad is not None:
-                            param.grad.add_(shift)
                 if step_hook is not None:
                     step_hook(batch)
                 self.optimizer.step()
+                if shifts is not None:
+                    self._shift(params, shifts)
                 loss_sum += loss.detach()
                 steps += 1
         return steps

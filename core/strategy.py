@@ -53,7 +53,7 @@ class FedAvg:
         return 0
 
     def gradient_correction(self, server_state: torch.Tensor, client_state: torch.Tensor):
-        """(num_params,) vector added to every local gradient, or None."""
+        """(num_params,) correction c: every local step also moves the weights by ``-lr * c`` (or None)."""
         return None
 
     def new_client_state(self, server_state, client_state, global_params, trained_params, steps: int, lr: float):
@@ -84,10 +84,13 @@ class FedProx(FedAvg):
 class Scaffold(FedAvg):
     """SCAFFOLD (Karimireddy et al. 2020, arXiv:1910.06378), control variates of option II.
 
-    Every local gradient is corrected by ``c - c_i`` (server control minus the client's control,
-    kept per client in the client store, zero before a client's first round). After K local steps
-    with learning rate lr: ``c_i+ = c_i - c + (x - y) / (K lr)``; the server sets
-    ``c += sum(c_i+ - c_i) / num_clients``. Designed for plain local SGD.
+    Every local step is corrected by ``c - c_i`` (server control minus the client's control, kept
+    per client in the client store, zero before a client's first round): after the optimizer step,
+    ``y -= lr * (c - c_i)``. With plain SGD this is the paper's corrected gradient step; with
+    momentum the correction stays outside the momentum buffer (as in Flower's niid_bench baseline),
+    since inside it the controls, estimated as ``(x - y) / (K lr)``, would be amplified round after
+    round. After K local steps with learning rate lr: ``c_i+ = c_i - c + (x - y) / (K lr)``; the
+    server sets ``c += sum(c_i+ - c_i) / num_clients``.
     """
 
     name = "scaffold"

@@ -364,3 +364,33 @@ def test_apfl_personalized_model_is_the_mixture(cifar_path, tmp_path):
         assert server.last_matrix[int(cid), COUNT] == len(idx)
         assert server.last_matrix[int(cid), PERSONAL] == float(correct_count(sim.model, sim.test_loader, idx))
     assert all(0.0 <= a <= 1.0 for a in alphas) and len(set(alphas)) == len(alphas), "alpha learned per client"
+
+
+def test_scaffold_correction_stays_outside_the_momentum_buffer(cifar_path):
+    """Two momentum-SGD steps with correction c: w1 = w - lr g1 - lr c, w2 = w1 - lr (0.9 g1 + g2) - lr c
+    (inside the buffer, c would enter it and be amplified, which made the niid_bench row diverge)."""
+    from utils.seeding import client_generator
+
+    size = int(_sim(cifar_path).train_clients.sizes[0])
+    sim = _sim(cifar_path, client_config={"batch_size": -(-size // 2), "augment": False,
+                                          "optimizer_config": {"type": "sgd", "lr": 0.05, "momentum": 0.9}})
+    k, start = sim.layout.num_params, sim.layout.flatten()
+    c = 0.5 * torch.randn(k, generator=torch.Generator().manual_seed(0))  # inside the buffer: off by 0.9 lr c
+    sim.trainer.train(1, 0, sim.train_clients.get(0), start, start[sim.personal_index], correction=c)
+    assert sim.trainer.last_steps == 2
+    trained = sim.layout.flatten()[:k]
+    batches = list(sim.trainer.loader.batches(sim.train_clients.get(0), client_generator(start.device, 3, 1, 0)))
+
+    def grad_at(flat, batch):
+        sim.layout.load_(flat)
+        sim.model.train()
+        sim.model.zero_grad()
+        sim.model.loss(batch).backward()
+        return torch.cat([p.grad.reshape(-1) for p in sim.model.parameters()])
+
+    w1 = start.clone()
+    g1 = grad_at(start, batches[0])
+    w1[:k] -= 0.05 * (g1 + c)
+    w2 = w1.clone()
+    w2[:k] -= 0.05 * (0.9 * g1 + grad_at(w1, batches[1]) + c)
+    assert torch.allclose(trained, w2[:k], atol=1e-5), float((trained - w2[:k]).abs().max())
