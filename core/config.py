@@ -103,8 +103,9 @@ class DataConfig(_Section):
     """How CIFAR-style data is split into clients (see :mod:`core.partition`)."""
 
     num_clients: int = Field(100, ge=1, description="total number of clients")
-    partition: Literal["iid", "dirichlet", "shards", "label_quantity"] = Field(
-        "dirichlet", description="how labels are split (label_quantity: NIID-Bench's #C=k classes per client)")
+    partition: Literal["iid", "dirichlet", "dirichlet_capped", "shards", "label_quantity"] = Field(
+        "dirichlet", description="how labels are split (dirichlet_capped: NIID-Bench's Dirichlet with its client-size "
+                                 "cap; label_quantity: NIID-Bench's #C=k classes per client)")
     alpha: float = Field(0.3, gt=0, description="Dirichlet alpha (smaller: more label skew)")
     classes_per_client: int = Field(2, ge=1, description="shards: shards (about classes) per client; "
                                                          "label_quantity: classes per client")

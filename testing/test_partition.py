@@ -21,7 +21,8 @@ def _coverage(parts, n):
 
 
 @pytest.mark.parametrize("method,kw", [("iid", {}), ("dirichlet", {"alpha": 0.3}), ("shards", {"classes_per_client": 2}),
-                                       ("label_quantity", {"classes_per_client": 2})])
+                                       ("label_quantity", {"classes_per_client": 2}),
+                                       ("dirichlet_capped", {"alpha": 0.5})])
 def test_train_and_test_splits_cover_each_sample_once(labels, method, kw):
     split = P.partition(labels[0], labels[1], method, 100, seed=0, min_samples=10, **kw)
     assert split.num_clients == 100
@@ -75,7 +76,7 @@ def test_ten_thousand_clients_alpha_0_1_terminates_above_minimum(labels):
     _coverage(split.test, 10_000)
 
 
-@pytest.mark.parametrize("method", ["iid", "dirichlet", "shards", "label_quantity"])
+@pytest.mark.parametrize("method", ["iid", "dirichlet", "shards", "label_quantity", "dirichlet_capped"])
 def test_impossible_minimum_is_a_user_error(labels, method):
     with pytest.raises(UserError, match="min_samples"):
         P.partition(labels[0], labels[1], method, 1000, seed=0, min_samples=60)
@@ -98,3 +99,14 @@ def test_apportion_is_exact_and_proportional():
     assert counts.tolist() == [100, 200, 700]
     odd = P.apportion(10, np.array([1.0, 1.0, 1.0]), rng)
     assert odd.sum() == 10 and sorted(odd.tolist()) == [3, 3, 4]
+
+
+def test_capped_dirichlet_gives_no_class_to_clients_already_full(labels):
+    parts = P.dirichlet_capped(labels[0], 10, 0.5, seed=42)
+    counts = np.stack([np.bincount(labels[0][p], minlength=10) for p in parts])
+    before = np.cumsum(counts, axis=1) - counts  # samples each client held when class c was dealt
+    full = before >= 50_000 / 10
+    assert full.any(), "with alpha 0.5 some clients fill up before the last class"
+    assert (counts[full] == 0).all()
+    assert not np.array_equal(counts, np.stack([np.bincount(labels[0][p], minlength=10)
+                                                for p in P.dirichlet(labels[0], 10, 0.5, seed=42)]))
