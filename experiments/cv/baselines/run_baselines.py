@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parents[2]) not in sys.path:  # run as a script from anywhere: the repository's modules
+    sys.path.insert(0, str(HERE.parents[2]))
 PUBLISHED = re.compile(r"^#\s*published:\s*(global|personalized)\s+([0-9.]+)\s*(.*)$", re.MULTILINE)
 
 
