@@ -225,7 +225,7 @@ class _APFLClient:
         mixed = {f"model.{n}": self.alpha * v + (1 - self.alpha) * w.detach()
                  for (n, w), v in zip(self.named, self.v)}
         buffers = {f"model.{n}": b.clone() for n, b in model.named_buffers()}
-        with torch.enable_grad(), torch.autocast(batch_device(batch), dtype=torch.bfloat16,
+        with torch.enable_grad(), torch.autocast(self.trainer.loader.device.type, dtype=torch.bfloat16,
                                                  enabled=self.trainer.bf16):
             loss = functional_call(self.call, (mixed, buffers), (batch,))
         grads = torch.autograd.grad(loss, self.v + [self.alpha])
@@ -236,11 +236,6 @@ class _APFLClient:
     def result(self) -> torch.Tensor:
         """(num_params + 1,) new model state: v flattened, then alpha."""
         return torch.cat([v.detach().reshape(-1) for v in self.v] + [self.alpha.detach().view(1)])
-
-
-def batch_device(batch: dict) -> str:
-    """Device type (``cpu``, ``cuda``) of the first tensor of a batch dict."""
-    return next(v.device.type for v in batch.values() if torch.is_tensor(v))
 
 
 METHODS = {cls.name: cls for cls in (NoPersonalization, FedPer, FedRep, LGFedAvg, FedBN, LocalOnly, FineTune, Ditto,

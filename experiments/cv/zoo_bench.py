@@ -27,7 +27,7 @@ import e2e_trainer
 from core.config import cohort_range, load_config
 from core.errors import UserError
 from core.task import load_task
-from utils.compare import load_run
+from utils.compare import load_run, run_scores
 
 CENTRAL = ("data_config.num_clients=1", "data_config.partition=iid", "server_config.num_clients_per_iteration=1",
            "personalization.method=none", "personalization.local_layers=[]")
@@ -86,10 +86,10 @@ def train(args, run_name: str, overrides: list[str]) -> Path:
 def final_results(run_dir: Path) -> dict:
     """Last evaluation of a run: global test accuracy, personalized weighted mean (None without
     personalization) as fractions, and the seconds of its round loop up to that evaluation."""
-    last = load_run(run_dir)["history"][-1]
-    personalized = last.get("personalized") or {}
-    return {"global": last["global_test_acc"], "personalized": personalized.get("weighted_mean"),
-            "seconds": last["elapsed_s"], "round": last["round"]}
+    history = load_run(run_dir)["history"]
+    scores = run_scores(history)
+    return {"global": scores["final_global"], "personalized": scores["final_personalized"],
+            "seconds": history[-1]["elapsed_s"], "round": history[-1]["round"]}
 
 
 def _pct(value) -> str:
