@@ -89,13 +89,18 @@ def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) 
 def _new_clients(sim, round_idx: int, global_flat: torch.Tensor, clients: list[int], result: torch.Tensor) -> None:
     """Never-trained clients: fine-tune the personal layers from the global model for
     ``new_client_epochs`` epochs on the client's train split (the rest frozen), then evaluate."""
-    epochs = sim.cfg.personalization.new_client_epochs
-    if not epochs or not sim.personal_numel:
+    if not sim.cfg.personalization.new_client_epochs or not sim.personal_numel:
         return
     for cid in clients:
-        sim.trainer.train(round_idx, cid, sim.train_clients.get(cid), global_flat, None, epochs=epochs,
-                          stream=2, which="personal")
+        fine_tune_new_client(sim, round_idx, global_flat, cid)
         result[cid, NEW] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid), sim.trainer.prepare)
+
+
+def fine_tune_new_client(sim, round_idx: int, global_flat: torch.Tensor, cid: int) -> None:
+    """Leave in the replica a never-trained client's model: the global model with its personal layers
+    fine-tuned ``personalization.new_client_epochs`` epochs on its train split (the rest frozen)."""
+    sim.trainer.train(round_idx, cid, sim.train_clients.get(cid), global_flat, None,
+                      epochs=sim.cfg.personalization.new_client_epochs, stream=2, which="personal")
 
 
 def full_test_accuracy(sim, global_flat: torch.Tensor) -> float:

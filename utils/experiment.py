@@ -24,7 +24,7 @@ import yaml
 from core.config import apply_override, validate_config
 from core.distributed import DistContext, Transport
 from core.errors import UserError
-from core.evaluation import eval_share, eval_width, full_test_accuracy, summarize
+from core.evaluation import eval_share, eval_width, fine_tune_new_client, full_test_accuracy, summarize
 from core.flat import StateLayout
 from core.personalization import build_personalization
 from core.simulation import build_simulation, init_model
@@ -230,8 +230,7 @@ class Experiment:
             raise UserError(f"client {client} has no personalized model at round {round_idx} (never trained, "
                             f"and personalization.new_client_epochs is 0 or the method has no personal layers); "
                             f"pass client=None or --set personalization.new_client_epochs=K")
-        sim.trainer.train(round_idx, client, sim.train_clients.get(client), global_flat, None, epochs=epochs,
-                          stream=2, which="personal")
+        fine_tune_new_client(sim, round_idx, global_flat, client)
 
     def _check_client(self, client: int) -> int:
         n = self.config.data_config.num_clients
