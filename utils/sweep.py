@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from core.config import load_config
 from core.errors import UserError
+from utils.checkpoint import load_checkpoint
 from utils.compare import compare_plot, load_run, run_scores
 
 SCORES = ("final_global", "best_global", "final_personalized", "best_personalized")
@@ -131,8 +131,8 @@ def _first_difference(a, b, prefix: str = "") -> str:
 
 
 def checkpoint_round(path: Path) -> int:
-    """The round stored in a checkpoint file (memory-mapped: the tensors are not read)."""
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["round"])
+    """The round stored in a checkpoint file (loaded memory-mapped: the tensors are not read)."""
+    return int(load_checkpoint(path)["round"])
 
 
 def run_status(run_dir: Path, cfg) -> str:
