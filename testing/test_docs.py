@@ -1,4 +1,4 @@
-"""README's config reference is generated from the pydantic models and must match them."""
+"""The docs stay true to the code: the generated config reference, the CI command, the links."""
 from __future__ import annotations
 
 from testing.conftest import REPO
@@ -18,3 +18,16 @@ def test_readme_commands_are_what_ci_runs():
     ci = (REPO / ".ci" / "run").read_text()
     test_command = [l for l in ci.splitlines() if "pytest" in l and not l.startswith("#")][0].strip()
     assert test_command in readme
+
+
+def test_markdown_links_point_to_files_in_the_repository():
+    """Every relative link of the README and the docs names a file or folder that exists."""
+    import re
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+             *sorted((REPO / "experiments").rglob("README.md")), REPO / "benchmarks" / "RESULTS.md"]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not broken, broken

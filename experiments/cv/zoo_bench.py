@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     try:
         rows = run_zoo(args)
     except UserError as exc:
-        print(f"zoo_bench: error: {exc}", file=sys.stderr)
+        print(f"pfedsim: error: {exc}", file=sys.stderr)
         return exc.exit_code
     out = Path(args.outputPath)
     title = f"{Path(args.config).name}, federated rounds: {rows[0]['federated']['round']}"
