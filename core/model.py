@@ -22,9 +22,14 @@ class BaseModel(nn.Module):
         self.model_config = model_config
 
     def loss(self, batch: dict) -> torch.Tensor:
+        """Mean training loss of ``batch`` (a dict of tensors on the model's device) as a 0-dim tensor
+        that autograd can differentiate. Raises NotImplementedError until a task overrides it."""
         raise NotImplementedError
 
     def inference(self, batch: dict) -> dict:
+        """Evaluation outputs of ``batch``: ``output``, ``acc`` (0-dim), ``batch_size`` and optional
+        ``correct`` (B,) and custom metrics, as the class docstring lists. Raises NotImplementedError
+        until a task overrides it."""
         raise NotImplementedError
 
     def num_parameters(self) -> int:

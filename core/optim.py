@@ -15,6 +15,7 @@ class Yogi(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One Yogi update of every parameter that has a ``.grad`` (``closure`` is ignored)."""
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:

@@ -31,9 +31,11 @@ class Schedule:
         return sample_cohort(self.seed, round_idx, self.num_clients, self.cohort_size(round_idx))
 
     def is_eval_round(self, round_idx: int) -> bool:
+        """True every ``val_freq`` rounds and at the last round."""
         return round_idx % self.val_freq == 0 or round_idx == self.rounds
 
     def is_ckpt_round(self, round_idx: int) -> bool:
+        """True every ``ckpt_freq`` rounds (never when 0) and at the last round."""
         return round_idx == self.rounds or (self.ckpt_freq > 0 and round_idx % self.ckpt_freq == 0)
 
     def trained_through(self, round_idx: int) -> set[int]:

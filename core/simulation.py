@@ -27,6 +27,7 @@ class ClientIndex:
         self.flat = torch.from_numpy(flat.astype(np.int64)).to(device)
 
     def get(self, client_id: int) -> torch.Tensor:
+        """(sizes[client_id],) int64 sample indices of the client, a view on the device."""
         return self.flat[self.offsets[client_id]:self.offsets[client_id + 1]]
 
 
@@ -51,6 +52,7 @@ class Simulation:
 
     @property
     def personal_numel(self) -> int:
+        """Floats of the personal layers (P) in the flat state; 0 without personal layers."""
         return int(self.personal_index.numel())
 
 

@@ -101,6 +101,7 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
 
 
 def eval_buffer_size(sim, num_trained: int) -> int:
+    """Floats of an evaluation round's broadcast: the global state and ``num_trained`` stored entries."""
     return sim.layout.numel + num_trained * eval_width(sim)
 
 
