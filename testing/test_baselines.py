@@ -64,3 +64,11 @@ def test_unknown_config_is_one_line(tmp_path, capsys):
     assert _script().main(["-dataPath", "d", "-outputPath", str(tmp_path), "--configs", "nope.yaml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.yaml not found" in err[0]
+
+
+def test_one_seed_shows_the_value_without_a_std():
+    """With one seed there is no sample std: the cell is the value alone, with 2+ seeds mean ± std."""
+    script = _script()
+    assert script._pct((0.7093, 0.0, 1)) == "70.9"
+    assert script._pct((0.7093, 0.012, 3)) == "70.9 ± 1.2"
+    assert script._pct(None) == "-"

@@ -241,7 +241,10 @@ def aggregate(sweep_dir: Path, runs: list[SweepRun]) -> list[dict]:
 
 
 def _cell(stat) -> str:
-    return "-" if stat is None else f"{100 * stat[0]:.2f} ± {100 * stat[1]:.2f}"
+    """Percent ``mean ± std`` of a :func:`mean_std` triple; the mean alone for one seed (no std)."""
+    if stat is None:
+        return "-"
+    return f"{100 * stat[0]:.2f}" if stat[2] == 1 else f"{100 * stat[0]:.2f} ± {100 * stat[1]:.2f}"
 
 
 def markdown_table(rows: list[dict], axes: list[Axis]) -> str:

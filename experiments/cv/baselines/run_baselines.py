@@ -53,7 +53,10 @@ def config_paths(names: list[str] | None) -> list[Path]:
 
 
 def _pct(stat) -> str:
-    return "-" if stat is None else f"{100 * stat[0]:.1f} ± {100 * stat[1]:.1f}"
+    """Percent ``mean ± std`` of a (mean, std, n) triple; the mean alone for one seed (no std)."""
+    if stat is None:
+        return "-"
+    return f"{100 * stat[0]:.1f}" if stat[2] == 1 else f"{100 * stat[0]:.1f} ± {100 * stat[1]:.1f}"
 
 
 def table_row(config: Path, row: dict) -> str:
