@@ -111,6 +111,10 @@ class DataConfig(_Section):
                                                          "label_quantity: classes per client")
     min_samples: int = Field(10, ge=1, description="minimum train samples per client (error if impossible)")
     download: bool = Field(True, description="try torchvision's download when the data folder is missing")
+    normalize: bool = Field(True, description="image tasks: standardize each channel with the train set's mean "
+                                              "and std (false: raw pixels in [0, 1], as NIID-Bench feeds them)")
+    pad_mode: Literal["zeros", "reflect"] = Field("zeros", description="image tasks: how the 4-pixel border of "
+                                                                        "random crops is filled (NIID-Bench: reflect)")
 
 
 class StrategyConfig(_Section):

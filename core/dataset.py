@@ -37,6 +37,7 @@ class BaseDataset:
     - ``user_data`` / ``user_data_labels``: ``name -> Tensor`` of that client's inputs / labels.
     - ``num_samples``: samples per listed client, aligned with ``user_list``.
     - ``inputs`` (N, ...) and ``labels`` (N,): the whole split; ``client_indices[i]``: client i's rows.
+    - ``data_config``: the config section it was built with (loaders read their preprocessing there).
 
     Raises:
         UserError: from :meth:`load_split` when the data is missing, or from the partitioner.
@@ -45,6 +46,7 @@ class BaseDataset:
     def __init__(self, data_path: str, data_config, split: str = "train", user_idx: int = -1, seed: int = 0,
                  split_plan: Optional[ClientSplit] = None):
         self.split = split
+        self.data_config = data_config
         self.inputs, self.labels = self.load_split(data_path, split, data_config)
         self.split_plan = split_plan or self.make_split_plan(data_path, data_config, seed, {split: self.labels})
         parts = self.split_plan.train if split == "train" else self.split_plan.test

@@ -64,3 +64,28 @@ def test_augmented_batches_are_crops_and_flips_of_the_originals(train_all):
     assert 0 < flips < 16
     same = next(loader.batches(indices, torch.Generator().manual_seed(0)))
     assert torch.equal(same["x"], batch["x"]), "same generator seed, same batch"
+
+
+def test_raw_pixels_and_reflection_padding_as_niid_bench(train_all):
+    """normalize=false gives pixels / 255 in [0, 1]; pad_mode=reflect crops from the reflected border."""
+    import copy
+    raw_ds = copy.copy(train_all)
+    raw_ds.data_config = CFG.model_copy(update={"normalize": False, "pad_mode": "reflect"})
+    loader = CIFAR10DataLoader(raw_ds, 32, torch.device("cpu"), train=True, augment=True)
+    batch = next(loader.batches(torch.arange(32), torch.Generator().manual_seed(3)))
+    reflect = torch.nn.functional.pad(train_all.inputs[:32].float(), (4, 4, 4, 4), mode="reflect") / 255
+    zeros = torch.nn.functional.pad(train_all.inputs[:32].float(), (4, 4, 4, 4)) / 255
+    assert 0.0 <= batch["x"].min() and batch["x"].max() <= 1.0
+    shifted = 0
+    for x, y in zip(batch["x"], batch["y"]):
+        crops = [(i, dy, dx) for i in range(32) for dy in range(9) for dx in range(9)
+                 if train_all.labels[i] == y and any(torch.allclose(c, x, atol=1e-6) for c in
+                                                     (reflect[i, :, dy:dy + 32, dx:dx + 32],
+                                                      reflect[i, :, dy:dy + 32, dx:dx + 32].flip(2)))]
+        assert crops, "every image is a crop (maybe flipped) of a reflection-padded original"
+        i, dy, dx = crops[0]
+        shifted += (dy, dx) != (4, 4) and not torch.allclose(zeros[i, :, dy:dy + 32, dx:dx + 32],
+                                                            reflect[i, :, dy:dy + 32, dx:dx + 32])
+    assert shifted > 0, "some crops show the reflected border, which zero padding would not give"
+    plain = CIFAR10DataLoader(raw_ds, 32, torch.device("cpu"), train=False, augment=False)
+    assert torch.equal(next(plain.batches(torch.arange(4)))["x"], train_all.inputs[:4].float() / 255)

@@ -15,19 +15,25 @@ PAD = 4
 
 
 class CIFAR10DataLoader(BaseDataLoader):
-    """Yields ``{"x": float (B, 3, 32, 32) normalised, "y": int64 (B,)}`` on the device.
+    """Yields ``{"x": float (B, 3, 32, 32), "y": int64 (B,)}`` on the device.
 
-    Training batches get random crops of the 4-pixel zero-padded image and horizontal flips, drawn
-    for the whole batch at once on the device from the caller's generator.
+    ``x`` is standardized per channel (``data_config.normalize``, default) or raw pixels in [0, 1].
+    Training batches get random crops of the image padded by 4 pixels (``data_config.pad_mode``:
+    zeros, or a reflection of the border) and horizontal flips, drawn for the whole batch at once
+    on the device from the caller's generator.
     """
 
     def __init__(self, dataset, batch_size, device, train, augment):
         super().__init__(dataset, batch_size, device, train, augment)
-        images = dataset.inputs.to(device)
-        self.images = F.pad(images, (PAD, PAD, PAD, PAD)) if self.augment else images
+        cfg = dataset.data_config
+        images = dataset.inputs
+        if self.augment:  # padded once, on the host (uint8 reflection padding is not on every device)
+            images = F.pad(images, (PAD, PAD, PAD, PAD), mode="reflect" if cfg.pad_mode == "reflect" else "constant")
+        self.images = images.to(device)
         self.labels = dataset.labels.to(device)
-        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+        mean, std = (MEAN, STD) if cfg.normalize else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
     def _augmented(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n = idx.numel()
