@@ -127,3 +127,16 @@ def test_grid_values_and_names(tmp_path):
     assert [r.name for r in runs] == ["num_clients_per_iteration=5-10_seed=0", "num_clients_per_iteration=20_seed=0"]
     assert assignment_slug([("client_config.optimizer_config.lr", "0.1"), ("server_config.optimizer_config.lr", "1"),
                             ("seed", 0)]) == "client_config.optimizer_config.lr=0.1_server_config.optimizer_config.lr=1_seed=0"
+
+
+def test_run_made_before_a_new_config_key_still_counts_as_finished(swept, capsys):
+    """A run folder written before a config field existed (key absent from config.resolved.yaml) is
+    the same config when the field has its default: skipped, not refused as another config."""
+    import yaml
+    tmp, folder = swept
+    resolved = folder / RUNS[0] / "config.resolved.yaml"
+    stored = yaml.safe_load(resolved.read_text())
+    del stored["data_config"]["pad_mode"]
+    resolved.write_text(yaml.safe_dump(stored, sort_keys=False))
+    assert sweep.main(_args(tmp, "--grid", GRID, "--seeds", "2")) == 0
+    assert "4 finished (skipped)" in capsys.readouterr().out

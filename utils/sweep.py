@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from core.config import load_config
+from core.config import load_config, validate_config
 from core.errors import UserError
 from utils.checkpoint import load_checkpoint
 from utils.compare import compare_plot, load_run, run_scores
@@ -122,6 +122,15 @@ def _comparable(config: dict) -> dict:
     return config
 
 
+def _with_defaults(raw: dict, source: Path) -> dict:
+    """A stored resolved config with the defaults of keys added since it was written (so a run made
+    before a new config field existed still matches); as stored when it no longer validates."""
+    try:
+        return validate_config(raw, str(source)).to_dict()
+    except UserError:
+        return raw
+
+
 def _first_difference(a, b, prefix: str = "") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
@@ -144,7 +153,7 @@ def run_status(run_dir: Path, cfg) -> str:
     resolved = run_dir / "config.resolved.yaml"
     if not resolved.is_file():
         return "new"
-    old, new = _comparable(yaml.safe_load(resolved.read_text())), _comparable(cfg.to_dict())
+    old, new = _comparable(_with_defaults(yaml.safe_load(resolved.read_text()), resolved)), _comparable(cfg.to_dict())
     if old != new:
         raise UserError(f"{run_dir} holds a run of another config ({_first_difference(old, new)}); "
                         f"choose another -name or remove that folder")

@@ -91,6 +91,7 @@ def write_report(out: Path, results: list[tuple[Path, dict]], header: str) -> st
 def run(args) -> tuple[list[tuple[Path, dict]], list[str]]:
     """Sweep every config; returns (config, aggregated row) pairs and the configs with failed runs."""
     import sweep
+    from core.errors import UserError
     from utils.sweep import aggregate, plan
 
     out = Path(args.outputPath) / args.name
@@ -102,8 +103,10 @@ def run(args) -> tuple[list[tuple[Path, dict]], list[str]]:
             argv += ["--set", assignment]
         if sweep.main(argv) != 0:
             failed.append(config.stem)
-        runs = plan(str(config), args.overrides, [], args.seeds)
-        results.append((config, aggregate(out / config.stem, runs)[0]))
+        try:
+            results.append((config, aggregate(out / config.stem, plan(str(config), args.overrides, [], args.seeds))[0]))
+        except UserError:  # sweep.main has printed it (a folder of another config, a bad override)
+            continue
     return results, failed
 
 
