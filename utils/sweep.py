@@ -249,11 +249,13 @@ def aggregate(sweep_dir: Path, runs: list[SweepRun]) -> list[dict]:
     return list(rows.values())
 
 
-def _cell(stat) -> str:
-    """Percent ``mean ± std`` of a :func:`mean_std` triple; the mean alone for one seed (no std)."""
+def stat_cell(stat, digits: int = 2) -> str:
+    """Percent ``mean ± std`` of a :func:`mean_std` triple of fractions, ``digits`` decimals; the mean
+    alone for one seed (no std); ``-`` for None."""
     if stat is None:
         return "-"
-    return f"{100 * stat[0]:.2f}" if stat[2] == 1 else f"{100 * stat[0]:.2f} ± {100 * stat[1]:.2f}"
+    mean = f"{100 * stat[0]:.{digits}f}"
+    return mean if stat[2] == 1 else f"{mean} ± {100 * stat[1]:.{digits}f}"
 
 
 def markdown_table(rows: list[dict], axes: list[Axis]) -> str:
@@ -261,7 +263,7 @@ def markdown_table(rows: list[dict], axes: list[Axis]) -> str:
     head = [a.key for a in axes] + ["seeds", "final global", "best global", "final personalized", "best personalized"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [v for _, v in row["point"]] + [str(len(row["runs"]))] + [_cell(row[s]) for s in SCORES]
+        cells = [v for _, v in row["point"]] + [str(len(row["runs"]))] + [stat_cell(row[s]) for s in SCORES]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -53,10 +53,9 @@ def config_paths(names: list[str] | None) -> list[Path]:
 
 
 def _pct(stat) -> str:
-    """Percent ``mean ± std`` of a (mean, std, n) triple; the mean alone for one seed (no std)."""
-    if stat is None:
-        return "-"
-    return f"{100 * stat[0]:.1f}" if stat[2] == 1 else f"{100 * stat[0]:.1f} ± {100 * stat[1]:.1f}"
+    """Percent ``mean ± std`` (one decimal) of a (mean, std, n) triple; the mean alone for one seed."""
+    from utils.sweep import stat_cell
+    return stat_cell(stat, 1)
 
 
 def table_row(config: Path, row: dict) -> str:
