@@ -3,7 +3,9 @@
 The FL round is the engine's real round (cohort sampling, broadcast/reduce buffers, per-client reset
 of the one replica, local training, weighted delta sums, server step). The centralized baseline trains
 a model of the same class for the same number of steps at the same batch size, with the same loader
-and optimizer. Ratio = FL round seconds / centralized seconds (1.00 = no overhead).
+and optimizer (and the same ``precision`` / ``channels_last`` switches). The two are timed
+alternately, one FL round then one centralized pass, so that drift in the machine's load hits both.
+Ratio = median FL round seconds / median centralized seconds (1.00 = no overhead).
 
     python benchmarks/overhead.py --device cpu --data ../shared/data/cifar10
     python benchmarks/overhead.py --device cuda --data synthetic
@@ -25,6 +27,8 @@ def centralized_steps(sim, cfg, steps: int):
     """A closure training a fresh replica for ``steps`` batches of the client batch size, on the
     samples of round 1's cohort pooled together (the same images the FL round reads)."""
     model = type(sim.model)(cfg.model).to(sim.ctx.device)
+    if cfg.client_config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model.parameters(), cfg.client_config.optimizer_config)
     loader = sim.trainer.loader
     pooled = torch.cat([sim.train_clients.get(c) for c in sim.schedule.cohort(1)])
@@ -35,7 +39,9 @@ def centralized_steps(sim, cfg, steps: int):
     def run():
         model.train()
         for batch in loader.batches(indices, generator):
-            loss = model.loss(batch)
+            batch = sim.trainer.prepare(batch)
+            with torch.autocast(sim.ctx.device.type, dtype=torch.bfloat16, enabled=sim.trainer.bf16):
+                loss = model.loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -48,12 +54,16 @@ def main() -> None:
     cfg, sim = single_process_simulation(args.config, args.data, args.device, args.overrides)
     steps = sum(-(-int(sim.train_clients.sizes[c]) // cfg.client_config.batch_size) for c in sim.schedule.cohort(1)) \
         * cfg.client_config.local_epochs
+    central_run = centralized_steps(sim, cfg, steps)
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(sim, Path(tmp), None)
         rounds = iter(range(1, 10_000))
-        fl = timed(lambda: server._round(next(rounds)), sim.ctx.device, args.repeats + 1)[1:]
+        fl, central = [], []
+        for _ in range(args.repeats + 1):  # the first pair warms up and is dropped
+            fl += timed(lambda: server._round(next(rounds)), sim.ctx.device, 1)
+            central += timed(central_run, sim.ctx.device, 1)
+        fl, central = fl[1:], central[1:]
         server.writer.close()
-    central = timed(centralized_steps(sim, cfg, steps), sim.ctx.device, args.repeats + 1)[1:]
     result = {"benchmark": "overhead", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "device": args.device, "data": "synthetic" if args.data == "synthetic" else "cifar10",
               "config": args.config, "overrides": args.overrides, "cohort": sim.schedule.cohort_size(1),

@@ -15,9 +15,22 @@ def client_generator(device: torch.device, seed: int, round_idx: int, client_id:
     """A torch Generator on ``device`` for one client's training in one round (``stream`` tells
     apart other uses in the same round, e.g. fine-tuning before evaluation).
 
-    Also seeds torch's default generators with the same value, so randomness inside the model
-    (dropout) is a function of (seed, round, client) too.
+    Also seeds torch's default generators of the CPU and of ``device`` with the same value, so
+    randomness inside the model (dropout) is a function of (seed, round, client) too.
     """
     value = derive_seed(seed, round_idx, client_id, stream) if stream else derive_seed(seed, round_idx, client_id)
-    torch.manual_seed(value)
+    seed_default_generators(device, value)
     return torch.Generator(device=device).manual_seed(value)
+
+
+def seed_default_generators(device: torch.device, value: int) -> None:
+    """Seed the CPU default generator and, for a CUDA ``device``, that device's default generator.
+
+    Unlike ``torch.manual_seed`` this does not queue a lazy seeding call for every CUDA device, which
+    formats a stack trace each time when CUDA is not initialised (about 0.6 ms per call, once per
+    client on a CPU run).
+    """
+    torch.default_generator.manual_seed(value)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(value)
