@@ -83,9 +83,12 @@ def test_accuracy(model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Te
 
 
 def report(result: dict) -> None:
-    """Print the final JSON line and write results_<framework>.json next to this file."""
+    """Print the final JSON line and write results_<framework>.json next to this file
+    (results_<framework>_<FW_TAG>.json when the environment sets FW_TAG)."""
     line = json.dumps(result)
-    (HERE / f"results_{result['framework']}.json").write_text(json.dumps(result, indent=1) + "\n")
+    tag = os.environ.get("FW_TAG")
+    name = f"results_{result['framework']}{'_' + tag if tag else ''}.json"
+    (HERE / name).write_text(json.dumps(result, indent=1) + "\n")
     print(line, flush=True)
 
 

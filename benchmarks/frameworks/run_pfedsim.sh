@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # pfedsim side of the framework comparison: the shared workload from benchmarks/configs/pfl_cnn_50x50.yaml
 # (1,000 IID clients x 50 CIFAR-10 samples, 50 clients/round, 1 local epoch, batch 10, SGD 0.05, FedAvg,
-# 20 rounds, PflCNN), pinned to core 1 with one thread.
+# 20 rounds, PflCNN), pinned to core FW_CORE (default 1) with one thread.
 # Usage: benchmarks/frameworks/run_pfedsim.sh [DATA_PATH] [RUN_NAME] [extra e2e_trainer args, e.g. --set K=V]
 # Writes results_pfedsim.json (results_pfedsim_<tag>.json when FW_TAG is set).
 set -euo pipefail
@@ -16,7 +16,7 @@ OUT="${FW_OUT:-/tmp/fw_runs}"
 
 cd "$REPO"
 start=$(date +%s.%N)
-taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 "$PY" e2e_trainer.py \
+taskset -c "${FW_CORE:-1}" env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 "$PY" e2e_trainer.py \
   -dataPath "$DATA" -outputPath "$OUT" -config benchmarks/configs/pfl_cnn_50x50.yaml -task cv -run_name "$NAME" "$@"
 end=$(date +%s.%N)
 
