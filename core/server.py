@@ -127,7 +127,8 @@ class Server:
         t0 = time.perf_counter() - self.elapsed_before
         rounds = sim.schedule.rounds
         bar = tqdm(range(self.start_round, rounds + 1), desc="rounds", unit="round", dynamic_ncols=True,
-                   initial=self.start_round - 1, total=rounds, mininterval=2.0)
+                   initial=self.start_round - 1, total=rounds, mininterval=2.0,
+                   disable=None)  # no bar when stderr is not a terminal (log files keep only the round lines)
         train_s, train_rounds = 0.0, 0
         for r in bar:
             started = time.perf_counter()
