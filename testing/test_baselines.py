@@ -60,6 +60,17 @@ def test_second_invocation_runs_nothing(ran):
     assert metrics.stat().st_mtime_ns == before
 
 
+def test_report_only_starts_nothing_and_counts_finished_seeds(ran):
+    folder, args = ran
+    more = [a if a != "2" else "3" for a in args] + ["--report-only"]
+    assert _script().main(more) == 0
+    assert not (folder / "fedrep_s2_fedper" / "seed=2").exists()
+    lines = (folder / "baselines.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| fedrep_s2_fedper"))
+    assert row.strip("|").split("|")[-1].strip() == "2"
+    assert "the finished runs of 3 seed(s)" in (folder / "baselines.md").read_text()
+
+
 def test_unknown_config_is_one_line(tmp_path, capsys):
     assert _script().main(["-dataPath", "d", "-outputPath", str(tmp_path), "--configs", "nope.yaml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
