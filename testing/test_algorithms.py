@@ -76,6 +76,47 @@ def test_yogi_step_follows_its_formula():
     assert v[0] > 0.5 > v[1]
 
 
+def _two_server_steps(cifar_path, tmp_path, optimizer_config):
+    """Global weights before, after round 1 and after round 2, and the two pseudo-gradients the
+    server stepped on (personal positions zeroed), on the parameter part."""
+    sim = _sim(cifar_path, server_config={"optimizer_config": optimizer_config})
+    server = Server(sim, tmp_path, None)
+    pseudo, compute = [], sim.strategy.pseudo_gradient
+    sim.strategy.pseudo_gradient = lambda d, w: pseudo.append(compute(d, w)) or pseudo[-1]
+    k = sim.layout.num_params
+    weights = [server.global_flat[:k].double().clone()]
+    for r in (1, 2):
+        server._round(r)
+        weights.append(server.global_flat[:k].double().clone())
+    server.writer.close()
+    personal = sim.personal_index[sim.personal_index < k]
+    return weights, [p[:k].double() for p in pseudo], personal
+
+
+@pytest.mark.parametrize("kind", ["fedavgm", "fedadam", "fedadagrad"])
+def test_server_optimizer_steps_on_the_pseudo_gradient(cifar_path, tmp_path, kind):
+    """FedAvgM (Hsu et al. 2019) and FedAdam / FedAdagrad (Reddi et al. 2021): two rounds of the
+    server optimizer applied to the pseudo-gradient -(weighted mean client delta), by their formulas."""
+    lr, b1, b2, eps = 0.7 if kind == "fedavgm" else 0.01, 0.9, 0.99, 1e-3
+    config = {"fedavgm": {"type": "sgd", "lr": lr, "momentum": b1},
+              "fedadam": {"type": "adam", "lr": lr, "betas": [b1, b2], "eps": eps},
+              "fedadagrad": {"type": "adagrad", "lr": lr, "eps": eps}}[kind]
+    (w0, w1, w2), (p1, p2), personal = _two_server_steps(cifar_path, tmp_path, config)
+    if kind == "fedavgm":
+        e1, e2 = w0 - lr * p1, w0 - lr * p1 - lr * (b1 * p1 + p2)
+    elif kind == "fedadam":
+        m1, v1 = (1 - b1) * p1, (1 - b2) * p1 ** 2
+        m2, v2 = b1 * m1 + (1 - b1) * p2, b2 * v1 + (1 - b2) * p2 ** 2
+        e1 = w0 - lr * (m1 / (1 - b1)) / ((v1 / (1 - b2)).sqrt() + eps)
+        e2 = e1 - lr * (m2 / (1 - b1 ** 2)) / ((v2 / (1 - b2 ** 2)).sqrt() + eps)
+    else:
+        e1 = w0 - lr * p1 / (p1.abs() + eps)
+        e2 = e1 - lr * p2 / ((p1 ** 2 + p2 ** 2).sqrt() + eps)
+    assert p1.abs().max() > 1e-4 and not torch.allclose(p1, p2)
+    assert torch.allclose(w1, e1, atol=1e-5) and torch.allclose(w2, e2, atol=1e-5)
+    assert torch.equal(w2[personal], w0[personal])  # personal layers never take a server step
+
+
 def test_server_optimizer_choices_build():
     for kind, cls in [("adagrad", torch.optim.Adagrad), ("yogi", Yogi), ("adam", torch.optim.Adam)]:
         assert isinstance(build_optimizer([torch.nn.Parameter(torch.zeros(2))], OptimizerConfig(type=kind, lr=0.1)), cls)
