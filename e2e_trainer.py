@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            write_run_info(run_dir, task, args.dataPath, argv)
+            write_run_info(run_dir, task, args.dataPath, argv, int(os.environ.get("WORLD_SIZE", 1)))
         from core.runner import run_experiment
         run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume)
     except UserError as exc:

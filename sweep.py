@@ -33,9 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config key and its values (YAML each), repeatable; runs are the product of all grids")
     p.add_argument("--seeds", type=int, default=1, help="seeds per grid point: the config's seed and the next ones")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (separate processes)")
+    add_launch_args(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value of every run, repeatable")
     return p
+
+
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+    """``--nproc`` and ``--backend``: how many processes each run has (torch.distributed.run when > 1)."""
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes per run (default 1); more launch each run under torch.distributed.run "
+                        "--standalone, rank 0 the server that also trains a share of each cohort")
+    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"],
+                   help="torch.distributed backend of runs with --nproc > 1 (default gloo; nccl for one GPU per process)")
 
 
 def prepare(args):
@@ -46,8 +56,8 @@ def prepare(args):
             or a sweep folder holding runs of another config.
     """
     load_task(args.task)
-    if args.jobs < 1:
-        raise UserError(f"--jobs {args.jobs}: expected at least 1")
+    if args.jobs < 1 or args.nproc < 1:
+        raise UserError(f"--jobs {args.jobs}, --nproc {args.nproc}: expected at least 1 each")
     axes = [parse_axis(text) for text in args.grid]
     runs = plan(args.config, args.overrides, axes, args.seeds)
     sweep_dir = Path(args.outputPath) / (args.name or f"{Path(args.config).stem}_{Path(args.task).name}_sweep")
@@ -71,7 +81,7 @@ def main(argv=None) -> int:
             clear_incomplete(sweep_dir / run.name)
         if status[run.name] != "done":
             jobs.append((run, trainer_command(run, sweep_dir, args, resume=status[run.name] == "resume")))
-    failed = launch(jobs, sweep_dir, args.jobs) if jobs else []
+    failed = launch(jobs, sweep_dir, args.jobs, args.nproc) if jobs else []
     table = write_report(sweep_dir, aggregate(sweep_dir, runs), axes)
     print(table)
     print(f"Written to {sweep_dir}: sweep.md, sweep.csv, plots/accuracy.png, logs/; "

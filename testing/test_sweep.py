@@ -140,3 +140,19 @@ def test_run_made_before_a_new_config_key_still_counts_as_finished(swept, capsys
     resolved.write_text(yaml.safe_dump(stored, sort_keys=False))
     assert sweep.main(_args(tmp, "--grid", GRID, "--seeds", "2")) == 0
     assert "4 finished (skipped)" in capsys.readouterr().out
+
+
+def test_runs_with_several_processes_match_the_single_process_run(swept):
+    """--nproc 2: each run under torch.distributed.run (2 ranks, gloo), recorded in run.json, and the
+    same model as the single-process run of the same grid point and seed (worker-count invariance)."""
+    import json
+    tmp, folder = swept
+    argv = _args(tmp, "--grid", "client_config.optimizer_config.lr=0.05", "--nproc", "2")
+    argv[argv.index("sw")] = "sw_nproc2"
+    assert sweep.main(argv) == 0
+    run = tmp / "sw_nproc2" / RUNS[0]
+    info = json.loads((run / "run.json").read_text())
+    assert info["world_sizes"] == [2]
+    assert json.loads((folder / RUNS[0] / "run.json").read_text())["world_sizes"] == [1, 1], "started, then resumed"
+    assert np.allclose(load_ckpt(run)["global"], load_ckpt(folder / RUNS[0])["global"], atol=1e-5)
+    assert [r["round"] for r in read_metrics(run)] == [2, 4]

@@ -56,18 +56,20 @@ def _version() -> dict:
     return {"pfedsim_version": version, "git_commit": commit}
 
 
-def write_run_info(run_dir: Path, task, data_path: str, argv: list[str]) -> None:
+def write_run_info(run_dir: Path, task, data_path: str, argv: list[str], world_size: int = 1) -> None:
     """Write ``run_dir/run.json``: what rebuilding the run needs besides its config.
 
     Keys: ``task`` (a name under experiments/ or an absolute task folder), ``dataPath`` (absolute),
-    ``commands`` (every command line that started or resumed the run, oldest first), the pfedsim
-    version and git commit.
+    ``commands`` (every command line that started or resumed the run, oldest first), ``world_sizes``
+    (the number of processes of each of those commands), the pfedsim version and git commit.
     """
     path = Path(run_dir) / RUN_INFO
     old = json.loads(path.read_text()) if path.is_file() else {}
+    commands = old.get("commands", [])
     info = {"task": task.name if task.folder.parent == EXPERIMENTS_DIR else str(task.folder),
             "dataPath": str(Path(data_path).resolve()),
-            "commands": old.get("commands", []) + [shlex.join(["e2e_trainer.py"] + list(argv))], **_version()}
+            "commands": commands + [shlex.join(["e2e_trainer.py"] + list(argv))],
+            "world_sizes": old.get("world_sizes", [None] * len(commands)) + [world_size], **_version()}
     path.write_text(json.dumps(info, indent=1) + "\n")
 
 

@@ -168,11 +168,23 @@ def run_status(run_dir: Path, cfg) -> str:
     return "done" if done == rounds else "resume"
 
 
+def launcher(nproc: int) -> list[str]:
+    """The command prefix that starts a script with ``nproc`` processes: this Python alone for 1,
+    ``torch.distributed.run --standalone`` (a free local port per run, so runs can overlap) for more."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
 def trainer_command(run: SweepRun, sweep_dir: Path, args, resume: bool) -> list[str]:
-    """The e2e_trainer.py command line of one run (this Python, the e2e_trainer module next to core/)."""
+    """The e2e_trainer.py command line of one run (the e2e_trainer module next to core/), with
+    ``args.nproc`` processes on ``args.backend`` (both optional: 1 process by default)."""
     script = importlib.util.find_spec("e2e_trainer").origin
-    cmd = [sys.executable, script, "-dataPath", args.dataPath, "-outputPath", str(sweep_dir), "-config", args.config,
-           "-task", args.task, "-run_name", run.name, "-seed", str(run.seed)]
+    nproc = getattr(args, "nproc", 1)
+    cmd = launcher(nproc) + [script, "-dataPath", args.dataPath, "-outputPath", str(sweep_dir), "-config",
+                             args.config, "-task", args.task, "-run_name", run.name, "-seed", str(run.seed)]
+    if nproc > 1:
+        cmd += ["-backend", getattr(args, "backend", "gloo")]
     for assignment in list(args.overrides) + run.overrides:
         cmd += ["--set", assignment]
     return cmd + (["-resume"] if resume else [])
@@ -191,15 +203,17 @@ def _run_one(cmd: list[str], log: Path, env: dict) -> int:
         return subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def launch(jobs: list[tuple[SweepRun, list[str]]], sweep_dir: Path, workers: int) -> list[str]:
+def launch(jobs: list[tuple[SweepRun, list[str]]], sweep_dir: Path, workers: int, procs_per_job: int = 1) -> list[str]:
     """Run the commands, ``workers`` at a time; each logs to ``sweep_dir/logs/<run>.log``.
 
+    Unless OMP_NUM_THREADS is set, each of the ``workers * procs_per_job`` processes gets an equal
+    share of the CPU cores as threads (at least 1).
     Returns the names of the runs that failed (non-zero exit), after printing one line per run.
     """
     log_dir = sweep_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (workers * procs_per_job))))
     env.setdefault("TQDM_DISABLE", "1")
     failed, started = [], time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:

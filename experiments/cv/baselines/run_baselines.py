@@ -1,7 +1,7 @@
 """Run the baseline configs of this folder (or a list of them) x seeds and write one comparison table.
 
     python experiments/cv/baselines/run_baselines.py -dataPath ../shared/data/cifar10 -outputPath runs \\
-        --seeds 3 [--configs niid_fedavg_iid.yaml ...] [--jobs 2] [--set server_config.max_iteration=5]
+        --seeds 3 [--configs niid_fedavg_iid.yaml ...] [--jobs 2] [--nproc 2] [--set server_config.max_iteration=5]
         [--report-only]
 
 Every config is a sweep (``sweep.py``: one run per seed, finished runs skipped, interrupted ones
@@ -26,6 +26,7 @@ PUBLISHED = re.compile(r"^#\s*published:\s*(global|personalized)\s+([0-9.]+)\s*(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sweep import add_launch_args
     p = argparse.ArgumentParser(prog="run_baselines.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-dataPath", required=True, help="folder holding cifar-10-batches-py")
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config files (default: every *.yaml beside this script, sorted)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per config: its seed and the next ones (default 3)")
     p.add_argument("--jobs", type=int, default=1, help="runs of one config at a time (separate processes)")
+    add_launch_args(p)
     p.add_argument("--report-only", action="store_true",
                    help="start no runs: tabulate the seeds already finished (the seeds column counts them)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -100,7 +102,8 @@ def run(args) -> tuple[list[tuple[Path, dict]], list[str]]:
     results, failed = [], []
     for config in config_paths(args.configs):
         argv = ["-config", str(config), "-task", "cv", "-dataPath", args.dataPath, "-outputPath", str(out),
-                "-name", config.stem, "--seeds", str(args.seeds), "--jobs", str(args.jobs)]
+                "-name", config.stem, "--seeds", str(args.seeds), "--jobs", str(args.jobs),
+                "--nproc", str(args.nproc), "--backend", args.backend]
         for assignment in args.overrides:
             argv += ["--set", assignment]
         if not args.report_only and sweep.main(argv) != 0:
