@@ -49,7 +49,10 @@ def test_table_has_published_figures_and_our_mean_over_seeds(ran):
     assert fedper[1] == "personalized 85" and fedper[6] == "2"
     assert fedper[4] == f"{100 * np.mean(finals):.1f} ± {100 * np.std(finals, ddof=1):.1f}"
     assert fedper[5] == f"{100 * np.mean(finals) - 85:+.1f}"
+    assert fedper[7] == f"0: {100 * finals[0]:.2f}, 1: {100 * finals[1]:.2f}"
     assert cells["fedrep_s2_fedavg"][1] == "-" and cells["fedrep_s2_fedavg"][5] == "-"
+    fedavg_finals = [read_metrics(folder / "fedrep_s2_fedavg" / f"seed={s}")[-1]["global_test_acc"] for s in (0, 1)]
+    assert cells["fedrep_s2_fedavg"][7] == f"0: {100 * fedavg_finals[0]:.2f}, 1: {100 * fedavg_finals[1]:.2f}"
 
 
 def test_second_invocation_runs_nothing(ran):
@@ -67,7 +70,7 @@ def test_report_only_starts_nothing_and_counts_finished_seeds(ran):
     assert not (folder / "fedrep_s2_fedper" / "seed=2").exists()
     lines = (folder / "baselines.md").read_text().splitlines()
     row = next(line for line in lines if line.startswith("| fedrep_s2_fedper"))
-    assert row.strip("|").split("|")[-1].strip() == "2"
+    assert row.strip("|").split("|")[6].strip() == "2"
     assert "the finished runs of 3 seed(s)" in (folder / "baselines.md").read_text()
 
 

@@ -8,7 +8,8 @@ Every config is a sweep (``sweep.py``: one run per seed, finished runs skipped, 
 resumed) in OUT/<name>/<config stem>/. Then OUT/<name>/baselines.md holds one row per config: the
 published figure named by the config's ``# published: <global|personalized> <value>`` comment, and
 ours as mean ± sample std over seeds of the final and best global test accuracy and of the final
-personalized accuracy (percent), with our minus published; OUT/<name>/plots/accuracy.png draws every
+personalized accuracy (percent), with our minus published, and each seed's final value in the published
+figure's metric; OUT/<name>/plots/accuracy.png draws every
 config's mean curve over seeds. ``--report-only`` starts nothing and tabulates the finished seeds.
 """
 from __future__ import annotations
@@ -63,8 +64,20 @@ def _pct(stat) -> str:
     return stat_cell(stat, 1)
 
 
+def per_seed(config: Path, row: dict) -> str:
+    """``seed: value`` (percent, two decimals) of each finished seed's final accuracy, in the metric the
+    config's published figure names (global without one); ``-`` when no seed has finished."""
+    from utils.compare import run_scores
+
+    pub = published(config)
+    key = f"final_{pub[0] if pub else 'global'}"
+    values = [(name.split("seed=")[-1], run_scores(h)[key]) for name, h in zip(row["runs"], row["histories"])]
+    return ", ".join(f"{seed}: {100 * v:.2f}" for seed, v in values if v is not None) or "-"
+
+
 def table_row(config: Path, row: dict) -> str:
-    """One Markdown row: config, published, ours (final/best global, final personalized), difference."""
+    """One Markdown row: config, published, ours (final/best global, final personalized), difference,
+    seed count, and each seed's final value."""
     pub = published(config)
     ours = {"global": row["final_global"], "personalized": row["final_personalized"]}
     diff = "-"
@@ -72,7 +85,7 @@ def table_row(config: Path, row: dict) -> str:
         diff = f"{100 * ours[pub[0]][0] - pub[1]:+.1f}"
     pub_text = f"{pub[0]} {pub[1]:g}" if pub else "-"
     cells = [config.stem, pub_text, _pct(row["final_global"]), _pct(row["best_global"]),
-             _pct(row["final_personalized"]), diff, str(len(row["runs"]))]
+             _pct(row["final_personalized"]), diff, str(len(row["runs"])), per_seed(config, row)]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -81,8 +94,8 @@ def write_report(out: Path, results: list[tuple[Path, dict]], header: str) -> st
     from utils.compare import compare_plot
     from utils.sweep import mean_history
 
-    lines = ["| config | published | final global | best global | final personalized | ours - published | seeds |",
-             "|---|---|---|---|---|---|---|"] + [table_row(c, r) for c, r in results]
+    lines = ["| config | published | final global | best global | final personalized | ours - published | seeds "
+             "| final by seed |", "|---|---|---|---|---|---|---|---|"] + [table_row(c, r) for c, r in results]
     table = "\n".join(lines)
     (out / "baselines.md").write_text(f"# Baselines\n\n{header}\n\nAccuracy in percent, mean ± sample std over "
                                       f"seeds; final: last round, best: best evaluation.\n\n{table}\n")
