@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+from utils.sweep import launcher
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("PFEDSIM_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
@@ -37,9 +38,7 @@ def write_config(folder: Path, config: dict, name: str = "config.yaml") -> Path:
 def run_trainer(args: list[str], nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run e2e_trainer.py (under torch.distributed.run when nproc > 1) from the repo root."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0"] if nproc > 1 else [sys.executable]
-    return subprocess.run(launcher + ["e2e_trainer.py"] + args, cwd=REPO, env=env, capture_output=True,
+    return subprocess.run(launcher(nproc) + ["e2e_trainer.py"] + args, cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
