@@ -52,7 +52,12 @@ def normalise(x_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def load_raw():
-    """(train_x uint8, train_y int64, test_x uint8, test_y int64) via pfedsim's reader."""
+    """(train_x uint8, train_y int64, test_x uint8, test_y int64) via pfedsim's reader, or with
+    ``FW_DATA=synthetic`` the random CIFAR-shaped images of ``benchmarks.common.SyntheticCIFAR``
+    (the data pfedsim's GPU benchmarks use; for timing only, its accuracy means nothing)."""
+    if DATA_PATH == "synthetic":
+        from benchmarks.common import SyntheticCIFAR
+        return (*SyntheticCIFAR.load_split(None, "train", None), *SyntheticCIFAR.load_split(None, "test", None))
     from experiments.cv.dataloaders.cifar10 import read_batches
     x, y = read_batches(DATA_PATH, "train", download=False)
     tx, ty = read_batches(DATA_PATH, "test", download=False)

@@ -11,6 +11,9 @@ s_per_round_2_20 show it). Data loading and the final test-set evaluation are ou
 Run pinned: taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python run_flower.py
 FW_BF16_CL=1 trains under bfloat16 autocast with the model and inputs in channels_last (what
 pfedsim's client_config.precision=bf16 and channels_last=true do).
+FW_DEVICE=cuda trains and evaluates on the GPU (each client's batches are moved there, as a Flower
+user's client does); FW_ACTORS=N then starts N Ray actors sharing the GPU (num_gpus 1/N each, Ray
+given N CPUs), 1 by default.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ import fw_common as W  # noqa: E402
 
 CACHE = Path(os.environ.get("FW_CACHE", "/tmp/fw_cache"))
 FAST = os.environ.get("FW_BF16_CL") == "1"
+DEVICE = os.environ.get("FW_DEVICE", "cpu")
+ACTORS = int(os.environ.get("FW_ACTORS", "1"))
 
 # ---- client side (runs in the Ray actor process) ------------------------------------------------
 _STATE: dict = {}
@@ -41,7 +46,7 @@ def _client_state():
         _STATE["x"] = np.load(CACHE / "train_x.npy", mmap_mode="r")
         _STATE["y"] = np.load(CACHE / "train_y.npy", mmap_mode="r")
         _STATE["parts"] = np.load(CACHE / "parts.npy")
-        _STATE["model"] = W.make_model()
+        _STATE["model"] = W.make_model().to(DEVICE)
         if FAST:
             _STATE["model"] = _STATE["model"].to(memory_format=torch.channels_last)
     return _STATE
@@ -68,18 +73,18 @@ class CifarClient(NumPyClient):
         model = st["model"]
         set_weights(model, parameters)
         idx = st["parts"][self.cid]
-        x = W.normalise(torch.from_numpy(np.ascontiguousarray(st["x"][idx])))
-        y = torch.from_numpy(np.ascontiguousarray(st["y"][idx]))
+        x = W.normalise(torch.from_numpy(np.ascontiguousarray(st["x"][idx])).to(DEVICE))
+        y = torch.from_numpy(np.ascontiguousarray(st["y"][idx])).to(DEVICE)
         opt = torch.optim.SGD(model.parameters(), lr=W.LOCAL_LR)
         model.train()
         gen = torch.Generator().manual_seed(int(config.get("server_round", 0)) * 100003 + self.cid)
         for _ in range(W.LOCAL_EPOCHS):
             order = torch.randperm(len(y), generator=gen)
             for i in range(0, len(y), W.BATCH_SIZE):
-                b = order[i:i + W.BATCH_SIZE]
+                b = order[i:i + W.BATCH_SIZE].to(DEVICE)
                 opt.zero_grad(set_to_none=True)
                 xb = x[b].contiguous(memory_format=torch.channels_last) if FAST else x[b]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=FAST):
+                with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=FAST):
                     loss = torch.nn.functional.cross_entropy(model(xb), y[b])
                 loss.backward()
                 opt.step()
@@ -132,8 +137,8 @@ def main() -> None:
     np.save(CACHE / "train_x.npy", x.numpy())
     np.save(CACHE / "train_y.npy", y.numpy())
     np.save(CACHE / "parts.npy", parts)
-    test_x, test_y = W.normalise(tx), ty
-    eval_model = W.make_model()
+    test_x, test_y = W.normalise(tx.to(DEVICE)), ty.to(DEVICE)
+    eval_model = W.make_model().to(DEVICE)
     init = get_weights(W.make_model())  # seeded by torch.manual_seed(SEED) above
     t_data = time.perf_counter() - t0
 
@@ -158,8 +163,9 @@ def main() -> None:
     def server_fn(context):
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=W.ROUNDS))
 
-    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                      "init_args": {"num_cpus": 1, "num_gpus": 0, "logging_level": "error",
+    gpu = DEVICE.startswith("cuda")
+    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 1.0 / ACTORS if gpu else 0.0},
+                      "init_args": {"num_cpus": ACTORS, "num_gpus": 1 if gpu else 0, "logging_level": "error",
                                     "log_to_driver": False}}
     t_sim = time.perf_counter()
     run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
@@ -174,7 +180,7 @@ def main() -> None:
     per_round = [ends[0] - strategy.t_start] + [b - a for a, b in zip(ends, ends[1:])]
     W.report({
         "framework": "flower", "version": f"flwr {flwr.__version__}, ray {__import__('ray').__version__}",
-        "bf16_channels_last": FAST,
+        "bf16_channels_last": FAST, "device": DEVICE, "actors": ACTORS, "data": W.DATA_PATH,
         "rounds": W.ROUNDS, "wall_s": round(wall, 2), "s_per_round": round(wall / W.ROUNDS, 3),
         "final_test_acc": round(final["acc"], 4),
         "included": "from FedAvg.configure_fit of round 1 to the end of aggregate_fit of round 20: client "
