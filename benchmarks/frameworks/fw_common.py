@@ -46,8 +46,8 @@ def seed_all() -> None:
 
 
 def normalise(x_uint8: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(MEAN, device=x_uint8.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=x_uint8.device).view(1, 3, 1, 1) * 255
     return (x_uint8.float() - mean) / std
 
 
