@@ -5,6 +5,10 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD"
 only=${1:-all}
+[[ -d /tmp/site ]] && export PYTHONPATH="/tmp/site:$PYTHONPATH"  # wheels installed by frameworks/install_gpu_wheels.sh
+python3 -c "import pydantic" 2>/dev/null || {
+  echo "run_gpu.sh: pydantic is not installed here; carry its wheels (pydantic, pydantic-core, annotated-types,"
+  echo "typing-inspection, typing-extensions: versions in benchmarks/frameworks/gpu_wheels.txt) and install them"; exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [[ $only == all || $only == overhead ]]; then
   python3 -m benchmarks.overhead --device cuda --data synthetic --out "$out/overhead.jsonl"
