@@ -38,7 +38,8 @@ class DistContext:
 
 def mpi_environment() -> None:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from MPI when launched by mpiexec
-    (no-op otherwise, and when RANK is already set). Call it before reading RANK.
+    (no-op otherwise, and when RANK is already set), then finalize MPI: the rounds run on
+    torch.distributed only. Call it once, before reading RANK.
 
     Raises:
         UserError: launched by mpiexec but mpi4py is missing.
@@ -52,9 +53,14 @@ def mpi_environment() -> None:
     comm = MPI.COMM_WORLD
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(comm.Get_rank()), str(comm.Get_size())
     # rank among the processes of this node (picks the GPU), from any MPI: ranks sharing memory
-    os.environ.setdefault("LOCAL_RANK", str(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()))
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    os.environ.setdefault("LOCAL_RANK", str(node.Get_rank()))
+    node.Free()
     os.environ.setdefault("MASTER_ADDR", comm.bcast(MPI.Get_processor_name(), root=0))
     os.environ.setdefault("MASTER_PORT", str(comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0)))
+    # MPI's part ends here: finalize now rather than at interpreter exit, so that MPI's teardown
+    # never overlaps torch.distributed's (gloo threads, the TCP store) in a process that is exiting.
+    MPI.Finalize()
 
 
 def _free_port() -> int:

@@ -36,7 +36,8 @@ dist.destroy_process_group()
 
 
 def _run_mpiexec(args: list[str], n: int = 3, **env_vars) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", **env_vars)
+    # faulthandler: a rank that aborts in C++ still prints its Python stack (which phase it was in)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONFAULTHANDLER="1", **env_vars)
     return subprocess.run([_mpiexec(), "-n", str(n), sys.executable, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -52,7 +53,7 @@ def test_mpiexec_sets_rank_world_and_master_from_mpi(tmp_path):
 
 def test_mpiexec_three_ranks_match_one_process(tmp_path):
     proc = _run_mpiexec(["e2e_trainer.py", *ARGS, "-backend", "gloo", "-outputPath", str(tmp_path), "-run_name", "mpi"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-1000:]
     assert proc.stdout.count("Final results of mpi") == 1, "only rank 0 of one 3-rank group reports"
     single = run_trainer([*ARGS, "-outputPath", str(tmp_path), "-run_name", "single"])
     assert single.returncode == 0, single.stderr[-2000:]
