@@ -29,9 +29,11 @@ def _simulation(cifar_path, vectorize: bool, **client):
 def test_vectorized_round_equals_sequential(cifar_path):
     """One local epoch with momentum, Nesterov, weight decay, augmentation and uneven clients.
 
-    (With more steps, float-rounding differences grow: two epochs of sequential training started
-    from weights perturbed by 1e-7 relative noise already differ by about 4e-4, so the tolerance
-    below is only meaningful for short local training.)
+    The bound is float rounding, measured: how far sequential training moves when its start is
+    perturbed by 1e-7 relative noise. On most CPUs both differences stay below 1e-4; on a 2-core
+    AMD EPYC (Zen 1, AVX2) any rounding change flips the same few activations and both differences
+    are 1.3e-3 (0.6% of the delta's norm). A vectorization bug (wrong data order, momentum, client
+    mix-up) moves the delta by far more.
     """
     seq, vec = _simulation(cifar_path, False), _simulation(cifar_path, True)
     sizes = seq.train_clients.sizes[seq.schedule.cohort(1)]
@@ -41,12 +43,17 @@ def test_vectorized_round_equals_sequential(cifar_path):
     p = seq.personal_numel
     buf = torch.cat([start, start[seq.personal_index].repeat(6)])
     a, b = train_share(seq, 1, buf.clone()), train_share(vec, 1, buf.clone())
+    noise = 1 + 1e-7 * torch.randn(buf.shape, generator=torch.Generator().manual_seed(1))
+    c = train_share(_simulation(cifar_path, False), 1, buf * noise)
     n = seq.layout.numel
     assert a[n] == b[n] == float(sizes.sum())
     assert a[:n].abs().max() > 1.0, "clients really trained"
-    assert (a[:n] / a[n] - b[:n] / b[n]).abs().max() < 1e-4, "same averaged delta"
+    rounding = max(1e-4, 2 * float((a[:n] / a[n] - c[:n] / c[n]).abs().max()))
+    assert rounding < 1e-2, "sequential training itself should not be this sensitive to rounding"
+    assert (a[:n] / a[n] - b[:n] / b[n]).abs().max() < rounding, "same averaged delta"
     assert a[n + 2:].numel() == 6 * p > 0
-    assert (a[n + 2:] - b[n + 2:]).abs().max() < 1e-4, "same personal layers"
+    personal_rounding = max(1e-4, 2 * float((a[n + 2:] - c[n + 2:]).abs().max()))
+    assert (a[n + 2:] - b[n + 2:]).abs().max() < personal_rounding, "same personal layers"
     assert torch.allclose(a[n + 1], b[n + 1], rtol=1e-4), "same weighted loss"
 
 
