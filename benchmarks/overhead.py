@@ -3,7 +3,7 @@
 The FL round is the engine's real round (cohort sampling, broadcast/reduce buffers, per-client reset
 of the one replica, local training, weighted delta sums, server step). The centralized baseline trains
 a model of the same class for the same number of steps at the same batch size, with the same loader
-and optimizer (and the same ``precision`` / ``channels_last`` switches). The two are timed
+and optimizer (and the same ``precision`` / ``channels_last`` / ``compile`` switches). The two are timed
 alternately, one FL round then one centralized pass, so that drift in the machine's load hits both.
 Ratio = median FL round seconds / median centralized seconds (1.00 = no overhead); the median of the
 per-pair ratios is saved too. Each centralized pass starts from the global weights of the FL round
@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.common import benchmark_parser, machine, median, save, single_process_simulation, timed
 from core.flat import StateLayout
+from core.model import training_loss
 from core.optim import build_optimizer
 from core.server import Server
 
@@ -41,6 +42,7 @@ def centralized_steps(sim, cfg, steps: int):
     if cfg.client_config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model.parameters(), cfg.client_config.optimizer_config)
+    loss_fn = training_loss(model, cfg.client_config)  # compiled too when client_config.compile is on
     loader = sim.trainer.loader
     pooled = torch.cat([sim.train_clients.get(c) for c in sim.schedule.cohort(1)])
     indices = pooled.repeat(-(-steps * cfg.client_config.batch_size // pooled.numel()))
@@ -57,7 +59,7 @@ def centralized_steps(sim, cfg, steps: int):
         for batch in loader.batches(indices, generator):
             batch = sim.trainer.prepare(batch)
             with torch.autocast(sim.ctx.device.type, dtype=torch.bfloat16, enabled=sim.trainer.bf16):
-                loss = model.loss(batch)
+                loss = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

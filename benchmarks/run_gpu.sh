@@ -13,6 +13,10 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [[ $only == all || $only == overhead ]]; then
   python3 -m benchmarks.overhead --device cuda --data synthetic --out "$out/overhead.jsonl"
 fi
+if [[ $only == compile ]]; then  # CUDA graphs through torch.compile, both sides of the overhead ratio
+  python3 -m benchmarks.overhead --device cuda --data synthetic --set client_config.compile=true \
+    --set client_config.compile_mode=reduce-overhead --out "$out/overhead.jsonl"
+fi
 if [[ $only == all || $only == vectorized ]]; then
   python3 -m benchmarks.vectorized --device cuda --out "$out/vectorized.jsonl"
 fi

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from core.model import training_loss
 from core.optim import build_optimizer
 from utils.seeding import client_generator
 
@@ -18,6 +19,7 @@ class ClientTrainer:
     def __init__(self, model, layout, loader, client_config, personal_index: torch.Tensor, seed: int, strategy,
                  personalization=None, personal_names=()):
         self.model = model
+        self.loss = training_loss(model, client_config)
         self.layout = layout
         self.loader = loader
         self.epochs = client_config.local_epochs
@@ -111,7 +113,7 @@ class ClientTrainer:
             for batch in self.loader.batches(indices, generator):
                 batch = self.prepare(batch)
                 with torch.autocast(indices.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss = self.model.loss(batch)
+                    loss = self.loss(batch)
                 if penalty is not None:
                     loss = loss + penalty(params)
                 self.optimizer.zero_grad(set_to_none=True)

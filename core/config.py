@@ -97,6 +97,11 @@ class ClientConfig(_Section):
     channels_last: bool = Field(False, description="model and 4-D inputs in channels_last memory format")
     vectorize: bool = Field(False, description="train a worker's clients together with torch.func vmap (SGD, no BatchNorm)")
     vectorize_chunk: int = Field(64, ge=1, description="clients per vectorized group (memory grows with it; on a CPU small groups, e.g. 5, run faster)")
+    compile: bool = Field(False, description="torch.compile the client's training loss (forward and backward; "
+                                             "the first steps of a run compile it, which takes seconds to minutes)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when compile is on (reduce-overhead: CUDA graphs on a GPU, "
+                               "for launch-bound small batches)")
 
 
 class DataConfig(_Section):

@@ -35,3 +35,16 @@ class BaseModel(nn.Module):
     def num_parameters(self) -> int:
         """Number of trainable parameters (elements)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def training_loss(model: nn.Module, client_config):
+    """The callable ``batch -> loss`` the engine trains with: ``model.loss``, under
+    ``torch.compile(mode=client_config.compile_mode)`` when ``client_config.compile`` is on.
+
+    Compiling keeps the model's parameters as they are (the engine resets them in place, so a
+    compiled graph, and on a GPU a CUDA graph, stays valid across clients). A new batch size or a
+    change of which parameters train (personalization phases) compiles once more.
+    """
+    if not client_config.compile:
+        return model.loss
+    return torch.compile(model.loss, mode=client_config.compile_mode)

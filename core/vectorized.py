@@ -27,14 +27,17 @@ class LossCall(nn.Module):
 
 
 def check_vectorizable(model: nn.Module, client_config, personalization=None) -> None:
-    """Raise UserError unless the model has no BatchNorm, the client optimizer is SGD and every
-    client trains all its parameters together (one training phase)."""
+    """Raise UserError unless the model has no BatchNorm, the client optimizer is SGD, compile is
+    off and every client trains all its parameters together (one training phase)."""
     if personalization is not None and len(personalization.training_phases(1)) != 1:
         raise UserError(f"client_config.vectorize does not support personalization.method "
                         f"{personalization.name} (several training phases); set vectorize: false")
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise UserError("client_config.vectorize needs a model without BatchNorm (use GroupNorm or none); "
                         "set client_config.vectorize: false for this model")
+    if client_config.compile:
+        raise UserError("client_config.compile applies to sequential client training only; "
+                        "set client_config.compile: false or vectorize: false")
     if client_config.optimizer_config.type != "sgd":
         raise UserError("client_config.vectorize supports client optimizer type sgd only; "
                         "set client_config.optimizer_config.type: sgd or vectorize: false")
