@@ -6,7 +6,6 @@ import torch
 from torch._dynamo.utils import counters
 
 from core.errors import UserError
-
 from testing.test_precision import PLAIN_SGD, _averaged_delta, _relative
 from testing.test_vectorized import _simulation
 
