@@ -83,6 +83,12 @@ class BaseDataLoader:
 
     The split's tensors are moved to ``device`` once; batching, shuffling and augmentation run on
     that device with the caller's ``torch.Generator`` so results depend only on the seed.
+
+    A loader implements either :meth:`batches` alone, or the two halves :meth:`plan_batches` (what
+    each batch is: sample indices and random augmentation parameters, drawn from the generator) and
+    :meth:`collate` (build the batch of one or more plans), from which :meth:`batches` follows.
+    With the halves, vectorized training (``client_config.vectorize``) builds the batches of all its
+    clients for a step in one ``collate`` call instead of one call per client.
     """
 
     def __init__(self, dataset: BaseDataset, batch_size: int, device: torch.device, train: bool, augment: bool):
@@ -93,5 +99,26 @@ class BaseDataLoader:
         self.augment = augment and train
 
     def batches(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None) -> Iterator[dict]:
-        """Yield batches over ``indices`` (int64 device tensor), shuffled when a generator is given."""
-        raise NotImplementedError
+        """Yield batches over ``indices`` (int64 device tensor), shuffled when a generator is given.
+
+        Raises:
+            NotImplementedError: the loader implements neither this nor :meth:`plan_batches`.
+        """
+        for plan in self.plan_batches(indices, generator):
+            yield self.collate([plan])
+
+    def plan_batches(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None) -> Iterator[dict]:
+        """Yield one plan per batch over ``indices``: a dict of device tensors whose first dimension
+        is that batch's size (e.g. ``{"idx": (B,) int64}``). Every random draw (shuffle,
+        augmentation) happens here, in batch order, from ``generator``."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither batches nor plan_batches")
+
+    def collate(self, plans: list[dict]) -> dict:
+        """The batch of ``plans`` concatenated in order: a dict of device tensors whose first
+        dimension is the sum of the plans' batch sizes."""
+        raise NotImplementedError(f"{type(self).__name__} implements plan_batches but not collate")
+
+    @property
+    def plans(self) -> bool:
+        """Whether this loader implements :meth:`plan_batches` and :meth:`collate`."""
+        return type(self).plan_batches is not BaseDataLoader.plan_batches

@@ -83,11 +83,21 @@ class VectorizedTrainer:
         return loss
 
     def _streams(self, round_idx, client_ids, indices):
+        """Per client, an iterator over its batch plans (when the loader has them) or batches,
+        drawn from its own generator exactly as in sequential training."""
+        draw = self.loader.plan_batches if self.loader.plans else self.loader.batches
+
         def stream(cid, idx):
             generator = client_generator(idx.device, self.seed, round_idx, cid)
             for _ in range(self.epochs):
-                yield from self.loader.batches(idx, generator)
+                yield from draw(idx, generator)
         return [stream(int(c), i) for c, i in zip(client_ids, indices)]
+
+    def _stacked(self, items: list[dict]) -> dict:
+        """The (G, B, ...) batch of G equally sized plans (one collate call) or batches (stacked)."""
+        if not self.loader.plans:
+            return {key: torch.stack([b[key] for b in items]) for key in items[0]}
+        return {key: v.unflatten(0, (len(items), -1)) for key, v in self.loader.collate(items).items()}
 
     def _update(self, stack, momentum, rows, grads) -> None:
         """SGD on rows ``rows`` of the (C, P) parameter stack with (len(rows), P) gradients."""
@@ -132,9 +142,10 @@ class VectorizedTrainer:
                 if batch is not None:
                     batches[i] = batch
             active = list(batches)
-            for size in sorted({b["y"].shape[0] for b in batches.values()}):
-                rows = [i for i in active if batches[i]["y"].shape[0] == size]
-                self._step(stack, momentum, rows, [batches[i] for i in rows], loss_sum, steps)
+            sizes = {i: len(next(iter(b.values()))) for i, b in batches.items()}
+            for size in sorted(set(sizes.values())):
+                rows = [i for i in active if sizes[i] == size]
+                self._step(stack, momentum, rows, self._stacked([batches[i] for i in rows]), loss_sum, steps)
         return stack, loss_sum / steps.clamp(min=1)
 
     def _views(self, stack: torch.Tensor) -> list[torch.Tensor]:
@@ -158,12 +169,12 @@ class VectorizedTrainer:
             grads = torch._foreach_add(grads, bufs, alpha=o.momentum) if o.nesterov else bufs
         torch._foreach_add_(params, grads, alpha=-o.lr)
 
-    def _step(self, stack, momentum, rows, batches, loss_sum, steps) -> None:
+    def _step(self, stack, momentum, rows, batch: dict, loss_sum, steps) -> None:
+        """One vmapped forward/backward and SGD step of clients ``rows`` on their (G, B, ...) ``batch``."""
         every_row = len(rows) == stack.shape[0] and len(set(self._has_momentum.tolist())) == 1
         rows_t = torch.tensor(rows, device=stack.device)
         sub = stack if every_row else stack[rows_t]
         params = dict(zip(self.names, self._views(sub)))
-        batch = {key: torch.stack([b[key] for b in batches]) for key in batches[0]}
         grads, losses = self.step(params, batch)
         if every_row:
             self._update_all(stack, momentum, [grads[n] for n in self.names])

@@ -89,3 +89,24 @@ def test_raw_pixels_and_reflection_padding_as_niid_bench(train_all):
     assert shifted > 0, "some crops show the reflected border, which zero padding would not give"
     plain = CIFAR10DataLoader(raw_ds, 32, torch.device("cpu"), train=False, augment=False)
     assert torch.equal(next(plain.batches(torch.arange(4)))["x"], train_all.inputs[:4].float() / 255)
+
+
+@pytest.mark.parametrize("augment, shuffled", [(True, True), (True, False), (False, True)])
+def test_collating_many_plans_equals_their_batches_one_by_one(train_all, augment, shuffled):
+    """The loader contract vectorized training relies on: one ``collate`` over several clients' batch
+    plans gives exactly the rows their own batches would, in order (crops, flips and the center crop
+    of an augmenting loader read without a generator included)."""
+    loader = CIFAR10DataLoader(train_all, 8, torch.device("cpu"), train=True, augment=augment)
+    clients = [torch.arange(0, 20), torch.arange(500, 513), torch.arange(900, 908)]
+
+    def generator(c):
+        return torch.Generator().manual_seed(c) if shuffled else None
+    one_by_one = [b for c, idx in enumerate(clients) for b in loader.batches(idx, generator(c))]
+    plans = [p for c, idx in enumerate(clients) for p in loader.plan_batches(idx, generator(c))]
+    assert [len(p["idx"]) for p in plans] == [8, 8, 4, 8, 5, 8]
+    assert ("offsets" in plans[0]) == (augment and shuffled)
+    together = loader.collate(plans)
+    assert together["x"].shape == (41, 3, 32, 32)
+    for key in ("x", "y"):
+        assert torch.equal(together[key], torch.cat([b[key] for b in one_by_one]))
+    assert not torch.equal(together["x"][:8], together["x"][8:16])

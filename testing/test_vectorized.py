@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from core.config import validate_config
+from core.dataset import BaseDataLoader
 from core.distributed import DistContext, Transport
 from core.errors import UserError
 from core.simulation import build_simulation
@@ -69,3 +70,28 @@ def test_vectorize_refuses_batchnorm_and_adam(cifar_path):
         build_simulation(cfg, load_task("cv"), str(cifar_path), ctx, Transport(ctx))
     with pytest.raises(UserError, match="sgd only"):
         _simulation(cifar_path, True, optimizer_config={"type": "adam", "lr": 0.001})
+
+
+class BatchesOnly(BaseDataLoader):
+    """A task loader written with ``batches`` alone (no batch plans), wrapping another loader."""
+
+    def __init__(self, inner: BaseDataLoader):
+        super().__init__(inner.dataset, inner.batch_size, inner.device, inner.train, inner.augment)
+        self.inner = inner
+
+    def batches(self, indices, generator=None):
+        return self.inner.batches(indices, generator)
+
+
+def test_vectorized_loaders_with_and_without_batch_plans_train_alike(cifar_path):
+    """With batch plans the batches of a step come from one ``collate`` call for all clients;
+    a loader with ``batches`` only is stacked client by client. Both give the same training, bit for bit."""
+    vec = _simulation(cifar_path, True)
+    assert vec.vectorized.loader.plans
+    buf = torch.cat([vec.layout.flatten(), vec.layout.flatten()[vec.personal_index].repeat(6)])
+    planned = train_share(vec, 1, buf.clone())
+    vec.vectorized.loader = BatchesOnly(vec.vectorized.loader)
+    assert not vec.vectorized.loader.plans
+    stacked = train_share(vec, 1, buf.clone())
+    assert planned[:vec.layout.numel].abs().max() > 1.0, "clients really trained"
+    assert torch.equal(planned, stacked)

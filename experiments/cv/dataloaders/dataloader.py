@@ -35,26 +35,38 @@ class CIFAR10DataLoader(BaseDataLoader):
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
-    def _augmented(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        n = idx.numel()
-        offsets = torch.randint(0, 2 * PAD + 1, (2, n, 1), device=self.device, generator=generator)
-        span = torch.arange(32, device=self.device)
-        rows = (offsets[0] + span).view(n, 1, 32, 1)
-        cols = (offsets[1] + span).view(n, 1, 1, 32)
-        chans = torch.arange(3, device=self.device).view(1, 3, 1, 1)
-        crops = self.images[idx.view(n, 1, 1, 1), chans, rows, cols]
-        flip = torch.rand(n, device=self.device, generator=generator) < 0.5
-        return torch.where(flip.view(n, 1, 1, 1), crops.flip(3), crops)
-
-    def batches(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None) -> Iterator[dict]:
+    def plan_batches(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None) -> Iterator[dict]:
+        """Per batch ``{"idx": (B,)}``, plus ``"offsets": (B, 2)`` crop corners and ``"flip": (B,) bool``
+        when augmenting with a generator (drawn per batch: offsets, then flips)."""
         if generator is not None:
             indices = indices[torch.randperm(indices.numel(), device=self.device, generator=generator)]
         for start in range(0, indices.numel(), self.batch_size):
             idx = indices[start:start + self.batch_size]
-            if not self.augment:
-                raw = self.images[idx]
-            elif generator is not None:
-                raw = self._augmented(idx, generator)
-            else:
-                raw = self.images[idx][..., PAD:-PAD, PAD:-PAD]
-            yield {"x": (raw.float() - self.mean) / self.std, "y": self.labels[idx]}
+            if not (self.augment and generator is not None):
+                yield {"idx": idx}
+                continue
+            n = idx.numel()
+            offsets = torch.randint(0, 2 * PAD + 1, (2, n), device=self.device, generator=generator).t()
+            flip = torch.rand(n, device=self.device, generator=generator) < 0.5
+            yield {"idx": idx, "offsets": offsets, "flip": flip}
+
+    def collate(self, plans: list[dict]) -> dict:
+        plan = {key: torch.cat([p[key] for p in plans]) if len(plans) > 1 else plans[0][key] for key in plans[0]}
+        idx = plan["idx"]
+        if "offsets" in plan:
+            raw = self._crops(idx, plan["offsets"], plan["flip"])
+        elif self.augment:  # augmenting loader read without a generator: the center crop
+            raw = self.images[idx][..., PAD:-PAD, PAD:-PAD]
+        else:
+            raw = self.images[idx]
+        return {"x": (raw.float() - self.mean) / self.std, "y": self.labels[idx]}
+
+    def _crops(self, idx: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 32, 32) uint8 crops of the padded images ``idx`` at corners ``offsets`` (B, 2), mirrored where ``flip``."""
+        n = idx.numel()
+        span = torch.arange(32, device=self.device)
+        rows = (offsets[:, :1] + span).view(n, 1, 32, 1)
+        cols = (offsets[:, 1:] + span).view(n, 1, 1, 32)
+        chans = torch.arange(3, device=self.device).view(1, 3, 1, 1)
+        crops = self.images[idx.view(n, 1, 1, 1), chans, rows, cols]
+        return torch.where(flip.view(n, 1, 1, 1), crops.flip(3), crops)

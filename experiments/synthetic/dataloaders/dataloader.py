@@ -14,9 +14,12 @@ class SyntheticLoader(BaseDataLoader):
         self.x = dataset.inputs.to(device)
         self.y = dataset.labels.to(device)
 
-    def batches(self, indices, generator=None):
+    def plan_batches(self, indices, generator=None):
         if generator is not None:
             indices = indices[torch.randperm(indices.numel(), device=self.device, generator=generator)]
         for start in range(0, indices.numel(), self.batch_size):
-            idx = indices[start:start + self.batch_size]
-            yield {"x": self.x[idx], "y": self.y[idx]}
+            yield {"idx": indices[start:start + self.batch_size]}
+
+    def collate(self, plans):
+        idx = torch.cat([p["idx"] for p in plans])
+        return {"x": self.x[idx], "y": self.y[idx]}

@@ -1,0 +1,98 @@
+"""Operator counts per round: how many tensor operations one FL round dispatches, by path.
+
+On a GPU a round of small batches is launch-bound: the host's cost is about one kernel launch per
+dispatched operation, so the count of operations that compute (views and profiler markers excluded)
+predicts how a path scales there. Counts do not depend on the machine, so this runs on a CPU.
+Counted below autograd and torch.func (a ``TorchDispatchMode``), for one round after a warm-up
+round, for: sequential clients, vectorized clients (``client_config.vectorize``) with the loader's
+batch plans (one ``collate`` per step) and with per-client batches stacked, and centralized training
+of the same samples at batch (cohort x client batch).
+
+    python -m benchmarks.dispatch --data synthetic
+"""
+from __future__ import annotations
+
+import collections
+import tempfile
+import time
+from pathlib import Path
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.common import benchmark_parser, machine, save, single_process_simulation
+from benchmarks.overhead import centralized_steps
+from core.dataset import BaseDataLoader
+from core.server import Server
+
+NO_KERNEL = {"view", "_unsafe_view", "reshape", "_reshape_alias", "slice", "select", "permute", "expand",
+             "transpose", "t", "unsqueeze", "squeeze", "unflatten", "as_strided", "alias", "detach", "split",
+             "split_with_sizes", "unbind", "lift_fresh", "_record_function_enter_new", "_record_function_exit"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operators that reach dispatch (below autograd and functorch transforms), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def computing(self) -> int:
+        """Operations that compute (launch a kernel on a GPU): all but views and profiler markers."""
+        return sum(n for name, n in self.ops.items() if name not in NO_KERNEL)
+
+
+class PerClientBatches(BaseDataLoader):
+    """The path of a task loader that implements ``batches`` alone: wraps a loader, hides its plans."""
+
+    def __init__(self, inner: BaseDataLoader):
+        super().__init__(inner.dataset, inner.batch_size, inner.device, inner.train, inner.augment)
+        self.batches = inner.batches
+
+
+def count(fn) -> OpCounter:
+    with OpCounter() as counter:
+        fn()
+    return counter
+
+
+def round_ops(args, overrides: list[str], plans: bool = True) -> OpCounter:
+    """Ops of round 2 of a fresh single-process simulation (round 1 warms up)."""
+    _, sim = single_process_simulation(args.config, args.data, args.device, args.overrides + overrides)
+    if not plans:
+        sim.vectorized.loader = PerClientBatches(sim.vectorized.loader)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(sim, Path(tmp), None)
+        server._round(1)
+        counter = count(lambda: server._round(2))
+        server.writer.close()
+    return counter
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, "dispatch", "cpu")
+    args = parser.parse_args()
+    paths = {"sequential": round_ops(args, []),
+             "vectorized": round_ops(args, ["client_config.vectorize=true"]),
+             "vectorized_stacked_batches": round_ops(args, ["client_config.vectorize=true"], plans=False)}
+    cfg, sim = single_process_simulation(args.config, args.data, args.device, args.overrides)
+    samples = int(sum(sim.train_clients.sizes[c] for c in sim.schedule.cohort(1))) * cfg.client_config.local_epochs
+    big = sim.schedule.cohort_size(1) * cfg.client_config.batch_size
+    _, csim = single_process_simulation(args.config, args.data, args.device,
+                                        args.overrides + [f"client_config.batch_size={big}"])
+    run = centralized_steps(csim, csim.cfg, samples // big)(csim.layout.flatten())
+    run()
+    paths[f"centralized_batch_{big}"] = count(run)
+    result = {"benchmark": "dispatch", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+              "device": args.device, "config": args.config, "overrides": args.overrides,
+              "computing_ops": {name: c.computing() for name, c in paths.items()},
+              "all_ops": {name: sum(c.ops.values()) for name, c in paths.items()},
+              "top_ops": {name: dict(c.ops.most_common(12)) for name, c in paths.items()}}
+    save(result, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
