@@ -119,6 +119,6 @@ class BaseDataLoader:
         raise NotImplementedError(f"{type(self).__name__} implements plan_batches but not collate")
 
     @property
-    def plans(self) -> bool:
+    def has_batch_plans(self) -> bool:
         """Whether this loader implements :meth:`plan_batches` and :meth:`collate`."""
         return type(self).plan_batches is not BaseDataLoader.plan_batches

@@ -85,7 +85,7 @@ class VectorizedTrainer:
     def _streams(self, round_idx, client_ids, indices):
         """Per client, an iterator over its batch plans (when the loader has them) or batches,
         drawn from its own generator exactly as in sequential training."""
-        draw = self.loader.plan_batches if self.loader.plans else self.loader.batches
+        draw = self.loader.plan_batches if self.loader.has_batch_plans else self.loader.batches
 
         def stream(cid, idx):
             generator = client_generator(idx.device, self.seed, round_idx, cid)
@@ -95,7 +95,7 @@ class VectorizedTrainer:
 
     def _stacked(self, items: list[dict]) -> dict:
         """The (G, B, ...) batch of G equally sized plans (one collate call) or batches (stacked)."""
-        if not self.loader.plans:
+        if not self.loader.has_batch_plans:
             return {key: torch.stack([b[key] for b in items]) for key in items[0]}
         return {key: v.unflatten(0, (len(items), -1)) for key, v in self.loader.collate(items).items()}
 

@@ -87,11 +87,11 @@ def test_vectorized_loaders_with_and_without_batch_plans_train_alike(cifar_path)
     """With batch plans the batches of a step come from one ``collate`` call for all clients;
     a loader with ``batches`` only is stacked client by client. Both give the same training, bit for bit."""
     vec = _simulation(cifar_path, True)
-    assert vec.vectorized.loader.plans
+    assert vec.vectorized.loader.has_batch_plans
     buf = torch.cat([vec.layout.flatten(), vec.layout.flatten()[vec.personal_index].repeat(6)])
     planned = train_share(vec, 1, buf.clone())
     vec.vectorized.loader = BatchesOnly(vec.vectorized.loader)
-    assert not vec.vectorized.loader.plans
+    assert not vec.vectorized.loader.has_batch_plans
     stacked = train_share(vec, 1, buf.clone())
     assert planned[:vec.layout.numel].abs().max() > 1.0, "clients really trained"
     assert torch.equal(planned, stacked)
