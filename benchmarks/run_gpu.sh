@@ -19,6 +19,7 @@ if [[ $only == compile ]]; then  # CUDA graphs through torch.compile, both sides
 fi
 if [[ $only == all || $only == vectorized ]]; then
   python3 -m benchmarks.vectorized --device cuda --out "$out/vectorized.jsonl"
+  python3 -m benchmarks.dispatch --device cuda --out "$out/dispatch.jsonl"  # operator counts with CUDA's foreach SGD
 fi
 if [[ $only == all || $only == precision ]]; then
   python3 -m benchmarks.precision --device cuda --out "$out/precision.jsonl"
