@@ -87,10 +87,17 @@ def test_vectorized_loaders_with_and_without_batch_plans_train_alike(cifar_path)
     """With batch plans the batches of a step come from one ``collate`` call for all clients;
     a loader with ``batches`` only is stacked client by client. Both give the same training, bit for bit."""
     vec = _simulation(cifar_path, True)
-    assert vec.vectorized.loader.has_batch_plans
+    loader = vec.vectorized.loader
+    assert loader.has_batch_plans
+    collated = []
+    loader.collate = lambda plans: collated.append(len(plans)) or type(loader).collate(loader, plans)
     buf = torch.cat([vec.layout.flatten(), vec.layout.flatten()[vec.personal_index].repeat(6)])
     planned = train_share(vec, 1, buf.clone())
-    vec.vectorized.loader = BatchesOnly(vec.vectorized.loader)
+    sizes = vec.train_clients.sizes[vec.schedule.cohort(1)]
+    assert sum(collated) == sum((s + 15) // 16 for s in sizes), "every client batch collated once"
+    assert len(collated) < sum(collated) / 2, "one collate call per step and batch size, not per client"
+    del loader.collate
+    vec.vectorized.loader = BatchesOnly(loader)
     assert not vec.vectorized.loader.has_batch_plans
     stacked = train_share(vec, 1, buf.clone())
     assert planned[:vec.layout.numel].abs().max() > 1.0, "clients really trained"
