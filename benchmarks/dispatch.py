@@ -6,7 +6,8 @@ predicts how a path scales there. Counts do not depend on the machine, so this r
 Counted below autograd and torch.func (a ``TorchDispatchMode``), for one round after a warm-up
 round, for: sequential clients, vectorized clients (``client_config.vectorize``) with the loader's
 batch plans (one ``collate`` per step) and with per-client batches stacked, and centralized training
-of the same samples at batch (cohort x client batch).
+of the same samples at the client batch size (the baseline of benchmarks/overhead.py) and at batch
+(cohort x client batch) (the baseline of benchmarks/vectorized.py).
 
     python -m benchmarks.dispatch --data synthetic
 """
@@ -80,12 +81,13 @@ def main() -> None:
              "vectorized_stacked_batches": round_ops(args, ["client_config.vectorize=true"], plans=False)}
     cfg, sim = single_process_simulation(args.config, args.data, args.device, args.overrides)
     samples = int(sum(sim.train_clients.sizes[c] for c in sim.schedule.cohort(1))) * cfg.client_config.local_epochs
-    big = sim.schedule.cohort_size(1) * cfg.client_config.batch_size
-    _, csim = single_process_simulation(args.config, args.data, args.device,
-                                        args.overrides + [f"client_config.batch_size={big}"])
-    run = centralized_steps(csim, csim.cfg, samples // big)(csim.layout.flatten())
-    run()
-    paths[f"centralized_batch_{big}"] = count(run)
+    small = cfg.client_config.batch_size
+    for batch in (small, sim.schedule.cohort_size(1) * small):
+        _, csim = single_process_simulation(args.config, args.data, args.device,
+                                            args.overrides + [f"client_config.batch_size={batch}"])
+        run = centralized_steps(csim, csim.cfg, samples // batch)(csim.layout.flatten())
+        run()
+        paths[f"centralized_batch_{batch}"] = count(run)
     result = {"benchmark": "dispatch", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "device": args.device, "config": args.config, "overrides": args.overrides,
               "computing_ops": {name: c.computing() for name, c in paths.items()},

@@ -76,18 +76,16 @@ class ClientTrainer:
         self.optimizer.state.clear()
         generator = client_generator(indices.device, self.seed, round_idx, client_id, stream)
         self.model.train()
-        loss_sum = torch.zeros((), device=indices.device)
-        steps = 0
+        losses: list[torch.Tensor] = []  # step losses, reduced once per client: no kernel per step
         params = list(self.model.parameters())
         penalty = self._penalty(global_flat, prox)
         shifts = self.layout.param_views(correction) if correction is not None else None
         for phase_epochs, part in self._phases(epochs, which):
             self._trainable(part)
-            steps = self._epochs(phase_epochs, indices, generator, params, penalty, shifts, loss_sum, steps,
-                                 step_hook)
+            self._epochs(phase_epochs, indices, generator, params, penalty, shifts, losses, step_hook)
         self._trainable("all")
-        self.last_steps = steps
-        return loss_sum / max(steps, 1)
+        self.last_steps = len(losses)
+        return torch.stack(losses).mean() if losses else torch.zeros((), device=indices.device)
 
     def _penalty(self, global_flat: torch.Tensor, prox):
         """A function params -> loss term, or None."""
@@ -108,7 +106,8 @@ class ClientTrainer:
         if trained:
             torch._foreach_add_([p for p, _ in trained], [s for _, s in trained], alpha=-lr)
 
-    def _epochs(self, epochs, indices, generator, params, penalty, shifts, loss_sum, steps, step_hook) -> int:
+    def _epochs(self, epochs, indices, generator, params, penalty, shifts, losses: list, step_hook) -> None:
+        """Train ``epochs`` epochs over ``indices``, appending each step's detached loss to ``losses``."""
         for _ in range(epochs):
             for batch in self.loader.batches(indices, generator):
                 batch = self.prepare(batch)
@@ -123,6 +122,4 @@ class ClientTrainer:
                 self.optimizer.step()
                 if shifts is not None:
                     self._shift(params, shifts)
-                loss_sum += loss.detach()
-                steps += 1
-        return steps
+                losses.append(loss.detach())

@@ -52,7 +52,8 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
     if sim.vectorized is not None:
         _train_vectorized(sim, round_idx, mine, [slot_of[int(c)] for c in mine], global_flat, slots, out, lay)
         return out
-    weight_sum, lr = torch.zeros((), device=sim.ctx.device), sim.cfg.client_config.optimizer_config.lr
+    lr = sim.cfg.client_config.optimizer_config.lr
+    weights, losses = [], []
     for cid in mine:
         slot = slot_of[int(cid)]
         client_state = slots[slot, p:p + lay.c] if lay.c else None
@@ -64,8 +65,8 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
                                  step_hook=getattr(hook, "step", None))
         weight = sim.strategy.client_weight(int(sizes[cid]), loss)
         sim.layout.accumulate_(delta_sum, weight)
-        weight_sum += weight
-        out[lay.n + 1] += weight * loss
+        weights.append(weight)
+        losses.append(loss)
         if p or lay.c:
             state = sim.layout.flatten()
             out_slots[slot, :p] = state[sim.personal_index]
@@ -76,9 +77,17 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
             state_change += new - client_state
         if lay.m:
             out_slots[slot, p + lay.c:] = hook.result()
-    delta_sum.addcmul_(global_flat, weight_sum, value=-1.0)  # sum_i w_i (x_i - g) without a copy per client
-    out[lay.n] = weight_sum
+    if mine.size:
+        out[lay.n], out[lay.n + 1] = _weighted_sums(weights, losses, out.device)
+        delta_sum.addcmul_(global_flat, out[lay.n], value=-1.0)  # sum_i w_i (x_i - g) without a copy per client
     return out
+
+
+def _weighted_sums(weights: list, losses: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the clients' weights, weighted sum of their mean losses) in a few kernels for the whole
+    share, not a few per client. ``weights`` are host floats or 0-dim device tensors (DGA)."""
+    w = torch.stack(weights) if torch.is_tensor(weights[0]) else torch.tensor(weights, device=device)
+    return w.sum(), torch.dot(w, torch.stack(losses).to(w.dtype))
 
 
 def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out, lay) -> None:
