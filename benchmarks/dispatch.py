@@ -13,37 +13,15 @@ of the same samples at the client batch size (the baseline of benchmarks/overhea
 """
 from __future__ import annotations
 
-import collections
 import tempfile
 import time
 from pathlib import Path
-
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import benchmark_parser, machine, save, single_process_simulation
 from benchmarks.overhead import centralized_steps
 from core.dataset import BaseDataLoader
 from core.server import Server
-
-NO_KERNEL = {"view", "_unsafe_view", "reshape", "_reshape_alias", "slice", "select", "permute", "expand",
-             "transpose", "t", "unsqueeze", "squeeze", "unflatten", "as_strided", "alias", "detach", "split",
-             "split_with_sizes", "unbind", "lift_fresh", "_record_function_enter_new", "_record_function_exit"}
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the operators that reach dispatch (below autograd and functorch transforms), by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-    def computing(self) -> int:
-        """Operations that compute (launch a kernel on a GPU): all but views and profiler markers."""
-        return sum(n for name, n in self.ops.items() if name not in NO_KERNEL)
+from utils.op_count import OpCounter, count_ops
 
 
 class PerClientBatches(BaseDataLoader):
@@ -54,12 +32,6 @@ class PerClientBatches(BaseDataLoader):
         self.batches = inner.batches
 
 
-def count(fn) -> OpCounter:
-    with OpCounter() as counter:
-        fn()
-    return counter
-
-
 def round_ops(args, overrides: list[str], plans: bool = True) -> OpCounter:
     """Ops of round 2 of a fresh single-process simulation (round 1 warms up)."""
     _, sim = single_process_simulation(args.config, args.data, args.device, args.overrides + overrides)
@@ -68,7 +40,7 @@ def round_ops(args, overrides: list[str], plans: bool = True) -> OpCounter:
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(sim, Path(tmp), None)
         server._round(1)
-        counter = count(lambda: server._round(2))
+        counter = count_ops(lambda: server._round(2))
         server.writer.close()
     return counter
 
@@ -87,7 +59,7 @@ def main() -> None:
                                             args.overrides + [f"client_config.batch_size={batch}"])
         run = centralized_steps(csim, csim.cfg, samples // batch)(csim.layout.flatten())
         run()
-        paths[f"centralized_batch_{batch}"] = count(run)
+        paths[f"centralized_batch_{batch}"] = count_ops(run)
     result = {"benchmark": "dispatch", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "device": args.device, "config": args.config, "overrides": args.overrides,
               "computing_ops": {name: c.computing() for name, c in paths.items()},
