@@ -136,16 +136,16 @@ class VectorizedTrainer:
         streams = self._streams(round_idx, client_ids, indices)
         active = list(range(count))
         while active:
-            batches = {}
+            drawn = {}  # client row -> its next batch plan (or batch)
             for i in active:
-                batch = next(streams[i], None)
-                if batch is not None:
-                    batches[i] = batch
-            active = list(batches)
-            sizes = {i: len(next(iter(b.values()))) for i, b in batches.items()}
+                item = next(streams[i], None)
+                if item is not None:
+                    drawn[i] = item
+            active = list(drawn)
+            sizes = {i: len(next(iter(item.values()))) for i, item in drawn.items()}
             for size in sorted(set(sizes.values())):
                 rows = [i for i in active if sizes[i] == size]
-                self._step(stack, momentum, rows, self._stacked([batches[i] for i in rows]), loss_sum, steps)
+                self._step(stack, momentum, rows, self._stacked([drawn[i] for i in rows]), loss_sum, steps)
         return stack, loss_sum / steps.clamp(min=1)
 
     def _views(self, stack: torch.Tensor) -> list[torch.Tensor]:
