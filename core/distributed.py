@@ -63,6 +63,13 @@ def mpi_environment() -> None:
     MPI.Finalize()
 
 
+def host_to_device(data, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host data (a numpy array or a list of numbers) as a tensor on ``device``, copied without
+    blocking. A blocking host-to-device copy synchronizes the CUDA stream: the host would wait for
+    the GPU to finish its queue, at every step where this is called inside a training loop."""
+    return torch.as_tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+
 def _free_port() -> int:
     import socket
 

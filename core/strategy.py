@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from core.distributed import host_to_device
 from core.errors import UserError
 
 
@@ -33,7 +34,7 @@ class FedAvg:
         """
         if isinstance(num_samples, int):
             return float(num_samples) if self.weighting == "samples" else 1.0
-        counts = torch.as_tensor(num_samples, dtype=train_loss.dtype, device=train_loss.device)
+        counts = host_to_device(num_samples, train_loss.device, train_loss.dtype)
         return counts if self.weighting == "samples" else torch.ones_like(counts)
 
     def pseudo_gradient(self, delta_sum: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:

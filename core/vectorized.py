@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from core.distributed import host_to_device
 from core.errors import UserError
 from utils.seeding import client_generator
 
@@ -99,20 +100,21 @@ class VectorizedTrainer:
             return {key: torch.stack([b[key] for b in items]) for key in items[0]}
         return {key: v.unflatten(0, (len(items), -1)) for key, v in self.loader.collate(items).items()}
 
-    def _update(self, stack, momentum, rows, grads) -> None:
-        """SGD on rows ``rows`` of the (C, P) parameter stack with (len(rows), P) gradients."""
+    def _update(self, stack, momentum, rows: list[int], rows_t: torch.Tensor, grads) -> None:
+        """SGD on rows ``rows`` (host list; ``rows_t`` the same on the device) of the (C, P) parameter
+        stack with (len(rows), P) gradients."""
         o = self.opt
-        params = stack[rows]
+        params = stack[rows_t]
         if o.weight_decay:
             grads = grads.add(params, alpha=o.weight_decay)
         if o.momentum:
-            buf = momentum[rows]
-            fresh = torch.from_numpy(~self._has_momentum[rows.cpu().numpy()]).to(stack.device)
+            buf = momentum[rows_t]
+            fresh = host_to_device(~self._has_momentum[rows], stack.device)
             buf = torch.where(fresh[:, None], grads, buf.mul(o.momentum).add_(grads))
-            momentum[rows] = buf
-            self._has_momentum[rows.cpu().numpy()] = True
+            momentum[rows_t] = buf
+            self._has_momentum[rows] = True
             grads = grads.add(buf, alpha=o.momentum) if o.nesterov else buf
-        stack[rows] = params.sub_(grads, alpha=o.lr)
+        stack[rows_t] = params.sub_(grads, alpha=o.lr)
 
     def train_group(self, round_idx: int, client_ids, indices: list, global_flat: torch.Tensor,
                     personal: torch.Tensor | None, personal_index: torch.Tensor):
@@ -172,14 +174,15 @@ class VectorizedTrainer:
     def _step(self, stack, momentum, rows, batch: dict, loss_sum, steps) -> None:
         """One vmapped forward/backward and SGD step of clients ``rows`` on their (G, B, ...) ``batch``."""
         every_row = len(rows) == stack.shape[0] and len(set(self._has_momentum.tolist())) == 1
-        rows_t = torch.tensor(rows, device=stack.device)
-        sub = stack if every_row else stack[rows_t]
-        params = dict(zip(self.names, self._views(sub)))
+        rows_t = None if every_row else host_to_device(np.asarray(rows), stack.device)
+        params = dict(zip(self.names, self._views(stack if every_row else stack[rows_t])))
         grads, losses = self.step(params, batch)
         if every_row:
             self._update_all(stack, momentum, [grads[n] for n in self.names])
-        else:
-            flat_grad = torch.cat([grads[n].reshape(len(rows), -1) for n in self.names], dim=1)
-            self._update(stack, momentum, rows_t, flat_grad)
+            loss_sum.add_(losses.detach())
+            steps.add_(1)
+            return
+        flat_grad = torch.cat([grads[n].reshape(len(rows), -1) for n in self.names], dim=1)
+        self._update(stack, momentum, rows, rows_t, flat_grad)
         loss_sum.index_add_(0, rows_t, losses.detach())
         steps.index_add_(0, rows_t, torch.ones_like(losses))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from core.cohort import balance
+from core.distributed import host_to_device
 from core.evaluation import eval_share, eval_width
 
 
@@ -86,7 +87,7 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
 def _weighted_sums(weights: list, losses: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the clients' weights, weighted sum of their mean losses) in a few kernels for the whole
     share, not a few per client. ``weights`` are host floats or 0-dim device tensors (DGA)."""
-    w = torch.stack(weights) if torch.is_tensor(weights[0]) else torch.tensor(weights, device=device)
+    w = torch.stack(weights) if torch.is_tensor(weights[0]) else host_to_device(weights, device, torch.float32)
     return w.sum(), torch.dot(w, torch.stack(losses).to(w.dtype))
 
 

@@ -1,0 +1,44 @@
+"""On a CUDA device: a round's training never makes the host wait for the GPU.
+
+A host-device synchronization (``.item()``, a blocking host-to-device copy, a D2H ``.cpu()``) inside
+the client loop empties the launch queue, and small-batch rounds are launch-bound. CUDA's sync debug
+mode raises on any such call. Skipped without a GPU (CI runs on a CPU); run it on a GPU machine.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.config import load_config
+from core.distributed import DistContext, Transport
+from core.simulation import build_simulation
+from core.task import load_task
+from core.worker import RoundLayout, train_share
+from testing.conftest import REPO
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _round_buffer(sim, round_idx: int) -> torch.Tensor:
+    """A broadcast buffer: the global state, then each cohort client's slot from the global values."""
+    lay = RoundLayout(sim, round_idx)
+    flat = sim.layout.flatten()
+    slot = flat[sim.personal_index]
+    return torch.cat([flat, torch.zeros(lay.s, device=flat.device), slot.repeat(lay.k)])
+
+
+@pytest.mark.parametrize("overrides", [[], ["client_config.vectorize=true", "client_config.vectorize_chunk=3"],
+                                       ["strategy=dga"]], ids=["sequential", "vectorized", "dga"])
+def test_training_a_share_never_synchronizes(overrides):
+    cfg = load_config(REPO / "experiments/synthetic/config.yaml",
+                      ["device=cuda", "client_config.optimizer_config.momentum=0.9"] + overrides)
+    ctx = DistContext(0, 1, torch.device("cuda"), "gloo")
+    sim = build_simulation(cfg, load_task("synthetic"), "unused", ctx, Transport(ctx))
+    train_share(sim, 1, _round_buffer(sim, 1))  # first use: lazy CUDA initialisation may synchronize
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = train_share(sim, 2, _round_buffer(sim, 2))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert float(out[sim.layout.numel]) > 0, "the clients trained"
