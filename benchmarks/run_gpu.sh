@@ -10,6 +10,9 @@ python3 -c "import pydantic" 2>/dev/null || {
   echo "run_gpu.sh: pydantic is not installed here; carry its wheels (pydantic, pydantic-core, annotated-types,"
   echo "typing-inspection, typing-extensions: versions in benchmarks/frameworks/gpu_wheels.txt) and install them"; exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+if [[ $only == all || $only == sync ]]; then  # no host-device sync in a round's training (pytest carried as wheels)
+  python3 -m pytest -q -p no:cacheprovider testing/test_gpu.py
+fi
 if [[ $only == all || $only == overhead ]]; then
   python3 -m benchmarks.overhead --device cuda --data synthetic --out "$out/overhead.jsonl"
 fi
