@@ -64,10 +64,15 @@ def mpi_environment() -> None:
 
 
 def host_to_device(data, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Host data (a numpy array or a list of numbers) as a tensor on ``device``, copied without
-    blocking. A blocking host-to-device copy synchronizes the CUDA stream: the host would wait for
-    the GPU to finish its queue, at every step where this is called inside a training loop."""
-    return torch.as_tensor(data, dtype=dtype).to(device, non_blocking=True)
+    """Host data (a numpy array or a list of numbers) as a tensor on ``device``, without making the
+    host wait for the GPU. A copy from pageable memory (``torch.tensor(data, device="cuda")``, even
+    with ``non_blocking``) may synchronize the CUDA stream, which inside a training loop would stall
+    the launch queue at every call; staging in pinned memory makes the copy asynchronous, and
+    PyTorch's pinned-memory cache keeps the staging buffer alive until the copy has run."""
+    host = torch.as_tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _free_port() -> int:
