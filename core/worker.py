@@ -97,7 +97,8 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
     chunk = sim.cfg.client_config.vectorize_chunk
     delta_sum, _, _, _, out_slots = lay.reduce_parts(out)
     for start in range(0, len(mine), chunk):
-        ids, rows = mine[start:start + chunk], mine_slots[start:start + chunk]
+        ids = mine[start:start + chunk]
+        rows = host_to_device(mine_slots[start:start + chunk], out.device)  # a list index would copy blocking
         personal = slots[rows] if p else None
         stack, losses = sim.vectorized.train_group(round_idx, ids, [sim.train_clients.get(c) for c in ids],
                                                    global_flat, personal, sim.personal_index)
