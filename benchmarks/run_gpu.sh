@@ -5,12 +5,15 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD"
 only=${1:-all}
-[[ -d /tmp/site ]] && export PYTHONPATH="/tmp/site:$PYTHONPATH"  # wheels installed by frameworks/install_gpu_wheels.sh
+export PYTHONPATH="/tmp/site:$PYTHONPATH"  # wheels installed from .whl/core below or by frameworks/install_gpu_wheels.sh
+if ! python3 -c "import pydantic" 2>/dev/null && [[ -d .whl/core ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/core/*.whl
+fi
 python3 -c "import pydantic" 2>/dev/null || {
-  echo "run_gpu.sh: pydantic is not installed here; carry its wheels (pydantic, pydantic-core, annotated-types,"
-  echo "typing-inspection, typing-extensions: versions in benchmarks/frameworks/gpu_wheels.txt) and install them"; exit 2; }
+  echo "run_gpu.sh: pydantic is not installed here; run benchmarks/frameworks/fetch_gpu_wheels.sh on the"
+  echo "development machine and carry .whl/core (benchmarks/gpu_core_wheels.txt) in this call"; exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-if [[ $only == all || $only == sync ]]; then  # no host-device sync in a round's training (pytest carried as wheels)
+if [[ $only == all || $only == sync ]]; then  # no host-device sync in a round's training (the device image has pytest)
   python3 -m pytest -q -p no:cacheprovider testing/test_gpu.py
 fi
 if [[ $only == all || $only == overhead ]]; then

@@ -5,6 +5,7 @@
 # sorts everything into two carry groups of < 60 MiB each:
 #   .whl/call1/  ray.part-aa + some wheels        -> carried by device call 1
 #   .whl/call2/  ray.part-ab + the other wheels   -> carried by device call 2 (+ ray.sha256)
+#   .whl/core/   pydantic and its dependencies    -> all pfedsim needs for benchmarks/run_gpu.sh (one call)
 # One folder per call because a device call's `carry` names at most 8 paths. Then, on the GPU machine
 # (call 2, repository root): bash benchmarks/frameworks/install_gpu_wheels.sh && export PYTHONPATH=/tmp/site
 # Prints `CALL1: ...` and `CALL2: ...` headers, each followed by its files (paths relative to the
@@ -15,15 +16,17 @@ REQ=benchmarks/frameworks/gpu_wheels.txt
 LIMIT=$((60 * 1024 * 1024))   # per call group; the repo itself (~1 MB) travels too, 64 MiB in all
 PY=${PYTHON:-python3}
 
-rm -rf .whl/dl .whl/call1 .whl/call2 .whl/ray.part-*
-mkdir -p .whl/dl .whl/call1 .whl/call2
+rm -rf .whl/dl .whl/call1 .whl/call2 .whl/core .whl/ray.part-*
+mkdir -p .whl/dl .whl/call1 .whl/call2 .whl/core
 
-# --no-deps: gpu_wheels.txt lists every package that has to travel; pure-python (py3-none-any) wheels
+# --no-deps: the lists name every package that has to travel; pure-python (py3-none-any) wheels
 # match these --platform tags too.
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-  -d .whl/dl -r "$REQ"
+download() {  # DIR REQUIREMENTS
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$1" -r "$2"
+}
+download .whl/dl "$REQ"
 
 # exactly one wheel of the listed version for each line of gpu_wheels.txt
 norm() { tr 'A-Z.-' 'a-z__'; }
@@ -65,3 +68,9 @@ for g in 1 2; do
     "$(find .whl/call$g -type f | wc -l)" "$s" "$(awk -v s="$s" 'BEGIN{printf "%.1f", s/1048576}')"
   find .whl/call$g -type f | sort
 done
+
+# pfedsim's own needs beyond the device image (pydantic): one small carry, enough for benchmarks/run_gpu.sh
+download .whl/core benchmarks/gpu_core_wheels.txt
+printf 'CORE: carry [".whl/core"]  %s files, %s bytes (enough for benchmarks/run_gpu.sh)\n' \
+  "$(find .whl/core -type f | wc -l)" "$(dir_size .whl/core)"
+find .whl/core -type f | sort

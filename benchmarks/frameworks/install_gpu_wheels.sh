@@ -25,7 +25,8 @@ _fw_install_gpu_wheels() (
     (cd /tmp && sha256sum -c --quiet "$OLDPWD/$sumfile") || { echo "install_gpu_wheels: $ray_whl does not match $sumfile" >&2; exit 1; }
   fi
 
-  mapfile -t wheels < <(find .whl -type f -name '*.whl' | sort)
+  # one of each file name: .whl/core (carried earlier for run_gpu.sh) repeats some of call1/call2
+  mapfile -t wheels < <(find .whl -type f -name '*.whl' -printf '%f %p\n' | sort -u -k1,1 | cut -d' ' -f2-)
   echo "install_gpu_wheels: installing $ray_name + ${#wheels[@]} wheels into $SITE"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     "$ray_whl" "${wheels[@]}"
