@@ -57,6 +57,12 @@ def single_process_simulation(config: str, data: str, device: str, overrides=())
     return cfg, build_simulation(cfg, task_for(data), data, ctx, Transport(ctx))
 
 
+def cohort_samples(sim) -> int:
+    """Samples the clients of round 1's cohort train on in one round (all their local epochs)."""
+    sizes = sim.train_clients.sizes[sim.schedule.cohort(1)]
+    return int(sizes.sum()) * sim.cfg.client_config.local_epochs
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

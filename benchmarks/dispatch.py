@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import benchmark_parser, machine, save, single_process_simulation
+from benchmarks.common import benchmark_parser, cohort_samples, machine, save, single_process_simulation
 from benchmarks.overhead import centralized_steps
 from core.dataset import BaseDataLoader
 from core.server import Server
@@ -52,7 +52,7 @@ def main() -> None:
              "vectorized": round_ops(args, ["client_config.vectorize=true"]),
              "vectorized_stacked_batches": round_ops(args, ["client_config.vectorize=true"], plans=False)}
     cfg, sim = single_process_simulation(args.config, args.data, args.device, args.overrides)
-    samples = int(sum(sim.train_clients.sizes[c] for c in sim.schedule.cohort(1))) * cfg.client_config.local_epochs
+    samples = cohort_samples(sim)
     small = cfg.client_config.batch_size
     for batch in (small, sim.schedule.cohort_size(1) * small):
         _, csim = single_process_simulation(args.config, args.data, args.device,

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import benchmark_parser, machine, median, save, single_process_simulation, timed
+from benchmarks.common import benchmark_parser, cohort_samples, machine, median, save, single_process_simulation, timed
 from benchmarks.overhead import centralized_steps
 from core.server import Server
 
@@ -31,7 +31,7 @@ def main() -> None:
     vec, _, _ = round_seconds(args.config, args.data, args.device,
                               args.overrides + ["client_config.vectorize=true"], args.repeats)
     cohort = sim.schedule.cohort_size(1)
-    samples = int(sum(sim.train_clients.sizes[c] for c in sim.schedule.cohort(1))) * cfg.client_config.local_epochs
+    samples = cohort_samples(sim)
     big = cohort * cfg.client_config.batch_size
     _, csim = single_process_simulation(args.config, args.data, args.device,
                                         args.overrides + [f"client_config.batch_size={big}"])

@@ -27,7 +27,7 @@ class FedAvg:
     def client_weight(self, num_samples, train_loss: torch.Tensor):
         """Weight of clients in the aggregate: their train sample counts (``samples``) or 1 (``uniform``).
 
-        ``num_samples`` is an int (one client) or a (K,) tensor; ``train_loss`` the clients' mean local
+        ``num_samples`` is an int (one client) or a (K,) host array or tensor; ``train_loss`` the clients' mean local
         training loss, a 0-dim or (K,) tensor on the device. For one client the weight is a float
         (known on the host, so summing the client's state costs no extra device work); for K
         clients a (K,) tensor on ``train_loss``'s device.

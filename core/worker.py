@@ -102,7 +102,7 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
         personal = slots[rows] if p else None
         stack, losses = sim.vectorized.train_group(round_idx, ids, [sim.train_clients.get(c) for c in ids],
                                                    global_flat, personal, sim.personal_index)
-        weights = sim.strategy.client_weight(torch.as_tensor(sim.train_clients.sizes[ids]), losses)
+        weights = sim.strategy.client_weight(sim.train_clients.sizes[ids], losses)
         delta_sum[:k] += weights @ stack - weights.sum() * global_flat[:k]
         out[n] += weights.sum()
         out[n + 1] += (weights * losses).sum()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.dispatch import PerClientBatches
 from core.config import validate_config
-from core.dataset import BaseDataLoader
 from core.distributed import DistContext, Transport
 from core.errors import UserError
 from core.simulation import build_simulation
@@ -72,17 +72,6 @@ def test_vectorize_refuses_batchnorm_and_adam(cifar_path):
         _simulation(cifar_path, True, optimizer_config={"type": "adam", "lr": 0.001})
 
 
-class BatchesOnly(BaseDataLoader):
-    """A task loader written with ``batches`` alone (no batch plans), wrapping another loader."""
-
-    def __init__(self, inner: BaseDataLoader):
-        super().__init__(inner.dataset, inner.batch_size, inner.device, inner.train, inner.augment)
-        self.inner = inner
-
-    def batches(self, indices, generator=None):
-        return self.inner.batches(indices, generator)
-
-
 def test_vectorized_loaders_with_and_without_batch_plans_train_alike(cifar_path):
     """With batch plans the batches of a step come from one ``collate`` call for all clients;
     a loader with ``batches`` only is stacked client by client. Both give the same training, bit for bit."""
@@ -97,7 +86,7 @@ def test_vectorized_loaders_with_and_without_batch_plans_train_alike(cifar_path)
     assert sum(collated) == sum((s + 15) // 16 for s in sizes), "every client batch collated once"
     assert len(collated) < sum(collated) / 2, "one collate call per step and batch size, not per client"
     del loader.collate
-    vec.vectorized.loader = BatchesOnly(loader)
+    vec.vectorized.loader = PerClientBatches(loader)
     assert not vec.vectorized.loader.has_batch_plans
     stacked = train_share(vec, 1, buf.clone())
     assert planned[:vec.layout.numel].abs().max() > 1.0, "clients really trained"
