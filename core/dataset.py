@@ -118,6 +118,13 @@ class BaseDataLoader:
         dimension is the sum of the plans' batch sizes."""
         raise NotImplementedError(f"{type(self).__name__} implements plan_batches but not collate")
 
+    @staticmethod
+    def join_plans(plans: list[dict]) -> dict:
+        """One plan holding ``plans`` concatenated along their first dimension (no copy for one plan)."""
+        if len(plans) == 1:
+            return plans[0]
+        return {key: torch.cat([p[key] for p in plans]) for key in plans[0]}
+
     @property
     def has_batch_plans(self) -> bool:
         """Whether this loader implements :meth:`plan_batches` and :meth:`collate`."""

@@ -51,7 +51,7 @@ class CIFAR10DataLoader(BaseDataLoader):
             yield {"idx": idx, "offsets": offsets, "flip": flip}
 
     def collate(self, plans: list[dict]) -> dict:
-        plan = {key: torch.cat([p[key] for p in plans]) if len(plans) > 1 else plans[0][key] for key in plans[0]}
+        plan = self.join_plans(plans)
         idx = plan["idx"]
         if "offsets" in plan:
             raw = self._crops(idx, plan["offsets"], plan["flip"])

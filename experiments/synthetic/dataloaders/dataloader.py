@@ -21,5 +21,5 @@ class SyntheticLoader(BaseDataLoader):
             yield {"idx": indices[start:start + self.batch_size]}
 
     def collate(self, plans):
-        idx = plans[0]["idx"] if len(plans) == 1 else torch.cat([p["idx"] for p in plans])
+        idx = self.join_plans(plans)["idx"]
         return {"x": self.x[idx], "y": self.y[idx]}
