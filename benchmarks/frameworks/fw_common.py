@@ -34,6 +34,12 @@ LOCAL_LR = 0.05
 SEED = 0
 EVAL_BATCH = 1000
 
+# Speed switches, the counterparts of pfedsim's client_config.precision and channels_last:
+# FW_PRECISION=bf16 trains under bfloat16 autocast, FW_CHANNELS_LAST=1 keeps the model and the
+# training inputs in channels_last; FW_BF16_CL=1 sets both (the name used by the first runs).
+BF16 = os.environ.get("FW_PRECISION", "fp32") == "bf16" or os.environ.get("FW_BF16_CL") == "1"
+CHANNELS_LAST = os.environ.get("FW_CHANNELS_LAST") == "1" or os.environ.get("FW_BF16_CL") == "1"
+
 
 def seed_all() -> None:
     """Seed every RNG the scripts use with SEED and pin torch to one thread."""
@@ -49,6 +55,21 @@ def normalise(x_uint8: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=x_uint8.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD, device=x_uint8.device).view(1, 3, 1, 1) * 255
     return (x_uint8.float() - mean) / std
+
+
+def to_layout(t: torch.Tensor) -> torch.Tensor:
+    """A model or an NCHW input batch in the memory format chosen by FW_CHANNELS_LAST."""
+    return t.to(memory_format=torch.channels_last) if CHANNELS_LAST else t
+
+
+def autocast(device: str):
+    """The training-step context chosen by FW_PRECISION (bf16 autocast, or a no-op for fp32)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=BF16)
+
+
+def switches() -> dict:
+    """The speed switches of this run, for the result record."""
+    return {"precision": "bf16" if BF16 else "fp32", "channels_last": CHANNELS_LAST}
 
 
 def load_raw():

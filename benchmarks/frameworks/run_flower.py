@@ -9,8 +9,9 @@ run_simulation starts the ServerApp thread and the Ray backend together, so the 
 round 1 while Ray and its actor are still starting: round 1 includes that start-up (round_s and
 s_per_round_2_20 show it). Data loading and the final test-set evaluation are outside wall_s.
 Run pinned: taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python run_flower.py
-FW_BF16_CL=1 trains under bfloat16 autocast with the model and inputs in channels_last (what
-pfedsim's client_config.precision=bf16 and channels_last=true do).
+FW_PRECISION=bf16 trains under bfloat16 autocast and FW_CHANNELS_LAST=1 keeps the model and inputs
+in channels_last (what pfedsim's client_config.precision=bf16 and channels_last=true do;
+FW_BF16_CL=1 sets both).
 FW_DEVICE=cuda trains and evaluates on the GPU (each client's batches are moved there, as a Flower
 user's client does); FW_ACTORS=N then starts N Ray actors sharing the GPU (num_gpus 1/N each, Ray
 given N CPUs), 1 by default.
@@ -31,7 +32,6 @@ import torch  # noqa: E402
 import fw_common as W  # noqa: E402
 
 CACHE = Path(os.environ.get("FW_CACHE", "/tmp/fw_cache"))
-FAST = os.environ.get("FW_BF16_CL") == "1"
 DEVICE = os.environ.get("FW_DEVICE", "cpu")
 ACTORS = int(os.environ.get("FW_ACTORS", "1"))
 
@@ -46,9 +46,7 @@ def _client_state():
         _STATE["x"] = np.load(CACHE / "train_x.npy", mmap_mode="r")
         _STATE["y"] = np.load(CACHE / "train_y.npy", mmap_mode="r")
         _STATE["parts"] = np.load(CACHE / "parts.npy")
-        _STATE["model"] = W.make_model().to(DEVICE)
-        if FAST:
-            _STATE["model"] = _STATE["model"].to(memory_format=torch.channels_last)
+        _STATE["model"] = W.to_layout(W.make_model().to(DEVICE))
     return _STATE
 
 
@@ -83,9 +81,8 @@ class CifarClient(NumPyClient):
             for i in range(0, len(y), W.BATCH_SIZE):
                 b = order[i:i + W.BATCH_SIZE].to(DEVICE)
                 opt.zero_grad(set_to_none=True)
-                xb = x[b].contiguous(memory_format=torch.channels_last) if FAST else x[b]
-                with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=FAST):
-                    loss = torch.nn.functional.cross_entropy(model(xb), y[b])
+                with W.autocast(DEVICE):
+                    loss = torch.nn.functional.cross_entropy(model(W.to_layout(x[b])), y[b])
                 loss.backward()
                 opt.step()
         return get_weights(model), len(y), {}
@@ -180,7 +177,7 @@ def main() -> None:
     per_round = [ends[0] - strategy.t_start] + [b - a for a, b in zip(ends, ends[1:])]
     W.report({
         "framework": "flower", "version": f"flwr {flwr.__version__}, ray {__import__('ray').__version__}",
-        "bf16_channels_last": FAST, "device": DEVICE, "actors": ACTORS, "data": W.DATA_PATH,
+        **W.switches(), "device": DEVICE, "actors": ACTORS, "data": W.DATA_PATH,
         "rounds": W.ROUNDS, "wall_s": round(wall, 2), "s_per_round": round(wall / W.ROUNDS, 3),
         "final_test_acc": round(final["acc"], 4),
         "included": "from FedAvg.configure_fit of round 1 to the end of aggregate_fit of round 20: client "

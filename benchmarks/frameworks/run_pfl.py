@@ -9,9 +9,11 @@ Timing: a callback stamps on_train_begin and the end of each central iteration; 
 the first to the end of iteration 20 (before any other callback). Data loading and model set-up
 are outside it; the final test-set evaluation runs after algorithm.run returns.
 Run pinned: taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python run_pfl.py
+FW_PRECISION=bf16 and FW_CHANNELS_LAST=1 switch the local training steps as in run_flower.py.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -34,11 +36,12 @@ class PflWrapped(torch.nn.Module):
         self.net = net
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(W.to_layout(x))
 
     def loss(self, x, y, eval=False):  # noqa: A002 - pfl's keyword
         self.eval() if eval else self.train()
-        return F.cross_entropy(self(x), y)
+        with contextlib.nullcontext() if eval else W.autocast(x.device.type):
+            return F.cross_entropy(self(x), y)
 
     @torch.no_grad()
     def metrics(self, x, y, eval=True):  # noqa: A002
@@ -89,7 +92,7 @@ def main() -> None:
         return PyTorchTensorDataset(tensors=(ux, uy), user_id=user_id)
 
     fed_train = FederatedDataset(make_dataset_fn, CohortSampler(W.NUM_CLIENTS, W.COHORT, W.SEED))
-    net = PflWrapped(W.make_model())  # same seeded init as the other scripts
+    net = PflWrapped(W.to_layout(W.make_model()))  # same seeded init as the other scripts
     model = PyTorchModel(model=net, local_optimizer_create=torch.optim.SGD,
                          central_optimizer=torch.optim.SGD(net.parameters(), lr=1.0))
     backend = SimulatedBackend(training_data=fed_train, val_data=None, postprocessors=[])
@@ -129,6 +132,7 @@ def main() -> None:
     per_round = [ends[0] - stamps.t_begin] + [b - a for a, b in zip(ends, ends[1:])]
     W.report({
         "framework": "pfl", "version": f"pfl {pfl.__version__ if hasattr(pfl, '__version__') else '?'}",
+        **W.switches(),
         "rounds": W.ROUNDS, "wall_s": round(wall, 2), "s_per_round": round(wall / W.ROUNDS, 3),
         "final_test_acc": round(acc, 4),
         "included": "from the on_train_begin callback to the end of central iteration 20 (inside "
