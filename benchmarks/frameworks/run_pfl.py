@@ -10,6 +10,9 @@ the first to the end of iteration 20 (before any other callback). Data loading a
 are outside it; the final test-set evaluation runs after algorithm.run returns.
 Run pinned: taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python run_pfl.py
 FW_PRECISION=bf16 and FW_CHANNELS_LAST=1 switch the local training steps as in run_flower.py.
+Several processes: taskset -c 0,1 env OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone
+--nproc_per_node=2 run_pfl.py (pfl then joins the gloo group itself and splits each cohort across the
+processes; every process draws the same cohorts from CohortSampler, seeded alike).
 """
 from __future__ import annotations
 
@@ -130,8 +133,10 @@ def main() -> None:
     ends = stamps.ends
     wall = ends[-1] - stamps.t_begin
     per_round = [ends[0] - stamps.t_begin] + [b - a for a, b in zip(ends, ends[1:])]
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # under torchrun every rank trains its share of the cohort; rank 0 reports
     W.report({
-        "framework": "pfl", "version": f"pfl {pfl.__version__ if hasattr(pfl, '__version__') else '?'}",
+        "framework": "pfl", "processes": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1, "version": f"pfl {pfl.__version__ if hasattr(pfl, '__version__') else '?'}",
         **W.switches(),
         "rounds": W.ROUNDS, "wall_s": round(wall, 2), "s_per_round": round(wall / W.ROUNDS, 3),
         "final_test_acc": round(acc, 4),
