@@ -133,10 +133,12 @@ def main() -> None:
     ends = stamps.ends
     wall = ends[-1] - stamps.t_begin
     per_round = [ends[0] - stamps.t_begin] + [b - a for a, b in zip(ends, ends[1:])]
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    distributed = torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
         return  # under torchrun every rank trains its share of the cohort; rank 0 reports
     W.report({
-        "framework": "pfl", "processes": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1, "version": f"pfl {pfl.__version__ if hasattr(pfl, '__version__') else '?'}",
+        "framework": "pfl", "processes": torch.distributed.get_world_size() if distributed else 1,
+        "version": f"pfl {pfl.__version__ if hasattr(pfl, '__version__') else '?'}",
         **W.switches(),
         "rounds": W.ROUNDS, "wall_s": round(wall, 2), "s_per_round": round(wall / W.ROUNDS, 3),
         "final_test_acc": round(acc, 4),
