@@ -98,8 +98,10 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
     delta_sum, _, _, _, out_slots = lay.reduce_parts(out)
     for start in range(0, len(mine), chunk):
         ids = mine[start:start + chunk]
-        rows = host_to_device(mine_slots[start:start + chunk], out.device)  # a list index would copy blocking
-        personal = slots[rows] if p else None
+        personal = rows = None
+        if p:  # personal layers: the group's slot rows (a list index would copy blocking)
+            rows = host_to_device(mine_slots[start:start + chunk], out.device)
+            personal = slots[rows]
         stack, losses = sim.vectorized.train_group(round_idx, ids, [sim.train_clients.get(c) for c in ids],
                                                    global_flat, personal, sim.personal_index)
         weights = sim.strategy.client_weight(sim.train_clients.sizes[ids], losses)
