@@ -92,14 +92,12 @@ class TrainerJob:
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on preemption / time-out (rank 0 only, in its signal handler, before
         this attempt exits): the same run, to be resumed. The server already writes ``latest.pt``
-        every ``ckpt_freq`` rounds, so nothing is saved here; the process group is torn down so that
-        rank 0 exits at once instead of waiting at the teardown barrier for workers still training
-        (their next collective then fails and they exit too)."""
+        every ``ckpt_freq`` rounds, so nothing is saved here. Nothing is torn down here either:
+        submitit then raises ``SystemExit``, and the trainer's teardown (``Transport.close``)
+        destroys the process group without waiting for workers still training (their next
+        collective then fails and they exit too)."""
         import submitit
-        import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
         return submitit.helpers.DelayedSubmission(TrainerJob(self.argv, self.run_dir, self.attempt + 1))
 
 

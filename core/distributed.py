@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+import traceback
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: this module's functions take
+# ``group=group.WORLD`` as a default argument, and torch imports it lazily (through torch._dynamo,
+# when the first optimizer is built). Imported after init_process_group, those defaults would hold
+# the process group past destroy_process_group, so its gloo threads would still run while the
+# interpreter exits, where they can abort the process ("terminate called without an active
+# exception"). Imported here, the defaults are None.
+import torch.distributed.nn.functional  # noqa: F401,E402
 
 from core.errors import UserError
 
@@ -125,8 +134,18 @@ class Transport:
         except Exception:  # private API: diagnostics only, never required
             return None
 
-    def _laggards(self, what: str) -> list[str]:
-        """On the server after a failure: workers whose last announced collective is not ``what``."""
+    def _laggards(self, what: str, grace_s: float = 2.0) -> list[str]:
+        """On the server after a failure: workers whose last announced collective is not ``what``.
+        A live worker may still be finishing its share when a dead peer makes the collective fail,
+        so the workers get ``grace_s`` seconds to announce ``what`` before they are named."""
+        deadline = time.monotonic() + grace_s
+        found = self._behind(what)
+        while found and time.monotonic() < deadline:
+            time.sleep(0.1)
+            found = self._behind(what)
+        return found
+
+    def _behind(self, what: str) -> list[str]:
         store = self._store()
         if store is None:
             return []
@@ -167,12 +186,33 @@ class Transport:
         """Elementwise sum over ranks, valid on rank 0."""
         return self._run(lambda t, dst: dist.reduce(t, dst, op=dist.ReduceOp.SUM), tensor, what)
 
-    def close(self) -> None:
-        """Tear the process group down once every rank is done (a barrier first, so no rank
-        destroys its connections while a peer still uses them)."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Tear the process group down; call it once, when this rank stops.
+
+        After a normal finish (``error`` None) or a mistake or failure (an ``Exception``), a barrier
+        comes first, so no rank destroys its connections while a peer still uses them. After
+        ``SystemExit`` or ``KeyboardInterrupt`` (preempted: submitit's signal handler exits this
+        way; or interrupted) there is no barrier, since the peers may be mid-round. The frames of
+        ``error``'s tracebacks (its causes' too) are cleared first: a collective that failed, or was
+        interrupted between its launch and its wait, holds the process group and its work through
+        them, and a group that outlives this call keeps gloo threads running while the interpreter
+        exits, which can abort the process.
+        """
+        _clear_frames(error)
         if self.ctx.world_size > 1 and dist.is_initialized():
-            try:
-                dist.barrier()
-            except Exception:  # a peer already failed; that failure is what gets reported
-                pass
+            if error is None or isinstance(error, Exception):
+                try:
+                    dist.barrier()
+                except Exception:  # a peer already failed; that failure is what gets reported
+                    pass
             dist.destroy_process_group()
+
+
+def _clear_frames(error: BaseException | None) -> None:
+    """Drop the locals of the finished frames in the tracebacks of ``error`` and of the exceptions
+    it was raised from or during."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__

@@ -1,0 +1,48 @@
+"""Transport.close leaves no gloo thread running, after a normal finish and after a preemption
+that lands inside a collective (threads still running while the interpreter exits can abort it)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testing.conftest import REPO
+from testing.test_failures_and_tasks import _free_port
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+
+
+def _launch(case: str, out: Path) -> list[subprocess.Popen]:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1")
+    return [subprocess.Popen([sys.executable, "-m", "testing.teardown_rank", case, str(out)], cwd=REPO,
+                             stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+            for r in range(2)]
+
+
+def _reports(procs, out: Path) -> tuple[list[int], list[dict]]:
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all((out / f"rank{r}.json").exists() for r in range(2)), "\n".join(e[-2000:] for e in errs)
+    return [p.returncode for p in procs], [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.timeout(180)
+def test_close_after_a_normal_finish_stops_every_gloo_thread(tmp_path):
+    codes, reports = _reports(_launch("finish", tmp_path), tmp_path)
+    assert codes == [0, 0]
+    assert all(r["during"] for r in reports), "gloo threads run while the group is up"
+    assert reports[0]["reduced"] == [2.0] * 8, "the sum of both ranks' ones"
+    assert [r["after_close"] for r in reports] == [[], []]
+
+
+@pytest.mark.timeout(180)
+def test_close_after_preemption_inside_a_collective_stops_every_gloo_thread(tmp_path):
+    codes, reports = _reports(_launch("preempted", tmp_path), tmp_path)
+    assert codes == [3, 1], "the server exits with SystemExit's code, the worker with PeerFailure"
+    assert [r["error"] for r in reports] == ["SystemExit", "PeerFailure"]
+    assert "reduced" in reports[1], "the server's teardown let the interrupted reduce finish"
+    assert [r["after_close"] for r in reports] == [[], []]
