@@ -20,7 +20,8 @@ import torch.distributed as dist
 # the process group past destroy_process_group, so its gloo threads would still run while the
 # interpreter exits, where they can abort the process ("terminate called without an active
 # exception"). Imported here, the defaults are None.
-import torch.distributed.nn.functional  # noqa: F401,E402
+if dist.is_available():
+    import torch.distributed.nn.functional  # noqa: F401,E402
 
 from core.errors import UserError
 
