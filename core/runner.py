@@ -24,12 +24,12 @@ def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resum
     transport = Transport(ctx)
     try:
         sim = build_simulation(cfg, task, data_path, ctx, transport)
-        history = _serve(sim, run_dir, resume) if ctx.rank == 0 else run_worker(sim)
+        history = _serve(sim, run_dir, resume) if ctx.rank == 0 else run_worker(sim)  # None on workers
     except BaseException as exc:  # SystemExit included: submitit exits this way on preemption
         transport.close(exc)
         raise
     transport.close()
-    return history if ctx.rank == 0 else None
+    return history
 
 
 def _serve(sim, run_dir: Path, resume: Path | None):
