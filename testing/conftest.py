@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -40,6 +41,21 @@ def run_trainer(args: list[str], nproc: int = 1, timeout: float = 600) -> subpro
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     return subprocess.run(launcher(nproc) + ["e2e_trainer.py"] + args, cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous started right after)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_envs(world_size: int) -> list[dict]:
+    """The environment of each rank of a launch by hand (as mpiexec would): a loopback rendezvous on
+    a free port, one thread per process, no progress bars."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world_size),
+               OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return [dict(env, RANK=str(r), LOCAL_RANK=str(r)) for r in range(world_size)]
 
 
 def failure_text(proc: subprocess.CompletedProcess) -> str:

@@ -7,7 +7,6 @@ Usage: RANK=r WORLD_SIZE=2 MASTER_ADDR=.. MASTER_PORT=.. python -m testing.teard
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,15 +46,17 @@ def main(case: str, out: Path) -> None:
         report["reduced"] = transport.reduce_sum(buf, "reduce").tolist()
         if case == "preempted":
             transport.broadcast(buf, "next round")  # the server is gone: PeerFailure
-    except BaseException as exc:
+    except BaseException as exc:  # closed as core/runner.py closes it
         report["error"] = type(exc).__name__
-        transport.close(exc)
-        report["after_close"] = process_group_threads()
-        (out / f"rank{ctx.rank}.json").write_text(json.dumps(report))
+        _close_and_report(transport, report, out, exc)
         raise
-    transport.close()
+    _close_and_report(transport, report, out)
+
+
+def _close_and_report(transport: Transport, report: dict, out: Path, error: BaseException | None = None) -> None:
+    transport.close(error)
     report["after_close"] = process_group_threads()
-    (out / f"rank{ctx.rank}.json").write_text(json.dumps(report))
+    (out / f"rank{report['rank']}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -1,33 +1,23 @@
 """A dying worker stops the run with its rank named; task folders plug in without touching core."""
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from testing.conftest import REPO, read_metrics, run_trainer
+from testing.conftest import REPO, rank_envs, read_metrics, run_trainer
 
 DYING = ["-dataPath", "unused", "-config", "experiments/synthetic/config.yaml",
          "-task", str(REPO / "testing" / "tasks" / "dying_task"), "--set", "model_config.model_type=DyingMLP"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.timeout(300)
 def test_dead_worker_stops_the_server_with_its_rank(tmp_path):
     """Three processes started by hand (as mpiexec would): rank 2 dies, the server names it."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="3",
-               OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     procs = [subprocess.Popen([sys.executable, "e2e_trainer.py", *DYING, "-outputPath", str(tmp_path),
-                               "-run_name", "dying"], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(3)]
+                               "-run_name", "dying"], cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
+             for env in rank_envs(3)]
     errs = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [1, 1, 3]
     server_line = errs[0].strip().splitlines()[-1]
@@ -38,13 +28,11 @@ def test_dead_worker_stops_the_server_with_its_rank(tmp_path):
 def test_server_start_error_releases_the_workers(tmp_path):
     """A mistake only the server sees (a missing -resume checkpoint) stops every rank at once,
     not after the process-group timeout (200 s here, longer than the 150 s allowed)."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     args = ["-dataPath", "unused", "-config", "experiments/synthetic/config.yaml", "-task", "synthetic",
             "-outputPath", str(tmp_path), "-run_name", "r", "-resume", str(tmp_path / "missing.pt"),
             "--set", "server_config.timeout_s=200"]
     procs = [subprocess.Popen([sys.executable, "e2e_trainer.py", *args], cwd=REPO, stderr=subprocess.PIPE,
-                              text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(2)]
+                              text=True, env=env) for env in rank_envs(2)]
     errs = [p.communicate(timeout=150)[1] for p in procs]
     assert [p.returncode for p in procs] == [2, 0], errs
     assert errs[0].strip().splitlines()[-1].startswith(f"pfedsim: error: checkpoint {tmp_path / 'missing.pt'} not found")

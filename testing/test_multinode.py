@@ -2,21 +2,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 
-from testing.conftest import REPO, failure_text, load_ckpt, read_metrics, run_trainer
+from testing.conftest import REPO, failure_text, free_port, load_ckpt, read_metrics, run_trainer
 
 ARGS = ["-dataPath", "unused", "-config", "experiments/synthetic/config.yaml", "-task", "synthetic"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _node(node_rank: int, port: int, args: list[str]) -> subprocess.Popen:
@@ -29,7 +22,7 @@ def _node(node_rank: int, port: int, args: list[str]) -> subprocess.Popen:
 
 
 def test_two_nodes_match_one_process(tmp_path):
-    port = _free_port()
+    port = free_port()
     args = [*ARGS, "-outputPath", str(tmp_path), "-run_name", "two_nodes"]
     nodes = [_node(rank, port, args) for rank in (0, 1)]
     results = []

@@ -3,25 +3,20 @@ that lands inside a collective (threads still running while the interpreter exit
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from testing.conftest import REPO
-from testing.test_failures_and_tasks import _free_port
+from testing.conftest import REPO, rank_envs
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
 
 
 def _launch(case: str, out: Path) -> list[subprocess.Popen]:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1")
     return [subprocess.Popen([sys.executable, "-m", "testing.teardown_rank", case, str(out)], cwd=REPO,
-                             stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-            for r in range(2)]
+                             stderr=subprocess.PIPE, text=True, env=env) for env in rank_envs(2)]
 
 
 def _reports(procs, out: Path) -> tuple[list[int], list[dict]]:
