@@ -104,11 +104,25 @@ def fine_tune_new_client(sim, round_idx: int, global_flat: torch.Tensor, cid: in
 
 
 def full_test_accuracy(sim, global_flat: torch.Tensor) -> float:
-    """Accuracy of the global model on the whole test split (independent of the client splits)."""
+    """Accuracy of the global model on the whole test split, from its own pass over every sample."""
     sim.trainer.load(global_flat, None)
     num = len(sim.test_loader.dataset.labels)
     return float(correct_count(sim.model, sim.test_loader, torch.arange(num, device=sim.ctx.device),
                         sim.trainer.prepare)) / num
+
+
+def global_test_accuracy(sim, global_flat: torch.Tensor, matrix: np.ndarray) -> float:
+    """Accuracy of the global model on the whole test split.
+
+    When the clients' local test splits hold every test sample exactly once (the built-in
+    partitioners guarantee it), this is the pooled count of the evaluation ``matrix``
+    ((num_clients, COLUMNS), from :func:`eval_share`, reduced over ranks): the same predictions, so
+    no second pass over the test set. Otherwise (a task's own split plan) the global model makes
+    its own pass (:func:`full_test_accuracy`).
+    """
+    if sim.test_clients.partitions(len(sim.test_loader.dataset.labels)):
+        return float(matrix[:, GLOBAL].sum() / matrix[:, COUNT].sum())
+    return full_test_accuracy(sim, global_flat)
 
 
 def client_stats(acc: np.ndarray, weights: np.ndarray) -> dict:

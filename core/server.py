@@ -11,7 +11,7 @@ import yaml
 from tqdm import tqdm
 
 from core.client_store import ClientStore
-from core.evaluation import COLUMNS, eval_share, eval_width, full_test_accuracy, summarize
+from core.evaluation import COLUMNS, eval_share, eval_width, global_test_accuracy, summarize
 from core.optim import build_optimizer
 from core.worker import RoundLayout, train_share
 from utils.checkpoint import load_checkpoint, save_atomic
@@ -112,9 +112,9 @@ class Server:
         buf = sim.transport.broadcast(torch.cat([self.global_flat] + stored), f"round {round_idx} eval broadcast")
         own = eval_share(sim, round_idx, buf, ids)
         matrix = sim.transport.reduce_sum(own.view(-1), f"round {round_idx} eval reduce").view(-1, COLUMNS)
-        record = {"round": round_idx, "train_loss": train_loss,
-                  "global_test_acc": full_test_accuracy(sim, self.global_flat)}
         self.last_matrix, self.last_trained = matrix.cpu().double().numpy(), ids
+        record = {"round": round_idx, "train_loss": train_loss,
+                  "global_test_acc": global_test_accuracy(sim, self.global_flat, self.last_matrix)}
         record.update(summarize(self.last_matrix, ids, sim.personalization.evaluates_personalized))
         record["elapsed_s"] = elapsed
         return record

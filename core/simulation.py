@@ -30,6 +30,12 @@ class ClientIndex:
         """(sizes[client_id],) int64 sample indices of the client, a view on the device."""
         return self.flat[self.offsets[client_id]:self.offsets[client_id + 1]]
 
+    def partitions(self, num_samples: int) -> bool:
+        """Whether the clients' indices hold every sample 0..num_samples-1 exactly once."""
+        if len(self.flat) != num_samples:
+            return False
+        return bool((torch.bincount(self.flat, minlength=num_samples) == 1).all())
+
 
 @dataclass
 class Simulation:

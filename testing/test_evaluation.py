@@ -1,10 +1,13 @@
-"""Evaluation batched across clients equals client-by-client evaluation."""
+"""Evaluation batched across clients equals client-by-client evaluation; the full-test accuracy taken
+from the clients' splits equals a pass over the whole test set."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from core.evaluation import batched_correct, client_stats, correct_count
+from core.evaluation import (batched_correct, client_stats, correct_count, eval_share, full_test_accuracy,
+                             global_test_accuracy)
+from core.simulation import ClientIndex
 from testing.test_vectorized import _simulation
 
 
@@ -22,3 +25,20 @@ def test_client_stats():
     stats = client_stats(np.array([0.2, 0.4, 1.0]), np.array([1, 1, 2]))
     assert stats["weighted_mean"] == 0.65 and abs(stats["mean"] - 1.6 / 3) < 1e-12
     assert stats["clients"] == 3 and stats["p50"] == 0.4
+
+
+def test_full_test_accuracy_from_the_client_splits_equals_its_own_pass(cifar_path):
+    sim = _simulation(cifar_path, False)
+    num_test = len(sim.test_loader.dataset.labels)
+    parts = [sim.test_clients.get(c).numpy() for c in range(len(sim.test_clients.sizes))]
+    assert sim.test_clients.partitions(num_test)
+    flat = sim.layout.flatten()
+    flat += 0.05 * torch.randn(flat.shape, generator=torch.Generator().manual_seed(0))  # predicts several classes
+    matrix = eval_share(sim, 1, flat, []).double().numpy()
+    full = full_test_accuracy(sim, flat)
+    assert 0.02 < full < 0.5 and global_test_accuracy(sim, flat, matrix) == full
+    # a task's own split plan that leaves samples out, or repeats one: the accuracy takes its own pass
+    for broken in (parts[1:], parts + [parts[0][:1]], [np.concatenate([parts[0][1:], [num_test]])] + parts[1:]):
+        sim.test_clients = ClientIndex(broken, torch.device("cpu"))
+        assert not sim.test_clients.partitions(num_test)
+        assert global_test_accuracy(sim, flat, np.zeros_like(matrix)) == full
