@@ -2,7 +2,10 @@
 from the clients' splits equals a pass over the whole test set."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 
 from core.evaluation import (batched_correct, client_stats, correct_count, eval_share, full_test_accuracy,
@@ -11,8 +14,12 @@ from core.simulation import ClientIndex
 from testing.test_vectorized import _simulation
 
 
-def test_batched_global_evaluation_matches_per_client(cifar_path):
-    sim = _simulation(cifar_path, False)
+@pytest.fixture(scope="module")
+def sim(cifar_path):
+    return _simulation(cifar_path, False)
+
+
+def test_batched_global_evaluation_matches_per_client(sim):
     sim.trainer.load(sim.layout.flatten(), None)
     clients = np.array([0, 3, 7, 11, 42, 199])
     batched = batched_correct(sim.model, sim.test_loader, clients, sim.test_clients, sim.trainer.prepare)
@@ -27,8 +34,7 @@ def test_client_stats():
     assert stats["clients"] == 3 and stats["p50"] == 0.4
 
 
-def test_full_test_accuracy_from_the_client_splits_equals_its_own_pass(cifar_path):
-    sim = _simulation(cifar_path, False)
+def test_full_test_accuracy_from_the_client_splits_equals_its_own_pass(sim):
     num_test = len(sim.test_loader.dataset.labels)
     parts = [sim.test_clients.get(c).numpy() for c in range(len(sim.test_clients.sizes))]
     assert sim.test_clients.partitions(num_test)
@@ -37,8 +43,8 @@ def test_full_test_accuracy_from_the_client_splits_equals_its_own_pass(cifar_pat
     matrix = eval_share(sim, 1, flat, []).double().numpy()
     full = full_test_accuracy(sim, flat)
     assert 0.02 < full < 0.5 and global_test_accuracy(sim, flat, matrix) == full
-    # a task's own split plan that leaves samples out, or repeats one: the accuracy takes its own pass
+    # a task's own split plan that leaves samples out, repeats one or names one past the end
     for broken in (parts[1:], parts + [parts[0][:1]], [np.concatenate([parts[0][1:], [num_test]])] + parts[1:]):
-        sim.test_clients = ClientIndex(broken, torch.device("cpu"))
-        assert not sim.test_clients.partitions(num_test)
-        assert global_test_accuracy(sim, flat, np.zeros_like(matrix)) == full
+        assert not ClientIndex(broken, torch.device("cpu")).partitions(num_test)
+    partial = dataclasses.replace(sim, test_clients=ClientIndex(parts[1:], torch.device("cpu")))
+    assert global_test_accuracy(partial, flat, np.zeros_like(matrix)) == full  # its own pass, not the matrix
