@@ -27,6 +27,11 @@ if [[ $only == all || $only == vectorized ]]; then
   python3 -m benchmarks.vectorized --device cuda --out "$out/vectorized.jsonl"
   python3 -m benchmarks.dispatch --device cuda --out "$out/dispatch.jsonl"  # operator counts with CUDA's foreach SGD
 fi
+if [[ $only == evaluation ]]; then  # an evaluation round vs the full-test pass it no longer makes
+  python3 -m benchmarks.evaluation --device cuda --data synthetic --out "$out/evaluation.jsonl"
+  python3 -m benchmarks.evaluation --device cuda --data synthetic --config experiments/cv/config.yaml \
+    --out "$out/evaluation.jsonl"
+fi
 if [[ $only == all || $only == precision ]]; then
   python3 -m benchmarks.precision --device cuda --out "$out/precision.jsonl"
   python3 -m benchmarks.precision --device cuda --config benchmarks/configs/pfl_cnn_50x50.yaml --out "$out/precision.jsonl"
