@@ -24,7 +24,7 @@ def main() -> None:
     parser = benchmark_parser(__doc__, "evaluation", "cpu", config="experiments/cv/config_cpu.yaml", repeats=5)
     parser.add_argument("--rounds", type=int, default=2, help="training rounds before timing (trained clients)")
     args = parser.parse_args()
-    cfg, sim = single_process_simulation(args.config, args.data, args.device, args.overrides)
+    _, sim = single_process_simulation(args.config, args.data, args.device, args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(sim, Path(tmp), None)
         for r in range(1, args.rounds + 1):
