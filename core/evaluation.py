@@ -125,6 +125,14 @@ def global_test_accuracy(sim, global_flat: torch.Tensor, matrix: np.ndarray) -> 
     return full_test_accuracy(sim, global_flat)
 
 
+def evaluation_record(sim, global_flat: torch.Tensor, matrix: np.ndarray, trained: list[int]) -> dict:
+    """The accuracy keys of a metrics.jsonl record: ``global_test_acc`` and the :func:`summarize`
+    statistics of the reduced evaluation ``matrix`` ((num_clients, COLUMNS) float64)."""
+    record = {"global_test_acc": global_test_accuracy(sim, global_flat, matrix)}
+    record.update(summarize(matrix, trained, sim.personalization.evaluates_personalized))
+    return record
+
+
 def client_stats(acc: np.ndarray, weights: np.ndarray) -> dict:
     """Sample-weighted mean, mean, std and 10/50/90th percentiles of per-client accuracies."""
     if len(acc) == 0:

@@ -11,7 +11,7 @@ import yaml
 from tqdm import tqdm
 
 from core.client_store import ClientStore
-from core.evaluation import COLUMNS, eval_share, eval_width, global_test_accuracy, summarize
+from core.evaluation import COLUMNS, eval_share, eval_width, evaluation_record
 from core.optim import build_optimizer
 from core.worker import RoundLayout, train_share
 from utils.checkpoint import load_checkpoint, save_atomic
@@ -114,8 +114,7 @@ class Server:
         matrix = sim.transport.reduce_sum(own.view(-1), f"round {round_idx} eval reduce").view(-1, COLUMNS)
         self.last_matrix, self.last_trained = matrix.cpu().double().numpy(), ids
         record = {"round": round_idx, "train_loss": train_loss,
-                  "global_test_acc": global_test_accuracy(sim, self.global_flat, self.last_matrix)}
-        record.update(summarize(self.last_matrix, ids, sim.personalization.evaluates_personalized))
+                  **evaluation_record(sim, self.global_flat, self.last_matrix, ids)}
         record["elapsed_s"] = elapsed
         return record
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from core.config import validate_config
-from core.distributed import DistContext, Transport
 from core.evaluation import full_test_accuracy
 from core.flat import StateLayout
-from core.simulation import build_simulation, init_model
+from core.simulation import init_model
 from core.task import load_task
 from testing.conftest import SMALL_CV, failure_text, load_ckpt, read_metrics, run_trainer, write_config
+from utils.experiment import Experiment
 
 
 def _launch(tmp, data, name, config=SMALL_CV, nproc=1, extra=()):
@@ -42,15 +42,13 @@ def test_smoke_run_writes_every_output(straight):
     assert 0.0 < last["global_test_acc"] < 1.0 and np.isfinite(last["train_loss"])
 
 
-def test_weighted_local_accuracy_equals_full_test_accuracy(straight, cifar_path):
+def test_weighted_local_accuracy_equals_full_test_accuracy(straight):
     """Invariant 4: local test splits partition the test set, so the recorded accuracies equal a
     separate pass of the final global model over the whole test set."""
     for rec in read_metrics(straight[0]):
         assert rec["global_local"]["clients"] == SMALL_CV["data_config"]["num_clients"]
         assert rec["global_local"]["weighted_mean"] == pytest.approx(rec["global_test_acc"], abs=1e-9)
-    cfg = validate_config(SMALL_CV, "test")
-    ctx = DistContext(0, 1, torch.device("cpu"), "gloo")
-    sim = build_simulation(cfg, load_task("cv"), str(cifar_path), ctx, Transport(ctx))
+    sim = Experiment(straight[0], device="cpu").simulation()
     assert sim.test_clients.partitions(10_000)
     own_pass = full_test_accuracy(sim, load_ckpt(straight[0])["global"])
     assert read_metrics(straight[0])[-1]["global_test_acc"] == own_pass

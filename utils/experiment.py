@@ -24,7 +24,7 @@ import yaml
 from core.config import apply_override, validate_config
 from core.distributed import DistContext, Transport
 from core.errors import UserError
-from core.evaluation import eval_share, eval_width, fine_tune_new_client, global_test_accuracy, summarize
+from core.evaluation import eval_share, eval_width, evaluation_record, fine_tune_new_client
 from core.flat import StateLayout
 from core.personalization import build_personalization
 from core.simulation import build_simulation, init_model
@@ -295,9 +295,7 @@ class Experiment:
         stored = [self._personal_vector(state, c) for c in trained] if eval_width(sim) else []
         matrix = eval_share(sim, state["round"], torch.cat([global_flat] + stored), trained)
         matrix = matrix.cpu().double().numpy()
-        record = {"round": state["round"], "global_test_acc": global_test_accuracy(sim, global_flat, matrix)}
-        record.update(summarize(matrix, trained, sim.personalization.evaluates_personalized))
-        return record, matrix, trained
+        return {"round": state["round"], **evaluation_record(sim, global_flat, matrix, trained)}, matrix, trained
 
     def recorded(self, round_idx: int) -> dict | None:
         """The metrics.jsonl record of ``round_idx`` (None when that round was not evaluated)."""
