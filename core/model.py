@@ -37,6 +37,9 @@ class BaseModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
 def training_loss(model: nn.Module, client_config):
     """The callable ``batch -> loss`` the engine trains with: ``model.loss``, under
     ``torch.compile(mode=client_config.compile_mode)`` when ``client_config.compile`` is on.
@@ -44,7 +47,15 @@ def training_loss(model: nn.Module, client_config):
     Compiling keeps the model's parameters as they are (the engine resets them in place, so a
     compiled graph, and on a GPU a CUDA graph, stays valid across clients). A new batch size or a
     change of which parameters train (personalization phases) compiles once more.
+
+    In the modes that replay CUDA graphs (``reduce-overhead``, ``max-autotune``), a graph's output
+    lives in memory that the next replay overwrites, and the engine keeps every step's loss until
+    the client ends; the loss is cloned out of that memory (one scalar copy per step).
     """
     if not client_config.compile:
         return model.loss
-    return torch.compile(model.loss, mode=client_config.compile_mode)
+    compiled = torch.compile(model.loss, mode=client_config.compile_mode)
+    if client_config.compile_mode not in CUDA_GRAPH_MODES:
+        return compiled
+    return lambda batch: compiled(batch).clone()
+
