@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.common import single_process_simulation
 from core.config import load_config
 from core.distributed import DistContext, Transport
 from core.simulation import build_simulation
@@ -33,7 +34,21 @@ def test_training_a_share_never_synchronizes(overrides):
     cfg = load_config(REPO / "experiments/synthetic/config.yaml",
                       ["device=cuda", "client_config.optimizer_config.momentum=0.9"] + overrides)
     ctx = DistContext(0, 1, torch.device("cuda"), "gloo")
-    sim = build_simulation(cfg, load_task("synthetic"), "unused", ctx, Transport(ctx))
+    _assert_share_never_synchronizes(build_simulation(cfg, load_task("synthetic"), "unused", ctx, Transport(ctx)))
+
+
+@pytest.mark.parametrize("overrides", [[], ["client_config.vectorize=true"]], ids=["sequential", "vectorized"])
+def test_cifar_workload_share_never_synchronizes(overrides):
+    """The cv task's loader on the device (random crops and flips from the client's generator), and
+    PflCNN's dropout, on the benchmarks' workload of item 1 (random CIFAR-shaped images)."""
+    _, sim = single_process_simulation("benchmarks/configs/pfl_cnn_50x50.yaml", "synthetic", "cuda",
+                                       ["client_config.augment=true", "client_config.optimizer_config.momentum=0.9"]
+                                       + overrides)
+    _assert_share_never_synchronizes(sim)
+
+
+def _assert_share_never_synchronizes(sim) -> None:
+    """Round 2's share of training runs under CUDA's sync debug mode ``error``."""
     train_share(sim, 1, _round_buffer(sim, 1))  # first use: lazy CUDA initialisation may synchronize
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
