@@ -47,7 +47,7 @@ class DistContext:
 
 
 def mpi_environment() -> None:
-    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from MPI when launched by mpiexec
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT from MPI when launched by mpiexec
     (no-op otherwise, and when RANK is already set), then finalize MPI: the rounds run on
     torch.distributed only. Call it once, before reading RANK.
 
@@ -65,6 +65,7 @@ def mpi_environment() -> None:
     # rank among the processes of this node (picks the GPU), from any MPI: ranks sharing memory
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     os.environ.setdefault("LOCAL_RANK", str(node.Get_rank()))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(node.Get_size()))
     node.Free()
     os.environ.setdefault("MASTER_ADDR", comm.bcast(MPI.Get_processor_name(), root=0))
     os.environ.setdefault("MASTER_PORT", str(comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0)))
@@ -93,27 +94,43 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _device(preference: str, backend: str, local_rank: int) -> torch.device:
+def _device(preference: str, backend: str, local_rank: int, local_world: int) -> torch.device:
     if preference == "cpu":
         if backend == "nccl":
             raise UserError("-backend nccl needs GPUs but config device is cpu; use -backend gloo or device: auto")
         return torch.device("cpu")
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cuda", gpu_index(local_rank, local_world, torch.cuda.device_count(), backend))
     if preference == "cuda" or backend == "nccl":
         raise UserError("no CUDA GPU is visible; use -backend gloo and device: auto or cpu")
     return torch.device("cpu")
+
+
+def gpu_index(local_rank: int, local_world: int, gpus: int, backend: str) -> int:
+    """The GPU of the process ``local_rank`` of ``local_world`` processes on a node with ``gpus`` GPUs.
+
+    With gloo several processes may share a GPU (``local_rank % gpus``). NCCL refuses two ranks on one
+    GPU (it fails at the first collective, "Duplicate GPU detected").
+
+    Raises:
+        UserError: nccl with more processes on the node than GPUs.
+    """
+    if backend == "nccl" and local_world > gpus:
+        raise UserError(f"-backend nccl needs one GPU per process, but {local_world} processes share {gpus} GPU(s) "
+                        f"on this node; launch at most {gpus} per node, or use -backend gloo (processes may share a GPU)")
+    return local_rank % gpus
 
 
 def init_distributed(backend: str, device_preference: str, timeout_s: float) -> DistContext:
     """Initialise the process group if launched with several processes; pick the device.
 
     Raises:
-        UserError: nccl without a GPU, or mpiexec without mpi4py.
+        UserError: nccl without a GPU or with more processes than GPUs on a node, or mpiexec without mpi4py.
     """
     mpi_environment()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = _device(device_preference, backend, int(os.environ.get("LOCAL_RANK", 0)))
+    device = _device(device_preference, backend, int(os.environ.get("LOCAL_RANK", 0)),
+                     int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:

@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from core.distributed import gpu_index
+from core.errors import UserError
 from testing.conftest import REPO, load_ckpt, run_trainer
 
 ARGS = ["-dataPath", "unused", "-config", "experiments/synthetic/config.yaml", "-task", "synthetic"]
@@ -29,7 +32,7 @@ from core.distributed import init_distributed
 ctx = init_distributed("gloo", "cpu", 60)
 total = torch.tensor([float(ctx.rank)]); dist.all_reduce(total)
 fields = [ctx.rank, ctx.world_size, os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"],
-          int(total.item())]
+          int(total.item()), os.environ["LOCAL_WORLD_SIZE"]]
 pathlib.Path(os.environ["PROBE_DIR"], f"{ctx.rank}.txt").write_text(" ".join(map(str, fields)))
 dist.destroy_process_group()
 """
@@ -49,6 +52,7 @@ def test_mpiexec_sets_rank_world_and_master_from_mpi(tmp_path):
     assert [r[:3] for r in rows] == [["0", "3", "0"], ["1", "3", "1"], ["2", "3", "2"]]
     assert len({(r[3], r[4]) for r in rows}) == 1, "every rank must meet at rank 0's address and port"
     assert all(r[5] == "3" for r in rows), "0 + 1 + 2 summed over the gloo group"
+    assert all(r[6] == "3" for r in rows), "three processes on this node"
 
 
 def test_mpiexec_three_ranks_match_one_process(tmp_path):
@@ -60,3 +64,12 @@ def test_mpiexec_three_ranks_match_one_process(tmp_path):
     a, b = load_ckpt(tmp_path / "mpi"), load_ckpt(tmp_path / "single")
     assert torch.allclose(a["global"], b["global"], atol=1e-5, rtol=0)
     assert a["client_store"]["entries"].keys() == b["client_store"]["entries"].keys()
+
+
+def test_gpu_of_each_process():
+    """LOCAL_RANK picks the GPU; gloo lets processes share one; nccl needs one GPU per process."""
+    assert [gpu_index(r, 4, 4, "nccl") for r in range(4)] == [0, 1, 2, 3]
+    assert [gpu_index(r, 4, 1, "gloo") for r in range(4)] == [0, 0, 0, 0]
+    assert [gpu_index(r, 4, 2, "gloo") for r in range(4)] == [0, 1, 0, 1]
+    with pytest.raises(UserError, match="4 processes share 1 GPU.*-backend gloo"):
+        gpu_index(0, 4, 1, "nccl")
