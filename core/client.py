@@ -30,6 +30,7 @@ class ClientTrainer:
         self.personalization = personalization
         personal = set(personal_names)
         self.param_is_personal = [name in personal for name, _ in model.named_parameters()]
+        self.shared_positions = [i for i, mine in enumerate(self.param_is_personal) if not mine]
         self.bf16 = client_config.precision == "bf16"
         self.channels_last = client_config.channels_last
 
@@ -63,11 +64,14 @@ class ClientTrainer:
         """Train the client on its samples ``indices`` (int64, on the device).
 
         Runs the personalization method's phases (``local_epochs`` of all parameters by default), or
-        ``epochs`` epochs of the ``which`` parameters (``all``, ``personal``, ``shared``) when given. The trained state is left in the replica
-        (read it with the layout); ``last_steps`` holds the number of optimizer steps. ``correction``
-        (num_params,) moves the weights by ``-lr * correction`` after every optimizer step (SCAFFOLD;
-        with plain SGD this is adding it to the gradient); ``prox = (mu, anchor)`` adds
-        ``mu/2 ||w - anchor||^2`` to every step's loss (Ditto), otherwise the strategy's own penalty.
+        ``epochs`` epochs of the ``which`` parameters (``all``, ``personal``, ``shared``) when given.
+        The trained state is left in the replica (read it with the layout); ``last_steps`` holds the
+        number of optimizer steps and ``shared_steps`` those that trained the shared (aggregated)
+        parameters (FedRep's head epochs do not). ``correction`` (num_params,) moves the weights by
+        ``-lr * correction`` after every optimizer step (SCAFFOLD; with plain SGD this is adding it
+        to the gradient); ``prox = (mu, anchor)`` adds ``mu/2 ||w - anchor||^2`` to every step's
+        loss (Ditto), otherwise the strategy's own penalty (FedProx), which only pulls the shared
+        parameters toward the global model: personal layers have no global value to be pulled to.
         ``step_hook(batch)`` runs at every step after the backward pass and before the optimizer
         step, while the replica still holds the step's starting weights (APFL's personal update).
         Returns the mean training loss as a 0-dim tensor (no host sync).
@@ -80,9 +84,13 @@ class ClientTrainer:
         params = list(self.model.parameters())
         penalty = self._penalty(global_flat, prox)
         shifts = self.layout.param_views(correction) if correction is not None else None
+        self.shared_steps = 0
         for phase_epochs, part in self._phases(epochs, which):
             self._trainable(part)
+            before = len(losses)
             self._epochs(phase_epochs, indices, generator, params, penalty, shifts, losses, step_hook)
+            if part != "personal":
+                self.shared_steps += len(losses) - before
         self._trainable("all")
         self.last_steps = len(losses)
         return torch.stack(losses).mean() if losses else torch.zeros((), device=indices.device)
@@ -92,9 +100,9 @@ class ClientTrainer:
         if prox is not None:
             mu, anchors = prox[0], self.layout.param_views(prox[1])
             return lambda params: 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors))
-        if self.strategy.has_local_penalty:
-            anchors = self.layout.param_views(global_flat)
-            return lambda params: self.strategy.local_penalty(params, anchors)
+        if self.strategy.has_local_penalty and self.shared_positions:
+            shared, anchors = self.shared_positions, self.layout.param_views(global_flat)
+            return lambda params: self.strategy.local_penalty([params[i] for i in shared], [anchors[i] for i in shared])
         return None
 
     @torch.no_grad()

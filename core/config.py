@@ -186,6 +186,13 @@ class Config(_Section):
     seed: int = Field(0, ge=0, description="seed of partition, cohorts, initial model and client training")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the rank's GPU when present")
 
+    @model_validator(mode="after")
+    def _scaffold_needs_sgd(self):
+        if self.strategy == "scaffold" and self.client_config.optimizer_config.type != "sgd":
+            raise ValueError("strategy scaffold estimates its controls as (x - y) / (K lr), an SGD step; "
+                             "set client_config.optimizer_config.type: sgd or choose another strategy")
+        return self
+
     def to_dict(self) -> dict:
         """The full effective config as plain YAML-able data (FLUTE key names)."""
         return self.model_dump(mode="json", by_alias=True)
@@ -226,7 +233,10 @@ def _describe(error: dict) -> str:
     if error["type"] == "extra_forbidden":
         allowed = ", ".join(_allowed_keys(loc))
         return f"unknown key {where!r}; allowed here: {allowed}"
-    return f"{where}: {error['msg']} (got {error.get('input')!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    if isinstance(error.get("input"), dict):  # a check across a whole section: its input is not one value
+        return f"{where}: {message}"
+    return f"{where}: {message} (got {error.get('input')!r})"
 
 
 def validate_config(raw: dict, source: str) -> Config:

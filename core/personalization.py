@@ -132,7 +132,7 @@ class FineTune(NoPersonalization):
 
 
 class Ditto(NoPersonalization):
-    """Ditto (Li et al. 2021, arXiv:2012.04662): the global model is trained as in FedAvg; besides,
+    """Ditto (Li et al. 2021, arXiv:2012.04221): the global model is trained as in FedAvg; besides,
     each client keeps a whole personal model v (first copy: the global model) and each round trains
     it for ``ditto_epochs`` epochs on ``loss(v) + lambda/2 ||v - w_global||^2`` (``ditto_lambda``).
     The personalized model is v. The client store holds one full model per trained client."""

@@ -25,7 +25,8 @@ class Server:
 
     The server optimizer steps the parameter part of the global vector with the pseudo-gradient
     (FLUTE's pseudo-gradient-as-``.grad``); buffers (BatchNorm statistics) take the plain weighted
-    mean. Positions of personal layers are never changed by aggregation.
+    mean. Positions of personal layers are never changed by aggregation (nor by the server
+    optimizer's weight decay).
     """
 
     def __init__(self, sim, run_dir: Path, resume: Path | None):
@@ -97,9 +98,12 @@ class Server:
         pseudo[sim.personal_index] = 0.0
         k = sim.layout.num_params
         self.weights.grad = pseudo[:k].clone()
+        personal = sim.personal_params
+        kept = self.global_flat[personal]  # a copy: weight decay would move them despite the zero gradient
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
+            self.global_flat[personal] = kept
             self.global_flat[k:] -= pseudo[k:]
 
     # ---- evaluation -------------------------------------------------------------------------

@@ -61,6 +61,12 @@ class Simulation:
         """Floats of the personal layers (P) in the flat state; 0 without personal layers."""
         return int(self.personal_index.numel())
 
+    @property
+    def personal_params(self) -> torch.Tensor:
+        """Positions of the personal parameters among the first ``layout.num_params`` entries of the
+        flat state (``personal_index`` without the personal buffers); int64, on the device."""
+        return self.personal_index[self.personal_index < self.layout.num_params]
+
 
 def _personal_index(layout: StateLayout, personalization, model, model_type: str, device) -> torch.Tensor:
     missing = layout.unmatched(personalization.local_layers)

@@ -15,7 +15,11 @@ class FedAvg:
     samples (``client_weighting: samples``) or equally (``uniform``); the pseudo-gradient is minus
     the weighted mean delta. Stepped by a server SGD with lr 1.0 this is exactly FedAvg; server SGD
     with momentum is FedAvgM (Hsu et al. 2019, arXiv:1909.06335); Adam / Yogi / Adagrad give
-    FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021, arXiv:2003.00295).
+    FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021, arXiv:2003.00295). FedAdam and FedAdagrad
+    are torch's Adam and Adagrad: Adam with bias correction (as Flower's FedAdam and pfl's central
+    Adam), and both with ``v`` starting at 0; the paper's Algorithm 2 has no bias correction and
+    starts ``v`` at tau^2 (``eps`` here is its tau). FedYogi (:class:`core.optim.Yogi`) follows
+    Algorithm 2.
     """
 
     name = "fedavg"
@@ -68,7 +72,12 @@ class FedAvg:
 
 class FedProx(FedAvg):
     """FedProx (Li et al. 2020, arXiv:1812.06127): each local step minimises
-    ``loss + mu/2 * ||w - w_global||^2`` (``strategy_config.mu``), added once per step."""
+    ``loss + mu/2 * ||w - w_global||^2`` (``strategy_config.mu``), added once per step.
+
+    ``w`` is the shared parameters only: with personal layers (FedPer, FedRep, LG-FedAvg, FedBN)
+    the global copy of a personal layer is never trained, so pulling toward it would pull the
+    client's own layer back to its initial values.
+    """
 
     name = "fedprox"
     has_local_penalty = True
@@ -92,6 +101,12 @@ class Scaffold(FedAvg):
     since inside it the controls, estimated as ``(x - y) / (K lr)``, would be amplified round after
     round. After K local steps with learning rate lr: ``c_i+ = c_i - c + (x - y) / (K lr)``; the
     server sets ``c += sum(c_i+ - c_i) / num_clients``.
+
+    With personal layers the controls cover the shared parameters only (the worker zeroes ``c_i+``
+    at personal positions, so ``c`` and the corrections are zero there too): a personal layer is
+    never averaged, so there is no drift from a global model to correct, and its start ``x`` is the
+    client's own copy. K counts the steps that trained the shared parameters (FedRep's body
+    epochs, not its head epochs). SCAFFOLD needs an SGD client optimizer (config check).
     """
 
     name = "scaffold"
@@ -113,7 +128,7 @@ class Scaffold(FedAvg):
 
 
 class DGA(FedAvg):
-    """Dynamic Gradient Aggregation (Dimitriadis et al. 2021, arXiv:2106.07578), FLUTE's ``DGA``.
+    """Dynamic Gradient Aggregation (Dimitriadis et al. 2021, arXiv:2106.07578), after FLUTE's ``DGA``.
 
     A client's weight is ``exp(-softmax_beta * train_loss)`` (its mean local training loss), so
     after normalisation by the weight sum the cohort's deltas are averaged with softmax weights of
@@ -121,6 +136,10 @@ class DGA(FedAvg):
     the uniform average. Sample counts are not used (as in FLUTE). Weights are floored at the
     smallest normal float32 (about 1.2e-38): when ``softmax_beta * loss`` exceeds about 87 for every
     client, the weights tie and the average becomes uniform.
+
+    FLUTE's ``train_loss`` weighting divides the sum of the step losses by the samples processed,
+    which is about the mean loss divided by the batch size; so FLUTE's ``softmax_beta`` b matches
+    b / batch_size here.
     """
 
     name = "dga"

@@ -70,6 +70,8 @@ class VectorizedTrainer:
         self.autocast = dict(device_type=loader.device.type, dtype=torch.bfloat16,
                              enabled=client_config.precision == "bf16")
         self.names = [f"model.{n}" for n, _ in model.named_parameters()]
+        personal = set(personalization.personal_names(layout, model)) if personalization is not None else set()
+        self.shared = [i for i, (n, _) in enumerate(model.named_parameters()) if n not in personal]  # FedProx pulls these
         self.shapes = [p.shape for _, p in model.named_parameters()]
         self.numels = [p.numel() for _, p in model.named_parameters()]
         self.buffers = {f"model.{n}": b for n, b in model.named_buffers()}
@@ -80,7 +82,7 @@ class VectorizedTrainer:
         with torch.autocast(**self.autocast):
             loss = functional_call(self.call, (params, self.buffers), (batch,))
         if self._anchors is not None:
-            loss = loss + self.strategy.local_penalty([params[n] for n in self.names], self._anchors)
+            loss = loss + self.strategy.local_penalty([params[self.names[i]] for i in self.shared], self._anchors)
         return loss
 
     def _streams(self, round_idx, client_ids, indices):
@@ -126,7 +128,8 @@ class VectorizedTrainer:
             (C, num_params) trained parameter rows and (C,) mean training losses.
         """
         count, k = len(client_ids), self.layout.num_params
-        self._anchors = self.layout.param_views(global_flat) if self.strategy.has_local_penalty else None
+        anchors = self.layout.param_views(global_flat)
+        self._anchors = [anchors[i] for i in self.shared] if self.strategy.has_local_penalty and self.shared else None
         start = global_flat.unsqueeze(0).repeat(count, 1)
         if personal is not None and personal_index.numel():
             start[:, personal_index] = personal

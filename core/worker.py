@@ -73,7 +73,8 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
             out_slots[slot, :p] = state[sim.personal_index]
         if lay.c:
             new = sim.strategy.new_client_state(server_state, client_state, global_flat[:k], state[:k],
-                                                sim.trainer.last_steps, lr)
+                                                sim.trainer.shared_steps, lr)
+            new[sim.personal_params] = 0.0  # controls of the shared parameters only: personal ones are never averaged
             out_slots[slot, p:p + lay.c] = new
             state_change += new - client_state
         if lay.m:

@@ -30,7 +30,10 @@ def test_defaults_and_overrides(tmp_path):
     ({"server_config": {"max_iteration": "ten"}}, "server_config.max_iteration"),
     ({"data_config": {"alpha": -1}}, "data_config.alpha: Input should be greater than 0"),
     ({"data_config": {"partition": "random"}}, "data_config.partition"),
-    ({"personalization": {"method": "fedper"}}, "local_layers"),
+    ({"personalization": {"method": "fedper"}}, "personalization: method fedper needs local_layers, e.g. [linear]"),
+    ({"strategy": "scaffold", "client_config": {"optimizer_config": {"type": "adam"}}},
+     "(top level): strategy scaffold estimates its controls as (x - y) / (K lr), an SGD step; set "
+     "client_config.optimizer_config.type: sgd"),
     ({"bogus_section": {}}, "unknown key 'bogus_section'"),
 ])
 def test_bad_values_name_the_field(tmp_path, content, needle):
@@ -38,6 +41,7 @@ def test_bad_values_name_the_field(tmp_path, content, needle):
         load_config(write_config(tmp_path, content))
     message = str(err.value)
     assert needle in message and "\n" not in message
+    assert "Value error" not in message and "(got {" not in message, "a section's check does not echo the section"
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
