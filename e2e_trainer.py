@@ -17,12 +17,19 @@ from core.config import load_config
 from core.distributed import PeerFailure, mpi_environment
 from core.errors import UserError
 from core.task import load_task
+from utils.checkpoint import check_resumable
 from utils.experiment import write_run_info
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one ``pfedsim: error:`` line (exit status 2), as every other mistake."""
+
+    def error(self, message: str):
+        self.exit(2, f"pfedsim: error: {message} ({self.prog} -h lists the arguments)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="e2e_trainer.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="e2e_trainer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-dataPath", required=True, help="folder holding the task's data (for cv: cifar-10-batches-py)")
     p.add_argument("-outputPath", required=True, help="folder for runs; each run writes OUT/<run name>/")
     p.add_argument("-config", required=True, help="experiment YAML, e.g. experiments/cv/config.yaml")
@@ -50,7 +57,14 @@ def _resume_path(args, cfg, run_dir: Path) -> Path | None:
 
 
 def _run_dir(args, cfg, rank: int) -> Path:
+    """OUT/<run name>. Raises UserError for an -outputPath that is a file, a -run_name that is a path,
+    or a folder that already holds results (without -resume)."""
     resume = args.resume or cfg.server_config.resume_from_checkpoint
+    if Path(args.outputPath).exists() and not Path(args.outputPath).is_dir():
+        raise UserError(f"-outputPath {args.outputPath} is a file; pass a folder (it is created if missing)")
+    if args.run_name and (Path(args.run_name).name != args.run_name or args.run_name in (".", "..")):
+        raise UserError(f"-run_name {args.run_name!r} must be a plain folder name (no '/' or '..'); "
+                        f"runs go to -outputPath/<run_name>")
     if args.run_name:
         name = args.run_name
     elif resume:
@@ -75,6 +89,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides, args.seed)
         run_dir = _run_dir(args, cfg, rank)
         resume = _resume_path(args, cfg, run_dir)
+        if resume is not None and rank == 0:  # before anything is written; only the server reads checkpoints
+            check_resumable(resume, cfg)
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

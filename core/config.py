@@ -187,6 +187,15 @@ class Config(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the rank's GPU when present")
 
     @model_validator(mode="after")
+    def _cohort_fits(self):
+        high = cohort_range(self.server_config.num_clients_per_iteration)[1]
+        if high > self.data_config.num_clients:
+            raise ValueError(f"server_config.num_clients_per_iteration ({self.server_config.num_clients_per_iteration}) "
+                             f"asks for more clients per round than data_config.num_clients ({self.data_config.num_clients}); "
+                             f"lower it or raise num_clients")
+        return self
+
+    @model_validator(mode="after")
     def _scaffold_needs_sgd(self):
         if self.strategy == "scaffold" and self.client_config.optimizer_config.type != "sgd":
             raise ValueError("strategy scaffold estimates its controls as (x - y) / (K lr), an SGD step; "
@@ -269,4 +278,36 @@ def load_config(path: str | Path, overrides: list[str] = (), seed: Optional[int]
         apply_override(raw, assignment)
     if seed is not None:
         raw["seed"] = seed
-    return validate_config(raw, str(path))
+    return validate_config(raw, f"{path} with --set overrides" if overrides else str(path))
+
+
+# Keys a resumed run may change: how long it runs, how often it reports, how it computes (not what).
+RESUME_MAY_CHANGE = frozenset({
+    "server_config.max_iteration", "server_config.val_freq", "server_config.ckpt_freq",
+    "server_config.eval_batch_size", "server_config.resume_from_checkpoint", "server_config.timeout_s",
+    "server_config.client_store_memory_mb", "client_config.vectorize", "client_config.vectorize_chunk",
+    "client_config.compile", "client_config.compile_mode", "client_config.channels_last", "data_config.download",
+    "logging_config", "device"})
+
+
+def with_defaults(raw: dict) -> dict:
+    """A stored resolved config with the defaults of keys added since it was written (so a run made
+    before a new config field existed still matches); as stored when it no longer validates."""
+    try:
+        return validate_config(raw, "stored").to_dict()
+    except UserError:
+        return raw
+
+
+def config_difference(old: dict, new: dict, ignored=frozenset(), prefix: str = "") -> str | None:
+    """The first dotted key (sorted order) where two resolved configs differ, outside the dotted keys
+    or sections ``ignored``, as ``"key: OLD there, NEW now"``; None when they agree."""
+    if prefix.rstrip(".") in ignored:
+        return None
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return None if old == new else f"{prefix.rstrip('.')}: {old!r} there, {new!r} now"
+    for key in sorted(set(old) | set(new)):
+        found = config_difference(old.get(key), new.get(key), ignored, f"{prefix}{key}.")
+        if found:
+            return found
+    return None

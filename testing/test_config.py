@@ -35,6 +35,8 @@ def test_defaults_and_overrides(tmp_path):
      "(top level): strategy scaffold estimates its controls as (x - y) / (K lr), an SGD step; set "
      "client_config.optimizer_config.type: sgd"),
     ({"bogus_section": {}}, "unknown key 'bogus_section'"),
+    ({"server_config": {"num_clients_per_iteration": "5,30"}, "data_config": {"num_clients": 20}},
+     "server_config.num_clients_per_iteration (5,30) asks for more clients per round than data_config.num_clients (20)"),
 ])
 def test_bad_values_name_the_field(tmp_path, content, needle):
     with pytest.raises(UserError) as err:
@@ -100,3 +102,41 @@ def test_real_process_exit_code_and_help(tmp_path):
     helptext = run_trainer(["-h"]).stdout
     for flag in ("-dataPath", "-outputPath", "-config", "-task", "-backend", "-seed", "-run_name", "-resume", "--set"):
         assert flag in helptext
+
+
+SYNTHETIC = ["-dataPath", "unused", "-config", "experiments/synthetic/config.yaml", "-task", "synthetic"]
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pfedsim: error: "), err
+    return err[0]
+
+
+def test_launch_mistakes_are_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path / "afile")]) == 2
+    assert "-outputPath" in _one_line(capsys) and (tmp_path / "afile").read_text() == ""
+    assert e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path), "-run_name", "../elsewhere"]) == 2
+    assert "plain folder name" in _one_line(capsys)
+    with pytest.raises(SystemExit) as stop:  # argparse's own mistakes, in the same one-line form
+        e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path), "-seed", "abc"])
+    assert stop.value.code == 2 and "argument -seed: invalid int value: 'abc'" in _one_line(capsys)
+    assert e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path / "out"), "-resume"]) == 2
+    assert "not found" in _one_line(capsys) and not (tmp_path / "out").exists(), "nothing made for a failed start"
+
+
+def test_resume_refuses_another_config_and_leaves_the_run_as_it_was(tmp_path, capsys):
+    run = tmp_path / "r"
+    base = [*SYNTHETIC, "-outputPath", str(tmp_path), "-run_name", "r", "--set", "server_config.ckpt_freq=2"]
+    assert e2e_trainer.main(base + ["--set", "server_config.max_iteration=2"]) == 0
+    capsys.readouterr()
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    assert e2e_trainer.main(base + ["-resume", "--set", "server_config.max_iteration=4", "--set", "strategy=scaffold"]) == 2
+    assert "the config differs from the checkpoint's (strategy: 'fedavg' there, 'scaffold' now)" in _one_line(capsys)
+    assert e2e_trainer.main(base + ["-resume", str(run / "summary.md")]) == 2
+    assert "is not a pfedsim checkpoint" in _one_line(capsys)
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
+    # more rounds, another evaluation cadence and a compute switch are a continuation, not another run
+    assert e2e_trainer.main(base + ["-resume", "--set", "server_config.max_iteration=4", "--set",
+                                    "server_config.val_freq=1", "--set", "client_config.vectorize=true"]) == 0

@@ -146,8 +146,14 @@ def test_user_errors_are_one_line(tmp_path, synthetic_run, capsys):
     assert "run.json not found" in error(["-run", str(old)]) and "-task" in error(["-run", str(old)])
     reloaded = Experiment(old, task="synthetic", data_path="unused").load_model("last")
     assert torch.equal(next(reloaded.parameters()), next(Experiment(synthetic_run).load_model("last").parameters()))
-    shutil.rmtree(old / "checkpoints")
+    (old / "checkpoints" / "best.pt").unlink()
     assert "checkpoints/best.pt not found" in error(["-run", str(old), "-task", "synthetic", "-dataPath", "x"])
+    assert "try --reload last" in error(["-run", str(old), "-task", "synthetic", "-dataPath", "x"])
+    shutil.rmtree(old / "checkpoints")
+    assert "resume the run until it checkpoints" in error(["-run", str(old), "-task", "synthetic", "-dataPath", "x"])
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU is visible" in error(["-run", str(synthetic_run), "-device", "cuda"])
+        assert "no CUDA GPU is visible" in error(["-run", str(synthetic_run), "--set", "device=cuda"])
 
 
 def test_run_json_records_task_data_and_command(synthetic_run):

@@ -135,7 +135,7 @@ class Experiment:
 
     Raises:
         UserError: missing run folder or config, missing run.json without task/data_path, a
-            disallowed or invalid override, an unknown task.
+            disallowed or invalid override, an unknown task, ``cuda`` without a visible GPU.
     """
 
     def __init__(self, run_dir, task: str | None = None, data_path: str | None = None, overrides=(),
@@ -157,8 +157,10 @@ class Experiment:
         self.config = validate_config(raw, f"{config_path} with --set")
         self.overrides = list(overrides)
         self.partition_changed = any(k.startswith(PARTITION_KEYS) for k in keys)
-        auto = "cuda" if torch.cuda.is_available() and self.config.device != "cpu" else "cpu"
-        self.device = torch.device(device or auto)
+        preference = device or self.config.device
+        if preference == "cuda" and not torch.cuda.is_available():
+            raise UserError("device cuda: no CUDA GPU is visible here; evaluate with -device cpu")
+        self.device = torch.device("cuda" if preference != "cpu" and torch.cuda.is_available() else "cpu")
         self._sim = None
         self._states: dict[str, dict] = {}
 
@@ -182,8 +184,10 @@ class Experiment:
         if reload not in self._states:
             path = self.run_dir / "checkpoints" / CHECKPOINTS[reload]
             if not path.is_file():
-                raise UserError(f"checkpoint {path} not found; the run has not checkpointed yet "
-                                f"(server_config.ckpt_freq) — try --reload last or resume the run")
+                others = [name for name, file in CHECKPOINTS.items() if (path.parent / file).is_file()]
+                hint = f"try --reload {others[0]}" if others else "resume the run until it checkpoints"
+                raise UserError(f"checkpoint {path} not found; the run has not written it yet "
+                                f"(server_config.ckpt_freq) — {hint}")
             self._states[reload] = load_checkpoint(path)
         return self._states[reload]
 

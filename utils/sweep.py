@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from core.config import load_config, validate_config
+from core.config import config_difference, load_config, with_defaults
 from core.errors import UserError
 from utils.checkpoint import load_checkpoint
 from utils.compare import compare_plot, load_run, run_scores
 
 SCORES = ("final_global", "best_global", "final_personalized", "best_personalized")
-IGNORED_KEYS = (("server_config", "max_iteration"), ("server_config", "resume_from_checkpoint"))
+IGNORED_KEYS = frozenset({"server_config.max_iteration", "server_config.resume_from_checkpoint"})
 
 
 @dataclass(frozen=True)
@@ -115,30 +115,6 @@ def plan(config_path: str, sets: list[str], axes: list[Axis], seeds: int) -> lis
     return runs
 
 
-def _comparable(config: dict) -> dict:
-    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for section, key in IGNORED_KEYS:
-        config.get(section, {}).pop(key, None)
-    return config
-
-
-def _with_defaults(raw: dict, source: Path) -> dict:
-    """A stored resolved config with the defaults of keys added since it was written (so a run made
-    before a new config field existed still matches); as stored when it no longer validates."""
-    try:
-        return validate_config(raw, str(source)).to_dict()
-    except UserError:
-        return raw
-
-
-def _first_difference(a, b, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')}: {a!r} there, {b!r} now"
-
-
 def checkpoint_round(path: Path) -> int:
     """The round stored in a checkpoint file (loaded memory-mapped: the tensors are not read)."""
     return int(load_checkpoint(path)["round"])
@@ -153,9 +129,9 @@ def run_status(run_dir: Path, cfg) -> str:
     resolved = run_dir / "config.resolved.yaml"
     if not resolved.is_file():
         return "new"
-    old, new = _comparable(_with_defaults(yaml.safe_load(resolved.read_text()), resolved)), _comparable(cfg.to_dict())
-    if old != new:
-        raise UserError(f"{run_dir} holds a run of another config ({_first_difference(old, new)}); "
+    difference = config_difference(with_defaults(yaml.safe_load(resolved.read_text())), cfg.to_dict(), IGNORED_KEYS)
+    if difference:
+        raise UserError(f"{run_dir} holds a run of another config ({difference}); "
                         f"choose another -name or remove that folder")
     latest = run_dir / "checkpoints" / "latest.pt"
     if not latest.is_file():
