@@ -89,6 +89,10 @@ def test_yogi_step_follows_its_formula():
     v = 0.5 - 0.01 * g.square() * torch.sign(0.5 - g.square())  # grows where g^2 > v, shrinks elsewhere
     assert torch.allclose(w.detach(), torch.tensor([1.0, -2.0]) - 0.1 * m / (v.sqrt() + 1e-3))
     assert v[0] > 0.5 > v[1]
+    decayed = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    decayed.grad = g - 0.5 * decayed.detach()  # L2 weight decay 0.5: the step sees g again, as above
+    Yogi([decayed], lr=0.1, betas=(0.9, 0.99), eps=1e-3, initial_v=0.5, weight_decay=0.5).step()
+    assert torch.allclose(decayed.detach(), w.detach())
 
 
 def _two_server_steps(cifar_path, tmp_path, optimizer_config):
