@@ -31,6 +31,10 @@ class ClientTrainer:
         personal = set(personal_names)
         self.param_is_personal = [name in personal for name, _ in model.named_parameters()]
         self.shared_positions = [i for i, mine in enumerate(self.param_is_personal) if not mine]
+        # BatchNorm layers with running statistics, and whether they are personal: a phase that
+        # freezes a layer's parameters also freezes its statistics (eval mode)
+        self.norms = [(m, f"{n}.running_mean" in personal) for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         self.bf16 = client_config.precision == "bf16"
         self.channels_last = client_config.channels_last
 
@@ -48,9 +52,12 @@ class ClientTrainer:
         self.layout.load_(global_flat)
 
     def _trainable(self, which: str) -> None:
-        """Freeze all but ``which`` parameters (``all``, ``personal`` or ``shared``)."""
+        """Freeze all but ``which`` parameters (``all``, ``personal`` or ``shared``), and the running
+        statistics of the frozen BatchNorm layers (eval mode: a frozen part is a fixed function)."""
         for param, personal in zip(self.model.parameters(), self.param_is_personal):
             param.requires_grad_(which == "all" or (which == "personal") == personal)
+        for module, personal in self.norms:
+            module.train(self.model.training and (which == "all" or (which == "personal") == personal))
 
     def _phases(self, epochs: int | None, which: str) -> list[tuple[int, str]]:
         if epochs is not None or self.personalization is None:

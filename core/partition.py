@@ -177,11 +177,11 @@ def label_quantity(labels: np.ndarray, num_clients: int, classes_per_client: int
 
     Client ``i`` holds class ``i mod C`` and ``classes_per_client - 1`` other classes drawn at random
     without repetition; each class's samples are split equally among the clients that hold it.
-    Classes no client holds (possible only with fewer clients than classes) are left out.
 
     Raises:
-        UserError: ``classes_per_client`` exceeds the number of classes, or a client would get
-            fewer than ``min_samples`` samples.
+        UserError: ``classes_per_client`` exceeds the number of classes, a class would have no client
+            (possible only with fewer clients than classes: its test samples would have no client
+            whose label mix includes it), or a client would get fewer than ``min_samples`` samples.
     """
     num_classes = int(labels.max()) + 1
     if classes_per_client > num_classes:
@@ -192,6 +192,11 @@ def label_quantity(labels: np.ndarray, num_clients: int, classes_per_client: int
         first = client % num_classes
         others = rng.choice(np.delete(np.arange(num_classes), first), classes_per_client - 1, replace=False)
         owned[client, [first, *others]] = True
+    orphans = np.flatnonzero(~owned.any(axis=0))
+    if orphans.size:
+        raise UserError(f"data_config: label_quantity gives classes {orphans.tolist()} to no client "
+                        f"({num_clients} clients x {classes_per_client} classes each); raise data_config.num_clients "
+                        f"or data_config.classes_per_client")
     class_sizes = np.bincount(labels, minlength=num_classes)
     counts = np.zeros(owned.shape, dtype=np.int64)
     for cls in np.flatnonzero(owned.any(axis=0)):

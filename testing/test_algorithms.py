@@ -354,15 +354,35 @@ def test_new_clients_fine_tune_personal_layers_and_are_reported_apart(cifar_path
     assert "new_clients" not in off
 
 
-def test_new_client_fine_tuning_touches_only_personal_layers(cifar_path):
-    sim = _sim(cifar_path)
+@pytest.mark.parametrize("model", ["SmallCNN", "ResNet18"])
+def test_new_client_fine_tuning_touches_only_personal_layers(cifar_path, model):
+    """Parameters and BatchNorm statistics of the shared body stay as they were (ResNet-18: the
+    frozen body's BatchNorm layers run in eval mode), only the personal head moves."""
+    sim = _sim(cifar_path, model_config={"model_type": model})
     start = sim.layout.flatten()
-    sim.trainer.train(1, 9, sim.train_clients.get(9), start, None, epochs=1, stream=2, which="personal")
+    cid = int(np.argmin(sim.train_clients.sizes))  # the smallest client: a few ResNet steps on the CPU
+    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, epochs=1, stream=2, which="personal")
     after = sim.layout.flatten()
     body = torch.ones_like(start, dtype=torch.bool)
     body[sim.personal_index] = False
     assert torch.equal(after[body], start[body])
     assert not torch.equal(after[sim.personal_index], start[sim.personal_index])
+    assert sim.model.training and all(m.training for m in sim.model.modules()), "train mode is restored"
+
+
+def test_fedrep_phases_freeze_the_statistics_of_what_they_do_not_train(cifar_path):
+    """The phases FedRep trains in (``personal``: head epochs, body frozen with its BatchNorm
+    statistics; ``shared``: body epochs, statistics updated), on ResNet-18."""
+    sim = _sim(cifar_path, model_config={"model_type": "ResNet18"},
+               personalization={"method": "fedrep", "local_layers": ["linear"], "head_epochs": 1})
+    start = sim.layout.flatten()
+    cid = int(np.argmin(sim.train_clients.sizes))
+    stats = torch.zeros_like(start, dtype=torch.bool)
+    stats[sim.layout.num_params:] = True  # buffers: BatchNorm running statistics and counters
+    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, epochs=1, which="personal")
+    assert torch.equal(sim.layout.flatten()[stats], start[stats])
+    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, epochs=1, which="shared")
+    assert not torch.equal(sim.layout.flatten()[stats], start[stats])
 
 
 def test_ditto_personal_models(cifar_path, tmp_path):

@@ -91,6 +91,8 @@ def test_label_quantity_gives_exactly_k_classes_split_equally(labels):
         assert holders and max(holders) - min(holders) <= 1, "a class is split equally among its holders"
     with pytest.raises(UserError, match="classes_per_client"):
         P.label_quantity(labels[0], 10, 11, seed=0)
+    with pytest.raises(UserError, match=r"label_quantity gives classes \[\d.*\] to no client \(4 clients x 2"):
+        P.label_quantity(labels[0], 4, 2, seed=0)  # 8 class slots for 10 classes: the test set could not be matched
 
 
 def test_apportion_is_exact_and_proportional():
