@@ -79,6 +79,17 @@ def _run_dir(args, cfg, rank: int) -> Path:
     return run_dir
 
 
+def _start_run(run_dir: Path, cfg, task, args, argv: list[str], resume: Path | None) -> None:
+    """Rank 0, once every rank is up (only the server reads checkpoints): refuse a checkpoint that is
+    missing or of another config, then record the run (config.resolved.yaml, run.json); nothing is
+    written before the checks pass."""
+    if resume is not None:
+        check_resumable(resume, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_run_info(run_dir, task, args.dataPath, argv, int(os.environ.get("WORLD_SIZE", 1)))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -89,14 +100,9 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides, args.seed)
         run_dir = _run_dir(args, cfg, rank)
         resume = _resume_path(args, cfg, run_dir)
-        if resume is not None and rank == 0:  # before anything is written; only the server reads checkpoints
-            check_resumable(resume, cfg)
-        if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            write_run_info(run_dir, task, args.dataPath, argv, int(os.environ.get("WORLD_SIZE", 1)))
         from core.runner import run_experiment
-        run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume)
+        run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume,
+                       on_start=lambda: _start_run(run_dir, cfg, task, args, argv, resume))
     except UserError as exc:
         print(f"pfedsim: error: {exc}", file=sys.stderr)
         return exc.exit_code

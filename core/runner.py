@@ -13,8 +13,12 @@ from core.simulation import build_simulation
 from core.worker import run_worker
 
 
-def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resume: Path | None):
+def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resume: Path | None, on_start=None):
     """Run the whole experiment; returns the evaluation records on rank 0, None elsewhere.
+
+    ``on_start()``, when given, runs on rank 0 once the simulation is built and before the server
+    starts (e2e_trainer: refuse a checkpoint of another config, then record the run); a UserError
+    from it stops every rank at once, as a server start error does.
 
     Raises:
         UserError: data, partition or model mistakes (before any round starts).
@@ -24,7 +28,7 @@ def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resum
     transport = Transport(ctx)
     try:
         sim = build_simulation(cfg, task, data_path, ctx, transport)
-        history = _serve(sim, run_dir, resume) if ctx.rank == 0 else run_worker(sim)  # None on workers
+        history = _serve(sim, run_dir, resume, on_start) if ctx.rank == 0 else run_worker(sim)  # None on workers
     except BaseException as exc:  # SystemExit included: submitit exits this way on preemption
         transport.close(exc)
         raise
@@ -32,10 +36,12 @@ def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resum
     return history
 
 
-def _serve(sim, run_dir: Path, resume: Path | None):
+def _serve(sim, run_dir: Path, resume: Path | None, on_start=None):
     """Rank 0: build the server and run it; if building fails (a missing checkpoint, say), tell the
     workers to stop (start round -1) before raising, so they do not wait for the timeout."""
     try:
+        if on_start is not None:
+            on_start()
         server = Server(sim, run_dir, resume)
     except UserError:
         sim.transport.broadcast(torch.tensor([-1.0], device=sim.ctx.device), "start broadcast")
