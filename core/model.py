@@ -58,4 +58,3 @@ def training_loss(model: nn.Module, client_config):
     if client_config.compile_mode not in CUDA_GRAPH_MODES:
         return compiled
     return lambda batch: compiled(batch).clone()
-
