@@ -48,7 +48,9 @@ def check_resumable(path: str | Path, cfg) -> None:
     Raises:
         UserError: a missing or unreadable checkpoint, or the first differing key.
     """
-    stored = load_checkpoint(path)["config"]
+    stored = load_checkpoint(path).get("config")
+    if stored is None:  # not written by the checkpoints of this version's server: nothing to compare
+        return
     difference = config_difference(with_defaults(stored), cfg.to_dict(), RESUME_MAY_CHANGE)
     if difference:
         raise UserError(f"-resume {path}: the config differs from the checkpoint's ({difference}); resume with the "
