@@ -30,13 +30,14 @@ class StateLayout:
         return torch.cat([t.detach().reshape(-1).float() for t in self.tensors])
 
     def load_(self, flat: torch.Tensor) -> None:
-        """Copy a (numel,) vector into the module's tensors in place (no new tensors on the module)."""
+        """Copy a (numel,) vector into the module's tensors in place (no new tensors on the module);
+        integer buffers (BatchNorm's ``num_batches_tracked``) take the nearest integer."""
         views = flat.split(self.numels)
         with torch.no_grad():
             torch._foreach_copy_(self._float, [views[i].view_as(self.tensors[i]) for i in self._float_pos])
             for t, v in zip(self.tensors, views):
-                if not t.is_floating_point():
-                    t.copy_(v.view_as(t))
+                if not t.is_floating_point():  # a weighted mean of counts: nearest integer, not truncated
+                    t.copy_(v.round().view_as(t))
 
     def param_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of the parameter part of ``flat`` shaped like the module's parameters, in order."""
