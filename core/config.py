@@ -95,7 +95,9 @@ class ClientConfig(_Section):
     augment: bool = Field(True, description="task's train-time augmentation (cv: random crop + flip)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: client forward/backward under bfloat16 autocast")
     channels_last: bool = Field(False, description="model and 4-D inputs in channels_last memory format (CPU: PflCNN rounds 11-14% shorter; H100: slower at batch 10)")
-    vectorize: bool = Field(False, description="train a worker's clients together with torch.func vmap (SGD, no BatchNorm)")
+    vectorize: bool = Field(False, description="train a worker's clients together with torch.func vmap (SGD, no BatchNorm; "
+                                               "dropout masks are drawn per group, so with dropout results depend on "
+                                               "the grouping and process count)")
     vectorize_chunk: int = Field(64, ge=1, description="clients per vectorized group (memory grows with it; on a CPU small groups, e.g. 5, run faster)")
     compile: bool = Field(False, description="torch.compile the client's training loss (forward and backward; "
                                              "the first steps of a run compile it, which takes seconds to minutes)")
