@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -61,10 +62,11 @@ class Simulation:
         """Floats of the personal layers (P) in the flat state; 0 without personal layers."""
         return int(self.personal_index.numel())
 
-    @property
+    @cached_property
     def personal_params(self) -> torch.Tensor:
         """Positions of the personal parameters among the first ``layout.num_params`` entries of the
-        flat state (``personal_index`` without the personal buffers); int64, on the device."""
+        flat state (``personal_index`` without the personal buffers); int64, on the device. Computed
+        once: a boolean selection waits for the GPU, and SCAFFOLD reads this for every client."""
         return self.personal_index[self.personal_index < self.layout.num_params]
 
 
@@ -116,5 +118,5 @@ def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Tra
                       test_clients=ClientIndex(train_ds.split_plan.test, ctx.device),
                       strategy=strategy, personalization=personalization,
                       vectorized=VectorizedTrainer(model, layout, train_loader, client_cfg, cfg.seed, strategy,
-                                                   personalization)
+                                                   personalization, trainer.shared_positions)
                       if client_cfg.vectorize else None)

@@ -52,7 +52,8 @@ class VectorizedTrainer:
     (torch.optim.SGD semantics: weight decay, momentum with first buffer = gradient, Nesterov).
     """
 
-    def __init__(self, model, layout, loader, client_config, seed: int, strategy, personalization=None):
+    def __init__(self, model, layout, loader, client_config, seed: int, strategy, personalization,
+                 shared_positions: list[int]):
         check_vectorizable(model, client_config, personalization)
         if personalization is not None and personalization.model_state_numel(layout):
             raise UserError(f"client_config.vectorize does not support personalization.method "
@@ -70,8 +71,7 @@ class VectorizedTrainer:
         self.autocast = dict(device_type=loader.device.type, dtype=torch.bfloat16,
                              enabled=client_config.precision == "bf16")
         self.names = [f"model.{n}" for n, _ in model.named_parameters()]
-        personal = set(personalization.personal_names(layout, model)) if personalization is not None else set()
-        self.shared = [i for i, (n, _) in enumerate(model.named_parameters()) if n not in personal]  # FedProx pulls these
+        self.shared = shared_positions  # parameters FedProx pulls (ClientTrainer.shared_positions)
         self.shapes = [p.shape for _, p in model.named_parameters()]
         self.numels = [p.numel() for _, p in model.named_parameters()]
         self.buffers = {f"model.{n}": b for n, b in model.named_buffers()}
@@ -128,8 +128,10 @@ class VectorizedTrainer:
             (C, num_params) trained parameter rows and (C,) mean training losses.
         """
         count, k = len(client_ids), self.layout.num_params
-        anchors = self.layout.param_views(global_flat)
-        self._anchors = [anchors[i] for i in self.shared] if self.strategy.has_local_penalty and self.shared else None
+        self._anchors = None
+        if self.strategy.has_local_penalty and self.shared:
+            anchors = self.layout.param_views(global_flat)
+            self._anchors = [anchors[i] for i in self.shared]
         start = global_flat.unsqueeze(0).repeat(count, 1)
         if personal is not None and personal_index.numel():
             start[:, personal_index] = personal
