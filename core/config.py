@@ -19,8 +19,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+YOGI_BETAS, YOGI_TAU = (0.9, 0.99), 1e-3
+
+
 class OptimizerConfig(_Section):
-    """A torch optimizer: ``type`` is ``sgd``, ``adam`` or ``adamw``; ``lr`` is the step size."""
+    """A torch optimizer: ``type`` is ``sgd``, ``adam``, ``adamw``, ``adagrad`` or ``yogi``; ``lr`` is the step size."""
 
     type: Literal["sgd", "adam", "adamw", "adagrad", "yogi"] = Field(
         "sgd", description="optimizer class (adagrad/yogi: for the server, FedAdagrad/FedYogi)")
@@ -28,8 +31,18 @@ class OptimizerConfig(_Section):
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (server SGD momentum = FedAvgM)")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
     nesterov: bool = Field(False, description="Nesterov momentum (SGD with momentum > 0)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW betas")
-    eps: float = Field(1e-8, gt=0, description="Adam/AdamW epsilon")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW/Yogi betas; for yogi the default is "
+                                                                 "FedYogi's (0.9, 0.99)")
+    eps: float = Field(1e-8, gt=0, description="Adam/AdamW/Adagrad epsilon (FedOpt's tau); for yogi the default is "
+                                               "FedYogi's tau 1e-3")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yogi_defaults(cls, data):
+        """FedYogi's defaults for what a ``yogi`` section leaves unset (Reddi et al. 2021, arXiv:2003.00295)."""
+        if isinstance(data, dict) and data.get("type") == "yogi":
+            return {"betas": YOGI_BETAS, "eps": YOGI_TAU, **data}
+        return data
 
 
 class ModelSection(_Section):

@@ -7,12 +7,14 @@ import torch
 class Yogi(torch.optim.Optimizer):
     """Yogi (Zaheer et al. 2018, NeurIPS), as the server optimizer of FedYogi (Reddi et al. 2021,
     arXiv:2003.00295): ``m = b1 m + (1-b1) g``; ``v = v - (1-b2) g^2 sign(v - g^2)``;
-    ``w = w - lr m / (sqrt(v) + eps)``. No bias correction; ``v`` starts at ``initial_v``.
+    ``w = w - lr m / (sqrt(v) + eps)``. No bias correction; ``v`` starts at ``initial_v``, by default
+    ``eps ** 2`` (the paper's ``v_{-1} = tau^2``).
     ``weight_decay`` adds ``weight_decay * w`` to ``g`` first (L2, as torch's Adam does).
     """
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.99), eps: float = 1e-3, initial_v: float = 1e-6,
+    def __init__(self, params, lr: float, betas=(0.9, 0.99), eps: float = 1e-3, initial_v: float | None = None,
                  weight_decay: float = 0.0):
+        initial_v = eps ** 2 if initial_v is None else initial_v
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, initial_v=initial_v, weight_decay=weight_decay))
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ class FedAvg:
     are torch's Adam and Adagrad: Adam with bias correction (as Flower's FedAdam and pfl's central
     Adam), and both with ``v`` starting at 0; the paper's Algorithm 2 has no bias correction and
     starts ``v`` at tau^2 (``eps`` here is its tau). FedYogi (:class:`core.optim.Yogi`) follows
-    Algorithm 2.
+    Algorithm 2, with the paper's betas (0.9, 0.99) and tau 1e-3 unless the config sets them.
     """
 
     name = "fedavg"

@@ -95,6 +95,21 @@ def test_yogi_step_follows_its_formula():
     assert torch.allclose(decayed.detach(), w.detach())
 
 
+def test_yogi_section_takes_fedyogi_defaults():
+    """A ``yogi`` section that leaves betas/eps unset gets FedYogi's (0.9, 0.99) and tau 1e-3, and
+    the optimizer starts v at tau^2; what the user writes wins; other types keep Adam's defaults."""
+    yogi = OptimizerConfig(type="yogi", lr=0.01)
+    assert (yogi.betas, yogi.eps) == ((0.9, 0.99), 1e-3)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(3))], yogi)
+    assert opt.param_groups[0]["initial_v"] == pytest.approx(1e-6)
+    set_by_user = validate_config({"server_config": {"optimizer_config": {"type": "yogi", "eps": 0.01}}}, "t")
+    assert set_by_user.server_config.optimizer_config.eps == 0.01
+    assert set_by_user.server_config.optimizer_config.betas == (0.9, 0.99)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(3))], set_by_user.server_config.optimizer_config)
+    assert opt.param_groups[0]["initial_v"] == pytest.approx(1e-4)
+    assert (OptimizerConfig(type="adam").betas, OptimizerConfig(type="adam").eps) == ((0.9, 0.999), 1e-8)
+
+
 def _two_server_steps(cifar_path, tmp_path, optimizer_config):
     """Global weights before, after round 1 and after round 2, and the two pseudo-gradients the
     server stepped on (personal positions zeroed), on the parameter part."""
