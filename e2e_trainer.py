@@ -73,20 +73,28 @@ def _run_dir(args, cfg, rank: int) -> Path:
     else:
         name = f"{Path(args.config).stem}_{Path(args.task).name}_{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.outputPath) / name
-    if rank == 0 and resume is None and args.resume is None and (run_dir / "metrics.jsonl").exists():
-        raise UserError(f"run folder {run_dir} already holds results; pass -resume to continue it "
-                        f"or choose another -run_name")
+    if rank == 0 and (run_dir / "metrics.jsonl").exists():
+        if resume is None and args.resume is None:
+            raise UserError(f"run folder {run_dir} already holds results; pass -resume to continue it "
+                            f"or choose another -run_name")
+        if resume and run_dir.resolve() not in (Path(resume).resolve(), *Path(resume).resolve().parents):
+            raise UserError(f"run folder {run_dir} already holds the results of a run other than {resume}; "
+                            f"choose a new -run_name to continue {resume} there")
     return run_dir
 
 
-def _start_run(run_dir: Path, cfg, task, args, argv: list[str], resume: Path | None) -> None:
+def _start_run(run_dir: Path, sim, task, args, argv: list[str], resume: Path | None) -> None:
     """Rank 0, once every rank is up (only the server reads checkpoints): refuse a checkpoint that is
-    missing or of another config, then record the run (config.resolved.yaml, run.json); nothing is
-    written before the checks pass."""
+    missing, of another config or model, or past the last round, then record the run
+    (config.resolved.yaml, run.json); nothing is written before the checks pass."""
     if resume is not None:
-        check_resumable(resume, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        check_resumable(resume, sim.cfg, sim.layout.numel)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"-outputPath {args.outputPath}: cannot create the run folder {run_dir} "
+                        f"({exc.strerror or type(exc).__name__}); pass a writable folder") from None
+    (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(sim.cfg.to_dict(), sort_keys=False))
     write_run_info(run_dir, task, args.dataPath, argv, int(os.environ.get("WORLD_SIZE", 1)))
 
 
@@ -102,7 +110,7 @@ def main(argv=None) -> int:
         resume = _resume_path(args, cfg, run_dir)
         from core.runner import run_experiment
         run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume,
-                       on_start=lambda: _start_run(run_dir, cfg, task, args, argv, resume))
+                       on_start=lambda sim: _start_run(run_dir, sim, task, args, argv, resume))
     except UserError as exc:
         print(f"pfedsim: error: {exc}", file=sys.stderr)
         return exc.exit_code

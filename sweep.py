@@ -18,7 +18,8 @@ from pathlib import Path
 
 from core.errors import UserError
 from core.task import load_task
-from utils.sweep import aggregate, clear_incomplete, launch, parse_axis, plan, run_status, trainer_command, write_report
+from utils.sweep import (aggregate, assignment_slug, clear_incomplete, launch, parse_axis, plan, run_status,
+                         trainer_command, write_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,13 +56,23 @@ def prepare(args):
         UserError: unknown task, bad grid syntax, unknown key or invalid value in any grid point,
             or a sweep folder holding runs of another config.
     """
-    load_task(args.task)
+    task = load_task(args.task)
     if args.jobs < 1 or args.nproc < 1:
         raise UserError(f"--jobs {args.jobs}, --nproc {args.nproc}: expected at least 1 each")
     axes = [parse_axis(text) for text in args.grid]
     runs = plan(args.config, args.overrides, axes, args.seeds)
+    for run in runs:
+        try:
+            task.model_class(run.config.model)
+        except UserError as exc:
+            raise UserError(f"grid point {assignment_slug(run.point) or '(none)'}: {exc}") from None
     sweep_dir = Path(args.outputPath) / (args.name or f"{Path(args.config).stem}_{Path(args.task).name}_sweep")
     status = {run.name: run_status(sweep_dir / run.name, run.config) for run in runs}
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"-outputPath {args.outputPath}: cannot create the sweep folder {sweep_dir} "
+                        f"({exc.strerror or type(exc).__name__}); pass a writable folder") from None
     return sweep_dir, axes, runs, status
 
 

@@ -50,7 +50,9 @@ class ModelSection(_Section):
 
     model_type: str = Field("ResNet18", description="class name in the task's model.py")
     num_classes: int = Field(10, ge=2, description="output classes")
-    options: dict[str, Any] = Field(default_factory=dict, description="free-form options for the task's model")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="options the task's model reads (keys its class lists in OPTIONS; any other "
+                                          "key is an error)")
 
 
 class ServerConfig(_Section):
@@ -226,18 +228,27 @@ def apply_override(raw: dict, assignment: str) -> None:
     """Apply one ``key.path=value`` override to ``raw`` in place; the value is parsed as YAML.
 
     Raises:
-        UserError: when the text has no ``=`` or the path crosses a non-section value.
+        UserError: when the text has no ``=``, an empty key, a value that is not YAML, or a path that
+            crosses a non-section value.
     """
-    if "=" not in assignment:
-        raise UserError(f"--set {assignment!r}: expected key.path=value, e.g. server_config.max_iteration=10")
-    path, text = assignment.split("=", 1)
+    path, sep, text = assignment.partition("=")
     keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise UserError(f"--set {assignment!r}: expected key.path=value, e.g. server_config.max_iteration=10")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise UserError(f"--set {assignment!r}: the value is not valid YAML ({problem}); e.g. a list is [a, b], "
+                        f"a text with YAML characters goes in quotes") from None
     node = raw
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
+        if node.get(key) is None:  # absent, or an empty section in the file (``server_config:``)
+            node[key] = {}
+        node = node[key]
         if not isinstance(node, dict):
             raise UserError(f"--set {path}: {key!r} is a value, not a section")
-    node[keys[-1]] = yaml.safe_load(text)
+    node[keys[-1]] = value
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

@@ -15,7 +15,12 @@ class BaseModel(nn.Module):
       per-sample correctness, which lets evaluation pass over many clients' samples at once.
 
     The engine never calls ``.item()`` inside the client loop, so return tensors, not floats.
+
+    ``OPTIONS`` names the keys of ``model_config.options`` the class reads; any other key is a
+    config error (a mistyped option is never silently ignored).
     """
+
+    OPTIONS: tuple[str, ...] = ()
 
     def __init__(self, model_config=None):
         super().__init__()

@@ -16,8 +16,8 @@ from core.worker import run_worker
 def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resume: Path | None, on_start=None):
     """Run the whole experiment; returns the evaluation records on rank 0, None elsewhere.
 
-    ``on_start()``, when given, runs on rank 0 once the simulation is built and before the server
-    starts (e2e_trainer: refuse a checkpoint of another config, then record the run); a UserError
+    ``on_start(sim)``, when given, runs on rank 0 once the simulation is built and before the server
+    starts (e2e_trainer: refuse a checkpoint of another config or model, then record the run); a UserError
     from it stops every rank at once, as a server start error does.
 
     Raises:
@@ -41,7 +41,7 @@ def _serve(sim, run_dir: Path, resume: Path | None, on_start=None):
     workers to stop (start round -1) before raising, so they do not wait for the timeout."""
     try:
         if on_start is not None:
-            on_start()
+            on_start(sim)
         server = Server(sim, run_dir, resume)
     except UserError:
         sim.transport.broadcast(torch.tensor([-1.0], device=sim.ctx.device), "start broadcast")

@@ -24,13 +24,27 @@ class Task:
     dataset_cls: type
     dataloader_cls: type
 
-    def build_model(self, model_config) -> BaseModel:
-        """Instantiate ``model_config.model_type``; UserError names the known models otherwise."""
+    def model_class(self, model_config) -> type:
+        """The class of ``model_config.model_type``, once its ``options`` are checked against the
+        class's ``OPTIONS``.
+
+        Raises:
+            UserError: an unknown model type (naming the known ones) or an option the model does not read.
+        """
         cls = self.models.get(model_config.model_type)
         if cls is None:
             raise UserError(f"model_config.model_type: unknown model {model_config.model_type!r} for task "
                             f"{self.name}; choose one of {', '.join(sorted(self.models))}")
-        return cls(model_config)
+        unknown = sorted(set(model_config.options) - set(cls.OPTIONS))
+        if unknown:
+            takes = ", ".join(sorted(cls.OPTIONS)) or "none"
+            raise UserError(f"model_config.options: {cls.__name__} reads no option {unknown[0]!r} (it reads: {takes}); "
+                            f"remove it, or declare it in {cls.__name__}.OPTIONS if the model reads it")
+        return cls
+
+    def build_model(self, model_config) -> BaseModel:
+        """Instantiate ``model_config.model_type`` (checked as :meth:`model_class` does)."""
+        return self.model_class(model_config)(model_config)
 
 
 def _subclasses(module, base: type) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import e2e_trainer
 from core.config import Config, load_config
@@ -55,6 +56,13 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(UserError, match="expected key.path=value"):
         load_config(write_config(tmp_path, {}), ["server_config.max_iteration"])
+    with pytest.raises(UserError, match="expected key.path=value"):
+        load_config(write_config(tmp_path, {}), ["=5"])
+    with pytest.raises(UserError, match=r"personalization.local_layers=\[linear': the value is not valid YAML"):
+        load_config(write_config(tmp_path, {}), ["personalization.local_layers=[linear"])
+    empty_section = tmp_path / "empty_section.yaml"
+    empty_section.write_text("server_config:\n")
+    assert load_config(empty_section, ["server_config.max_iteration=3"]).server_config.max_iteration == 3
 
 
 def _cli(tmp_path, capsys, config: dict, data, task="cv", extra=()):
@@ -70,6 +78,8 @@ def _cli(tmp_path, capsys, config: dict, data, task="cv", extra=()):
     ({"model_config": {"model_type": "ResNet1000"}}, "cv", "model_config.model_type: unknown model 'ResNet1000'"),
     ({"personalization": {"method": "fedper", "local_layers": ["head"]}}, "cv", "personalization.local_layers: ['head']"),
     ({"client_config": {"batch_size": 0}}, "cv", "client_config.batch_size"),
+    ({"model_config": {"model_type": "SmallCNN", "options": {"width": 2}}}, "cv",
+     "model_config.options: SmallCNN reads no option 'width' (it reads: none)"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, cifar_path, change, task, needle):
     config = {**SMALL_CV, **change}
@@ -117,6 +127,8 @@ def test_launch_mistakes_are_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path / "afile")]) == 2
     assert "-outputPath" in _one_line(capsys) and (tmp_path / "afile").read_text() == ""
+    assert e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path / "afile" / "runs")]) == 2
+    assert "cannot create the run folder" in _one_line(capsys)
     assert e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path), "-run_name", "../elsewhere"]) == 2
     assert "plain folder name" in _one_line(capsys)
     with pytest.raises(SystemExit) as stop:  # argparse's own mistakes, in the same one-line form
@@ -136,7 +148,29 @@ def test_resume_refuses_another_config_and_leaves_the_run_as_it_was(tmp_path, ca
     assert "the config differs from the checkpoint's (strategy: 'fedavg' there, 'scaffold' now)" in _one_line(capsys)
     assert e2e_trainer.main(base + ["-resume", str(run / "summary.md")]) == 2
     assert "is not a pfedsim checkpoint" in _one_line(capsys)
+    assert e2e_trainer.main(base + ["-resume", "--set", "server_config.max_iteration=1"]) == 2
+    assert "the checkpoint is at round 2, past server_config.max_iteration 1" in _one_line(capsys)
+    older = tmp_path / "older.pt"  # a checkpoint of before checkpoints held their config: the model size still counts
+    torch.save({k: v for k, v in torch.load(run / "checkpoints" / "latest.pt", weights_only=False).items()
+                if k != "config"}, older)
+    assert e2e_trainer.main(base + ["-run_name", "r_old", "-resume", str(older), "--set", "model_config.num_classes=5"]) == 2
+    assert "its global model holds 2762 values, this config's model 2437" in _one_line(capsys)
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
     # more rounds, another evaluation cadence and a compute switch are a continuation, not another run
     assert e2e_trainer.main(base + ["-resume", "--set", "server_config.max_iteration=4", "--set",
                                     "server_config.val_freq=1", "--set", "client_config.vectorize=true"]) == 0
+
+
+def test_resume_into_another_runs_folder_is_refused(tmp_path, capsys):
+    base = [*SYNTHETIC, "-outputPath", str(tmp_path), "--set", "server_config.max_iteration=2"]
+    assert e2e_trainer.main(base + ["-run_name", "a"]) == 0
+    assert e2e_trainer.main(base + ["-run_name", "b", "-seed", "1"]) == 0
+    capsys.readouterr()
+    before = {f: f.read_bytes() for f in (tmp_path / "b").rglob("*") if f.is_file()}
+    assert e2e_trainer.main(base + ["-run_name", "b", "-resume", str(tmp_path / "a"),
+                                    "--set", "server_config.max_iteration=3"]) == 2
+    assert "already holds the results of a run other than" in _one_line(capsys)
+    assert {f: f.read_bytes() for f in (tmp_path / "b").rglob("*") if f.is_file()} == before
+    # continuing a run into a new folder (a branch of it) stays allowed
+    assert e2e_trainer.main(base + ["-run_name", "c", "-resume", str(tmp_path / "a"),
+                                    "--set", "server_config.max_iteration=3"]) == 0

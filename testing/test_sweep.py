@@ -113,7 +113,13 @@ def test_mistakes_fail_before_any_run(tmp_path, swept, capsys):
     assert "non-empty and distinct" in error("--grid", "data_config.alpha=0.5,0.5")
     assert "--seeds" in error("--grid", "seed=1,2")
     assert "given twice" in error("--grid", "data_config.alpha=1", "--grid", "data_config.alpha=2")
+    assert "grid point model_type=Foo: model_config.model_type: unknown model 'Foo'" in error(
+        "--grid", "model_config.model_type=MLP,Foo")
+    assert "the value is not valid YAML" in error("--grid", "data_config.alpha=0.5,{a")
     assert not (tmp_path / "sw").exists(), "nothing was launched"
+    (tmp_path / "afile").write_text("")
+    assert sweep.main(_args(tmp_path, "-outputPath", str(tmp_path / "afile"), "--grid", GRID)) == 2
+    assert "cannot create the sweep folder" in capsys.readouterr().err
     other, folder = swept
     assert sweep.main(_args(other, "--grid", GRID, "--set", "client_config.batch_size=8")) == 2
     assert "holds a run of another config (client_config.batch_size: 32 there, 8 now)" in capsys.readouterr().err

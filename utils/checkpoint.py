@@ -41,18 +41,27 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def check_resumable(path: str | Path, cfg) -> None:
-    """Refuse to resume from checkpoint ``path`` with a config that changes what the run computes
-    (keys outside :data:`core.config.RESUME_MAY_CHANGE`, e.g. the strategy or the partition).
+def check_resumable(path: str | Path, cfg, state_numel: int) -> None:
+    """Refuse to resume from checkpoint ``path`` when it cannot continue this run: a config that
+    changes what the run computes (keys outside :data:`core.config.RESUME_MAY_CHANGE`, e.g. the
+    strategy or the partition), a model of another size than ``state_numel`` (parameters and
+    buffers, the flat global state), or a ``server_config.max_iteration`` below its round.
 
     Raises:
-        UserError: a missing or unreadable checkpoint, or the first differing key.
+        UserError: a missing or unreadable checkpoint, or the first reason it cannot continue.
     """
-    stored = load_checkpoint(path).get("config")
-    if stored is None:  # not written by the checkpoints of this version's server: nothing to compare
-        return
-    difference = config_difference(with_defaults(stored), cfg.to_dict(), RESUME_MAY_CHANGE)
-    if difference:
-        raise UserError(f"-resume {path}: the config differs from the checkpoint's ({difference}); resume with the "
-                        f"run's config (only server_config.max_iteration, val_freq, ckpt_freq, logging and "
-                        f"compute switches may change) or start another -run_name")
+    state = load_checkpoint(path)
+    stored = state.get("config")
+    if stored is not None:  # None: written before checkpoints held their config; nothing to compare
+        difference = config_difference(with_defaults(stored), cfg.to_dict(), RESUME_MAY_CHANGE)
+        if difference:
+            raise UserError(f"-resume {path}: the config differs from the checkpoint's ({difference}); resume with "
+                            f"the run's config (only server_config.max_iteration, val_freq, ckpt_freq, logging and "
+                            f"compute switches may change) or start another -run_name")
+    if state["global"].numel() != state_numel:
+        raise UserError(f"-resume {path}: its global model holds {state['global'].numel()} values, this config's "
+                        f"model {state_numel}; resume with the run's model_config or start another -run_name")
+    if state.get("round", 0) > cfg.server_config.max_iteration:
+        raise UserError(f"-resume {path}: the checkpoint is at round {state['round']}, past "
+                        f"server_config.max_iteration {cfg.server_config.max_iteration}; set max_iteration above "
+                        f"{state['round']} to continue the run")
