@@ -9,22 +9,22 @@ import sys
 from pathlib import Path
 
 from core.errors import UserError
+from utils.cli import OneLineParser, make_folder
 from utils.compare import compare_plot, compare_table, load_run
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="compare.py", description=__doc__,
+    parser = OneLineParser(prog="compare.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (each holds metrics.jsonl)")
     parser.add_argument("-out", default="comparison", help="folder for compare.md and compare.png")
     args = parser.parse_args(argv)
     try:
         runs = [load_run(Path(r)) for r in args.runs]
+        out = make_folder(args.out, "-out")
     except UserError as exc:
         print(f"pfedsim: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table = compare_table(runs)
     (out / "compare.md").write_text(table + "\n")
     compare_plot(runs, out / "compare.png")

@@ -18,18 +18,12 @@ from core.distributed import PeerFailure, mpi_environment
 from core.errors import UserError
 from core.task import load_task
 from utils.checkpoint import check_resumable
+from utils.cli import OneLineParser, make_folder
 from utils.experiment import write_run_info
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are one ``pfedsim: error:`` line (exit status 2), as every other mistake."""
-
-    def error(self, message: str):
-        self.exit(2, f"pfedsim: error: {message} ({self.prog} -h lists the arguments)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="e2e_trainer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="e2e_trainer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-dataPath", required=True, help="folder holding the task's data (for cv: cifar-10-batches-py)")
     p.add_argument("-outputPath", required=True, help="folder for runs; each run writes OUT/<run name>/")
     p.add_argument("-config", required=True, help="experiment YAML, e.g. experiments/cv/config.yaml")
@@ -56,15 +50,23 @@ def _resume_path(args, cfg, run_dir: Path) -> Path | None:
     return path / "checkpoints" / "latest.pt" if path.is_dir() else path
 
 
-def _run_dir(args, cfg, rank: int) -> Path:
-    """OUT/<run name>. Raises UserError for an -outputPath that is a file, a -run_name that is a path,
-    or a folder that already holds results (without -resume)."""
-    resume = args.resume or cfg.server_config.resume_from_checkpoint
+def _check_names(args, resume: str | None) -> None:
     if Path(args.outputPath).exists() and not Path(args.outputPath).is_dir():
         raise UserError(f"-outputPath {args.outputPath} is a file; pass a folder (it is created if missing)")
     if args.run_name and (Path(args.run_name).name != args.run_name or args.run_name in (".", "..")):
         raise UserError(f"-run_name {args.run_name!r} must be a plain folder name (no '/' or '..'); "
                         f"runs go to -outputPath/<run_name>")
+    if args.resume == "" and not args.run_name and not resume:
+        raise UserError("-resume without a path continues the -run_name folder; pass -run_name NAME, "
+                        "or -resume RUN_FOLDER")
+
+
+def _run_dir(args, cfg, rank: int) -> Path:
+    """OUT/<run name>. Raises UserError for an -outputPath that is a file, a -run_name that is a path,
+    a bare -resume without -run_name, or a folder that already holds results (without -resume, or of
+    a run other than the one resumed)."""
+    resume = args.resume or cfg.server_config.resume_from_checkpoint
+    _check_names(args, resume)
     if args.run_name:
         name = args.run_name
     elif resume:
@@ -89,11 +91,7 @@ def _start_run(run_dir: Path, sim, task, args, argv: list[str], resume: Path | N
     (config.resolved.yaml, run.json); nothing is written before the checks pass."""
     if resume is not None:
         check_resumable(resume, sim.cfg, sim.layout.numel)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"-outputPath {args.outputPath}: cannot create the run folder {run_dir} "
-                        f"({exc.strerror or type(exc).__name__}); pass a writable folder") from None
+    make_folder(run_dir, f"-outputPath {args.outputPath}")
     (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(sim.cfg.to_dict(), sort_keys=False))
     write_run_info(run_dir, task, args.dataPath, argv, int(os.environ.get("WORLD_SIZE", 1)))
 

@@ -18,13 +18,15 @@ import time
 from pathlib import Path
 
 from core.errors import UserError
+from core.personalization import build_personalization
+from utils.cli import OneLineParser, make_folder
 from utils.experiment import CHECKPOINTS, Experiment
 from utils.report import results_table, write_client_table
 from utils.sweep import assignment_slug
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+    p = OneLineParser(prog="evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-run", required=True, help="run folder OUT/<run name>")
     p.add_argument("--reload", default="best", help=f"checkpoint: {' or '.join(CHECKPOINTS)} (default best)")
@@ -54,6 +56,7 @@ def evaluate(args) -> dict:
     """
     exp = Experiment(args.run, task=args.task, data_path=args.dataPath, overrides=args.overrides, device=args.device)
     path = output_path(exp.run_dir, args.reload, args.overrides, args.out)
+    make_folder(path.parent, f"-out {path}")
     started = time.perf_counter()
     record, matrix, trained = exp.evaluate(args.reload)
     doc = {"run": str(exp.run_dir), "reload": args.reload,
@@ -61,11 +64,19 @@ def evaluate(args) -> dict:
            "task": exp.task.name, "dataPath": exp.data_path, "overrides": args.overrides,
            "partition_changed": exp.partition_changed, "results": record,
            "recorded": None if exp.partition_changed else exp.recorded(record["round"]),
-           "wall_s": time.perf_counter() - started}
-    path.parent.mkdir(parents=True, exist_ok=True)
+           "wall_s": time.perf_counter() - started, "note": _note(exp, record)}
     path.write_text(json.dumps(doc, indent=1) + "\n")
     write_client_table(path.with_name(path.stem + "_clients.csv"), matrix, trained)
     return doc | {"path": str(path)}
+
+
+def _note(exp, record: dict) -> str | None:
+    """Why a personalizing run's evaluation has no personalized row, when that is so."""
+    personalizes = build_personalization(exp.config.personalization).evaluates_personalized
+    if exp.partition_changed and personalizes and not record.get("new_clients", {}).get("clients"):
+        return ("the new partition makes every client a new one, so there is no personalized row; "
+                "--set personalization.new_client_epochs=K (K > 0) fine-tunes and evaluates them")
+    return None
 
 
 def main(argv=None) -> int:
@@ -78,6 +89,8 @@ def main(argv=None) -> int:
     print(f"{doc['run']}: checkpoint {args.reload} (round {doc['round']})"
           + (f", with {' '.join(doc['overrides'])}" if doc["overrides"] else "") + ", accuracy %:")
     print(results_table(doc["results"]))
+    if doc["note"]:
+        print(f"note: {doc['note']}")
     if doc["recorded"]:
         print(f"recorded by the run at round {doc['round']}: global test "
               f"{100 * doc['recorded']['global_test_acc']:.2f}%")

@@ -12,18 +12,21 @@ exactly as the interrupted run would have done them).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import time
 from pathlib import Path
 
 from core.errors import UserError
+from utils.cli import OneLineParser
 
 REPO = Path(__file__).resolve().parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="submit.py", description=__doc__,
+    p = OneLineParser(prog="submit.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any other argument is passed to e2e_trainer.py unchanged.")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1; the local executor takes 1)")
@@ -130,10 +133,13 @@ def _check_trainer_args(argv: list[str]) -> None:
     from core.config import load_config
     from core.task import load_task
 
+    said = io.StringIO()
     try:
-        parsed = e2e_trainer.build_parser().parse_args(argv)
+        with contextlib.redirect_stderr(said):
+            parsed = e2e_trainer.build_parser().parse_args(argv)
     except SystemExit:
-        raise UserError("e2e_trainer rejects the trainer arguments above; see e2e_trainer.py -h") from None
+        reason = said.getvalue().strip().removeprefix("pfedsim: error: ")
+        raise UserError(f"trainer arguments: {reason}") from None
     load_config(parsed.config, parsed.overrides, parsed.seed)
     load_task(parsed.task)
 
@@ -142,7 +148,7 @@ def make_executor(args, log_dir: Path):
     """A submitit executor for ``args`` writing its logs to ``log_dir``.
 
     Raises:
-        UserError: submitit missing, or a local executor asked for several nodes.
+        UserError: submitit missing, no SLURM on this machine, or a local executor asked for several nodes.
     """
     try:
         import submitit
@@ -151,8 +157,12 @@ def make_executor(args, log_dir: Path):
     if args.executor == "local" and args.nodes != 1:
         raise UserError(f"--executor local runs on this machine only; use --nodes 1 (got {args.nodes})")
     tasks = args.tasks_per_node or max(args.gpus, 1)
-    executor = submitit.AutoExecutor(folder=log_dir, cluster=args.executor, slurm_max_num_timeout=args.max_timeouts,
-                                     local_max_num_timeout=args.max_timeouts)
+    try:
+        executor = submitit.AutoExecutor(folder=log_dir, cluster=args.executor,
+                                         slurm_max_num_timeout=args.max_timeouts, local_max_num_timeout=args.max_timeouts)
+    except RuntimeError as exc:  # submitit finds no SLURM here (no srun)
+        raise UserError(f"--executor {args.executor}: {str(exc).splitlines()[0]} Run submit.py on the cluster's "
+                        f"login node, or pass --executor local") from None
     executor.update_parameters(name="pfedsim", nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus,
                                cpus_per_task=args.cpus_per_task, timeout_min=args.time)
     if args.executor == "slurm":

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from core.errors import UserError
 from core.task import load_task
+from utils.cli import OneLineParser, make_folder
 from utils.sweep import (aggregate, assignment_slug, clear_incomplete, launch, parse_axis, plan, run_status,
                          trainer_command, write_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweep.py", description=__doc__,
+    p = OneLineParser(prog="sweep.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-config", required=True, help="experiment YAML shared by every run")
     p.add_argument("-task", required=True, help="task folder name under experiments/ or a path to one")
@@ -68,11 +69,7 @@ def prepare(args):
             raise UserError(f"grid point {assignment_slug(run.point) or '(none)'}: {exc}") from None
     sweep_dir = Path(args.outputPath) / (args.name or f"{Path(args.config).stem}_{Path(args.task).name}_sweep")
     status = {run.name: run_status(sweep_dir / run.name, run.config) for run in runs}
-    try:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"-outputPath {args.outputPath}: cannot create the sweep folder {sweep_dir} "
-                        f"({exc.strerror or type(exc).__name__}); pass a writable folder") from None
+    make_folder(sweep_dir, f"-outputPath {args.outputPath}")
     return sweep_dir, axes, runs, status
 
 

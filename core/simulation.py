@@ -80,7 +80,21 @@ def _personal_index(layout: StateLayout, personalization, model, model_type: str
     if personalization.has_personal_layers and not names:
         raise UserError(f"personalization.method {personalization.name}: {model_type} has no layer it keeps local "
                         f"(e.g. fedbn needs BatchNorm); choose another method or model")
-    return layout.index_of(names).to(device)
+    index = layout.index_of(names)
+    if personalization.local_layers and int((index < layout.num_params).sum()) == layout.num_params:
+        raise UserError(f"personalization.local_layers: {list(personalization.local_layers)} cover every parameter of "
+                        f"{model_type}, so nothing is shared and the global model never trains; keep only some layers "
+                        f"local (e.g. the head), or use method: local")
+    return index.to(device)
+
+
+def _check_labels(datasets, num_classes: int) -> None:
+    """Integer (class) labels must lie in 0..num_classes-1, or the loss fails in round 1."""
+    for ds in datasets:
+        labels = torch.as_tensor(ds.labels)
+        if labels.numel() and not labels.is_floating_point() and int(labels.max()) >= num_classes:
+            raise UserError(f"model_config.num_classes {num_classes}: the {ds.split} labels go up to "
+                            f"{int(labels.max())}; set num_classes to at least {int(labels.max()) + 1}")
 
 
 def init_model(task, cfg, device: torch.device) -> torch.nn.Module:
@@ -98,6 +112,7 @@ def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Tra
     data_cfg = cfg.data_config
     train_ds = task.dataset_cls(data_path, data_cfg, split="train", seed=cfg.seed)
     test_ds = task.dataset_cls(data_path, data_cfg, split="test", seed=cfg.seed, split_plan=train_ds.split_plan)
+    _check_labels((train_ds, test_ds), cfg.model.num_classes)
     model = init_model(task, cfg, ctx.device)
     if cfg.client_config.channels_last:
         model = model.to(memory_format=torch.channels_last)

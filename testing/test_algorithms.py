@@ -13,7 +13,7 @@ from core.schedule import Schedule
 from core.server import Server
 from core.simulation import build_simulation
 from core.task import load_task
-from core.worker import train_share
+from core.worker import RoundLayout, train_share
 from testing.conftest import SMALL_CV, failure_text, load_ckpt, read_metrics, run_trainer
 
 
@@ -40,6 +40,26 @@ def _shared_and_personal(sim) -> tuple[torch.Tensor, torch.Tensor]:
     shared = ~personal
     shared[sim.layout.num_params:] = False
     return shared, personal
+
+
+def test_each_client_trains_from_its_own_personal_layers(cifar_path):
+    """The round's slots carry each client's stored head into its training (not the global copy),
+    and the reduce returns each client's trained head and its sample-weighted delta."""
+    sim = _sim(cifar_path)
+    start, cohort, p, n = sim.layout.flatten(), sim.schedule.cohort(1), sim.personal_numel, sim.layout.numel
+    heads = start[sim.personal_index] + 0.3 * torch.randn(len(cohort), p, generator=torch.Generator().manual_seed(0))
+    out = train_share(sim, 1, torch.cat([start, heads.reshape(-1)]))
+    returned = out[n + 2:].view(len(cohort), p)
+    expected_sum = torch.zeros(n)
+    for i, cid in enumerate(cohort):
+        sim.trainer.train(1, int(cid), sim.train_clients.get(cid), start, heads[i])
+        trained = sim.layout.flatten()
+        assert torch.allclose(returned[i], trained[sim.personal_index], atol=1e-6)
+        expected_sum += float(sim.train_clients.sizes[cid]) * (trained - start)
+    assert torch.allclose(out[:n], expected_sum, atol=1e-3 * float(expected_sum.abs().max()))
+    cid = int(cohort[0])  # from the global head instead, the same client ends elsewhere
+    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, start[sim.personal_index])
+    assert not torch.allclose(returned[0], sim.layout.flatten()[sim.personal_index], atol=1e-3)
 
 
 def test_fedprox_zero_mu_is_fedavg_and_large_mu_limits_drift_of_the_shared_layers(cifar_path):
@@ -250,6 +270,25 @@ def test_fedbn_keeps_every_batchnorm_tensor_local(cifar_path, tmp_path):
     assert len(entries) == 2 and not torch.equal(entries[0], entries[1])
 
 
+def test_fedavg_round_is_the_weighted_mean_of_client_states_buffers_included(cifar_path, tmp_path):
+    """Server SGD lr 1 on the pseudo-gradient -(weighted mean delta) gives the sample-weighted mean of
+    the clients' trained states: parameters and shared BatchNorm statistics alike (McMahan et al. 2017)."""
+    sim = _sim(cifar_path, model_config={"model_type": "ResNet18"}, personalization={"method": "none", "local_layers": []},
+               server_config={"num_clients_per_iteration": 2}, data_config={"num_clients": 1000})
+    start, server = _run_rounds(sim, tmp_path, rounds=1)
+    cohort = sim.schedule.cohort(1)
+    sizes = [float(sim.train_clients.sizes[c]) for c in cohort]
+    states = []
+    for cid in cohort:
+        sim.trainer.train(1, int(cid), sim.train_clients.get(cid), start, None)
+        states.append(sim.layout.flatten())
+    mean = sum(w * x for w, x in zip(sizes, states)) / sum(sizes)
+    k = sim.layout.num_params
+    assert not torch.allclose(states[0][k:], states[1][k:]), "the clients' statistics differ"
+    assert torch.allclose(server.global_flat[:k], mean[:k], atol=1e-5)
+    assert torch.allclose(server.global_flat[k:], mean[k:], atol=1e-4), "running statistics are averaged too"
+
+
 def test_fedbn_needs_batchnorm(cifar_path):
     with pytest.raises(UserError, match="fedbn needs BatchNorm"):
         _sim(cifar_path, personalization={"method": "fedbn", "local_layers": []})
@@ -290,6 +329,14 @@ def test_fedrep_trains_head_then_body(cifar_path):
     both.trainer.train(1, cid, both.train_clients.get(cid), start, start[head])
     assert not torch.equal(both.layout.flatten()[head], start[head])
     assert all(p.requires_grad for p in both.model.parameters()), "parameters are unfrozen afterwards"
+    graded = []  # per step, which parameters the backward pass reached: the head's epochs come first
+    both.trainer.train(1, cid, both.train_clients.get(cid), start, start[head],
+                       step_hook=lambda batch: graded.append(tuple(p.grad is not None for p in both.model.parameters())))
+    is_head = tuple(name.startswith("linear") for name, _ in both.model.named_parameters())
+    body_steps = both.trainer.shared_steps
+    assert body_steps > 0 and len(graded) == 3 * body_steps, "head_epochs 2, then local_epochs 1"
+    assert graded[:2 * body_steps] == [is_head] * (2 * body_steps)
+    assert graded[2 * body_steps:] == [tuple(not h for h in is_head)] * body_steps
     with pytest.raises(UserError, match="several training phases"):
         _sim(cifar_path, personalization={"method": "fedrep", "local_layers": ["linear"]},
              client_config={"vectorize": True})
@@ -345,16 +392,46 @@ def test_scaffold_control_variates(cifar_path, tmp_path, method):
     assert sc_server.strategy_state[personal].abs().amax() == 0
 
 
-def test_scaffold_resumes_exactly(tmp_path):
+def test_scaffold_one_step_controls_are_the_client_gradient(cifar_path):
+    """With one plain-SGD step per client, y = x - lr (g + c - c_i), so Option II gives
+    c_i+ = c_i - c + (x - y) / lr = g whatever the controls were, and the controls move each
+    client by exactly -lr (c - c_i). Checked with random non-zero c and c_i (Karimireddy et al. 2020)."""
+    lr = 0.05
+    sim = _sim(cifar_path, strategy="scaffold", client_config={"batch_size": 5000, "augment": False,
+                                                               "optimizer_config": {"type": "sgd", "lr": lr}},
+               personalization={"method": "none", "local_layers": []})
+    lay = RoundLayout(sim, 1)
+    cohort, n, k = sim.schedule.cohort(1), lay.n, sim.layout.num_params
+    start, gen = sim.layout.flatten(), torch.Generator().manual_seed(0)
+    c, c_i = 0.01 * torch.randn(k, generator=gen), 0.01 * torch.randn(len(cohort), k, generator=gen)
+    zero = train_share(sim, 1, torch.cat([start, torch.zeros(k), torch.zeros(len(cohort) * k)]))
+    assert sim.trainer.last_steps == 1, "one step per client"
+    ctrl = train_share(sim, 1, torch.cat([start, c, c_i.reshape(-1)]))
+    new_zero, new_ctrl = (lay.reduce_parts(out)[4] for out in (zero, ctrl))
+    assert new_zero.abs().max() > 1e-3
+    assert torch.allclose(new_ctrl, new_zero, atol=1e-4), "c_i+ is the client's gradient at x"
+    sizes = torch.tensor(sim.train_clients.sizes[cohort], dtype=torch.float32)
+    moved = -lr * (sizes[:, None] * (c - c_i)).sum(0)
+    assert torch.allclose(ctrl[:k] - zero[:k], moved, atol=1e-4 * float(moved.abs().max()) + 1e-6)
+    assert torch.allclose(lay.reduce_parts(ctrl)[3], (new_ctrl - c_i).sum(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("stateful", [["strategy=scaffold"],
+                                      ["server_config.optimizer_config.type=adam", "server_config.optimizer_config.lr=0.01"]],
+                         ids=["scaffold", "fedadam"])
+def test_stateful_runs_resume_exactly(tmp_path, stateful):
+    """SCAFFOLD's server control and the server optimizer's moments come back from the checkpoint."""
     args = ["-dataPath", "unused", "-outputPath", str(tmp_path), "-config", "experiments/synthetic/config.yaml",
-            "-task", "synthetic", "--set", "strategy=scaffold", "--set", "server_config.ckpt_freq=2"]
+            "-task", "synthetic", "--set", "server_config.ckpt_freq=2"] + [a for x in stateful for a in ("--set", x)]
     straight = run_trainer(args + ["-run_name", "straight", "--set", "server_config.max_iteration=4"])
     half = run_trainer(args + ["-run_name", "half", "--set", "server_config.max_iteration=2"])
     resumed = run_trainer(args + ["-run_name", "half", "--set", "server_config.max_iteration=4", "-resume"])
     assert straight.returncode == half.returncode == resumed.returncode == 0, resumed.stderr[-1500:]
     a, b = load_ckpt(tmp_path / "straight"), load_ckpt(tmp_path / "half")
-    assert b["round"] == 4 and b["strategy_state"].abs().sum() > 0
+    assert b["round"] == 4 and (b["strategy_state"].abs().sum() > 0 or b["server_optimizer"]["state"])
     assert torch.allclose(a["global"], b["global"], atol=1e-6) and torch.allclose(a["strategy_state"], b["strategy_state"])
+    for key, value in a["server_optimizer"]["state"].get(0, {}).items():
+        assert torch.allclose(value, b["server_optimizer"]["state"][0][key], atol=1e-6), key
 
 
 def test_new_clients_fine_tune_personal_layers_and_are_reported_apart(cifar_path, tmp_path):
@@ -418,6 +495,19 @@ def test_ditto_personal_models(cifar_path, tmp_path):
     assert near < 0.5 * far, (float(near), float(far))
 
 
+def test_ditto_pulls_the_personal_model_toward_the_global_model(cifar_path):
+    """A personal model v far from the round's global model w moves toward w under a large lambda
+    (the proximal term is lambda/2 ||v - w||^2, not a pull toward v's own start)."""
+    sim = _sim(cifar_path, personalization={"method": "ditto", "local_layers": [], "ditto_lambda": 5.0},
+               client_config={"optimizer_config": {"type": "sgd", "lr": 0.05}})
+    w = sim.layout.flatten()
+    v = w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    cid = int(sim.schedule.cohort(1)[0])
+    result = sim.personalization.client_hook(sim.trainer, 1, cid, sim.train_clients.get(cid), w, v).result()
+    assert sim.trainer.last_steps >= 3
+    assert (result - w).norm() < 0.5 * (v - w).norm(), (float((result - w).norm()), float((v - w).norm()))
+
+
 def test_ditto_personalized_accuracy_uses_personal_models(cifar_path, tmp_path):
     rec = _evaluate_after_one_round(cifar_path, tmp_path, method="ditto", ditto_lambda=0.0)
     assert rec["personalized"]["clients"] == 5
@@ -442,6 +532,16 @@ def test_dga_weights_are_a_softmax_of_negated_training_losses(cifar_path):
     assert torch.allclose(mean_delta, softmax @ deltas, atol=1e-6)
     assert torch.allclose(weight_sum, torch.exp(-4.0 * losses).sum())
     assert not torch.allclose(mean_delta, deltas.mean(0), atol=1e-5), "beta > 0 is not the plain mean"
+
+
+def test_dga_weights_stay_positive_when_every_exponent_underflows():
+    """exp(-beta * loss) underflows to 0 in float32 beyond beta * loss ~ 104; the floor keeps the
+    weights positive and equal, so the aggregate is the uniform mean instead of 0 / 0."""
+    from core.strategy import DGA
+
+    dga = DGA(validate_config({"strategy": "dga", "strategy_config": {"softmax_beta": 100.0}}, "t").strategy_config)
+    weights = dga.client_weight(np.array([10, 20, 30]), torch.tensor([2.0, 3.0, 5.0]))
+    assert bool((weights > 0).all()) and torch.equal(weights, weights[:1].expand(3))
 
 
 def test_dga_with_zero_beta_is_the_uniform_average(cifar_path):

@@ -80,6 +80,10 @@ def _cli(tmp_path, capsys, config: dict, data, task="cv", extra=()):
     ({"client_config": {"batch_size": 0}}, "cv", "client_config.batch_size"),
     ({"model_config": {"model_type": "SmallCNN", "options": {"width": 2}}}, "cv",
      "model_config.options: SmallCNN reads no option 'width' (it reads: none)"),
+    ({"model_config": {"model_type": "SmallCNN", "num_classes": 5}}, "cv",
+     "model_config.num_classes 5: the train labels go up to 9; set num_classes to at least 10"),
+    ({"personalization": {"method": "fedper", "local_layers": ["features", "fc", "linear"]}}, "cv",
+     "cover every parameter of SmallCNN, so nothing is shared"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, cifar_path, change, task, needle):
     config = {**SMALL_CV, **change}
@@ -128,13 +132,15 @@ def test_launch_mistakes_are_one_line(tmp_path, capsys):
     assert e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path / "afile")]) == 2
     assert "-outputPath" in _one_line(capsys) and (tmp_path / "afile").read_text() == ""
     assert e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path / "afile" / "runs")]) == 2
-    assert "cannot create the run folder" in _one_line(capsys)
+    assert "-outputPath " + str(tmp_path / "afile" / "runs") + ": cannot create the folder" in _one_line(capsys)
     assert e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path), "-run_name", "../elsewhere"]) == 2
     assert "plain folder name" in _one_line(capsys)
     with pytest.raises(SystemExit) as stop:  # argparse's own mistakes, in the same one-line form
         e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path), "-seed", "abc"])
     assert stop.value.code == 2 and "argument -seed: invalid int value: 'abc'" in _one_line(capsys)
     assert e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path / "out"), "-resume"]) == 2
+    assert "-resume without a path continues the -run_name folder" in _one_line(capsys)
+    assert e2e_trainer.main([*SYNTHETIC, "-outputPath", str(tmp_path / "out"), "-run_name", "r", "-resume"]) == 2
     assert "not found" in _one_line(capsys) and not (tmp_path / "out").exists(), "nothing made for a failed start"
 
 
@@ -153,8 +159,8 @@ def test_resume_refuses_another_config_and_leaves_the_run_as_it_was(tmp_path, ca
     older = tmp_path / "older.pt"  # a checkpoint of before checkpoints held their config: the model size still counts
     torch.save({k: v for k, v in torch.load(run / "checkpoints" / "latest.pt", weights_only=False).items()
                 if k != "config"}, older)
-    assert e2e_trainer.main(base + ["-run_name", "r_old", "-resume", str(older), "--set", "model_config.num_classes=5"]) == 2
-    assert "its global model holds 2762 values, this config's model 2437" in _one_line(capsys)
+    assert e2e_trainer.main(base + ["-run_name", "r_old", "-resume", str(older), "--set", "model_config.num_classes=20"]) == 2
+    assert "its global model holds 2762 values, this config's model 3412" in _one_line(capsys)
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
     # more rounds, another evaluation cadence and a compute switch are a continuation, not another run
     assert e2e_trainer.main(base + ["-resume", "--set", "server_config.max_iteration=4", "--set",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from core.config import DataConfig
+from core.errors import UserError
 from experiments.cv.dataloaders.cifar10 import read_batches
 from experiments.cv.dataloaders.dataloader import CIFAR10DataLoader, MEAN, STD
 from experiments.cv.dataloaders.dataset import CIFAR10Dataset
@@ -22,6 +23,27 @@ def test_read_batches_shapes_and_class_counts(cifar_path):
     images, labels = read_batches(cifar_path, "test", download=False)
     assert images.shape == (10_000, 3, 32, 32) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda real: real.read_bytes()[:100_000], "is unreadable (UnpicklingError)"),  # truncated download
+    (lambda real: real.with_name("batches.meta").read_bytes(), "holds no 'data' and 'labels'"),  # another file
+    (lambda real: b"not a pickle at all", "is unreadable"),
+])
+def test_damaged_batch_file_is_named(cifar_path, tmp_path, damage, needle):
+    real = cifar_path / "cifar-10-batches-py"
+    copy = tmp_path / "cifar-10-batches-py"
+    copy.mkdir()
+    for f in real.iterdir():
+        (copy / f.name).symlink_to(f)
+    (copy / "test_batch").unlink()
+    (copy / "test_batch").write_bytes(damage(real / "test_batch"))
+    with pytest.raises(UserError) as err:
+        read_batches(tmp_path, "test", download=False)
+    assert f"CIFAR-10 batch file {copy / 'test_batch'} " in str(err.value) and needle in str(err.value)
+    assert "official python version" in str(err.value)
+    with pytest.raises(UserError, match="is a file; pass the folder that holds 'cifar-10-batches-py'"):
+        read_batches(real / "test_batch", "test")
 
 
 def test_all_users_and_one_user(cifar_path, train_all):

@@ -116,7 +116,7 @@ def test_resume_from_checkpoint_config_key(tmp_path, cifar_path, straight):
     assert torch.allclose(load_ckpt(run)["global"], load_ckpt(straight[0])["global"], atol=1e-6, rtol=0)
 
 
-def test_client_table_histogram_and_compare(straight, tmp_path):
+def test_client_table_histogram_and_compare(straight, tmp_path, capsys):
     import shutil
 
     import compare
@@ -138,3 +138,13 @@ def test_client_table_histogram_and_compare(straight, tmp_path):
     assert f"{100 * read_metrics(run)[-1]['global_test_acc']:.2f}" in table[2]
     assert (tmp_path / "cmp" / "compare.png").is_file()
     assert compare.main([str(tmp_path / "nothing"), "-out", str(tmp_path / "cmp2")]) == 2
+    (other / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text()[:50])  # cut short
+    assert compare.main([str(run), str(other), "-out", str(tmp_path / "cmp3")]) == 2
+    (other / "metrics.jsonl").write_text("")
+    assert compare.main([str(run), str(other), "-out", str(tmp_path / "cmp3")]) == 2
+    (tmp_path / "afile").write_text("")
+    assert compare.main([str(run), "-out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("pfedsim: error: ") for line in err)
+    assert "line 1 is not JSON" in err[1] and "has no evaluation yet" in err[2] and "cannot create the folder" in err[3]
+    assert not (tmp_path / "cmp3").exists(), "nothing written for a mistake"

@@ -32,6 +32,9 @@ def test_client_stats():
     stats = client_stats(np.array([0.2, 0.4, 1.0]), np.array([1, 1, 2]))
     assert stats["weighted_mean"] == 0.65 and abs(stats["mean"] - 1.6 / 3) < 1e-12
     assert stats["clients"] == 3 and stats["p50"] == 0.4
+    # spread over clients, unweighted: population std, percentiles interpolated between the clients
+    assert stats["std"] == pytest.approx(0.339935, abs=1e-6)
+    assert stats["p10"] == pytest.approx(0.24) and stats["p90"] == pytest.approx(0.88)
 
 
 def test_full_test_accuracy_from_the_client_splits_equals_its_own_pass(sim):

@@ -97,7 +97,7 @@ def test_personalized_model_of_a_client_matches_clients_csv(cv_run):
     assert _accuracy(global_model, data.test) == pytest.approx(float(global_acc), abs=1e-6)
 
 
-def test_new_clients_and_another_partition(synthetic_run):
+def test_new_clients_and_another_partition(synthetic_run, capsys):
     """Never-trained clients are fine-tuned as the run did; a new partition makes every client new."""
     exp = Experiment(synthetic_run)
     record, matrix, trained = exp.evaluate("last")
@@ -115,6 +115,10 @@ def test_new_clients_and_another_partition(synthetic_run):
     assert doc["results"]["personalized"]["clients"] == 0
     assert doc["results"]["new_clients"]["clients"] == SYNTHETIC["data_config"]["num_clients"]
     assert doc["results"]["global_test_acc"] == pytest.approx(recorded["global_test_acc"], abs=1e-9)
+    assert doc["note"] is None
+    assert evaluate.main(["-run", str(synthetic_run), "--reload", "last", "--set", "data_config.alpha=5.0",
+                          "--set", "personalization.new_client_epochs=0"]) == 0
+    assert "note: the new partition makes every client a new one" in capsys.readouterr().out
 
 
 def test_ditto_client_model_is_its_personal_model(tmp_path):
@@ -131,7 +135,11 @@ def test_ditto_client_model_is_its_personal_model(tmp_path):
 
 def test_user_errors_are_one_line(tmp_path, synthetic_run, capsys):
     def error(argv) -> str:
-        assert evaluate.main(argv) == 2
+        try:
+            code = evaluate.main(argv)
+        except SystemExit as stop:  # argparse's own mistakes
+            code = stop.code
+        assert code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("pfedsim: error: ")
         return lines[0]
@@ -139,6 +147,9 @@ def test_user_errors_are_one_line(tmp_path, synthetic_run, capsys):
     assert "not found" in error(["-run", str(tmp_path / "missing")])
     assert "choose one of last, best" in error(["-run", str(synthetic_run), "--reload", "worst"])
     assert "may only change" in error(["-run", str(synthetic_run), "--set", "model_config.num_classes=3"])
+    (tmp_path / "afile").write_text("")
+    assert "cannot create the folder" in error(["-run", str(synthetic_run), "-out", str(tmp_path / "afile" / "x.json")])
+    assert "unrecognized arguments: --relod" in error(["-run", str(synthetic_run), "--relod", "best"])  # argparse's mistakes: one line too
     assert "unknown key 'data_config.alphax'" in error(["-run", str(synthetic_run), "--set", "data_config.alphax=1"])
     old = tmp_path / "old"
     shutil.copytree(synthetic_run, old)

@@ -31,6 +31,17 @@ def test_train_and_test_splits_cover_each_sample_once(labels, method, kw):
     assert min(len(p) for p in split.train) >= 10
 
 
+@pytest.mark.parametrize("method,kw", [("iid", {}), ("dirichlet", {"alpha": 0.3}), ("shards", {"classes_per_client": 2}),
+                                       ("label_quantity", {"classes_per_client": 2}),
+                                       ("dirichlet_capped", {"alpha": 0.5})])
+def test_partition_is_a_function_of_the_seed(labels, method, kw):
+    def train_parts(seed):
+        return P.partition(labels[0], labels[1], method, 100, seed=seed, min_samples=10, **kw).train
+    first, again, other = train_parts(0), train_parts(0), train_parts(1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other)), "another seed, another split"
+
+
 def test_iid_sizes_differ_by_at_most_one(labels):
     sizes = [len(p) for p in P.iid(labels[0], 7, seed=1)]
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 50_000

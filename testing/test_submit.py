@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -94,4 +95,20 @@ def test_mistakes_fail_at_submission(tmp_path, capsys):
     assert submit.main(["--nodes", "2", "--executor", "local", *ARGS, "-outputPath", str(tmp_path)]) == 2
     assert submit.main([*ARGS, "-outputPath", str(tmp_path)]) == 2
     assert "--partition is required" in capsys.readouterr().err
+    err = _submit_error(capsys, ["--executor", "local", *ARGS, "-outputPath", str(tmp_path), "-sed", "1"])
+    assert "trainer arguments: unrecognized arguments: -sed 1" in err
+    assert "invalid choice: 'locl'" in _submit_error(capsys, ["--executor", "locl", *ARGS, "-outputPath", str(tmp_path)])
+    if shutil.which("srun") is None:
+        err = _submit_error(capsys, ["--partition", "gpu", *ARGS, "-outputPath", str(tmp_path)])
+        assert err.startswith("pfedsim: error: --executor slurm: ") and "--executor local" in err
     assert not any(tmp_path.iterdir()), "nothing is submitted or created on a mistake"
+
+
+def _submit_error(capsys, argv) -> str:
+    try:
+        code = submit.main(argv)
+    except SystemExit as stop:  # argparse's own mistakes
+        code = stop.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("pfedsim: error: "), lines
+    return lines[0]

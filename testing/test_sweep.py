@@ -119,7 +119,7 @@ def test_mistakes_fail_before_any_run(tmp_path, swept, capsys):
     assert not (tmp_path / "sw").exists(), "nothing was launched"
     (tmp_path / "afile").write_text("")
     assert sweep.main(_args(tmp_path, "-outputPath", str(tmp_path / "afile"), "--grid", GRID)) == 2
-    assert "cannot create the sweep folder" in capsys.readouterr().err
+    assert ": cannot create the folder" in capsys.readouterr().err
     other, folder = swept
     assert sweep.main(_args(other, "--grid", GRID, "--set", "client_config.batch_size=8")) == 2
     assert "holds a run of another config (client_config.batch_size: 32 there, 8 now)" in capsys.readouterr().err

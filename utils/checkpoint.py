@@ -34,8 +34,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # large client stores stay paged
     except Exception as exc:  # pickle, zip or mmap errors: not a file torch.save wrote
-        raise UserError(f"checkpoint {path} is not a pfedsim checkpoint ({type(exc).__name__}); pass -resume "
-                        f"with a run folder or its checkpoints/latest.pt") from None
+        raise UserError(f"checkpoint {path} is not a pfedsim checkpoint, or is cut short ({type(exc).__name__}); "
+                        f"use another checkpoint of the run (checkpoints/latest.pt or best.pt)") from None
     if not isinstance(state, dict) or "global" not in state:
         raise UserError(f"checkpoint {path} is not a pfedsim checkpoint")
     return state

@@ -13,14 +13,26 @@ def load_run(run_dir: Path) -> dict:
     """Name, resolved config and evaluation records of a run folder.
 
     Raises:
-        UserError: when the folder has no metrics.jsonl.
+        UserError: when the folder has no metrics.jsonl, or one with no evaluation or a line that is
+            not JSON.
     """
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{run_dir} is not a finished run (no metrics.jsonl); pass run folders under -outputPath")
+    history = []
+    for number, line in enumerate(metrics.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{metrics} line {number} is not JSON (cut short?); resume the run to rewrite it "
+                            f"from its checkpoint, or leave the run out") from None
+    if not history:
+        raise UserError(f"{run_dir} has no evaluation yet (metrics.jsonl is empty); compare it after its first "
+                        f"evaluation round")
     config = yaml.safe_load((run_dir / "config.resolved.yaml").read_text()) if (run_dir / "config.resolved.yaml").is_file() else {}
-    return {"name": run_dir.name, "config": config,
-            "history": [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]}
+    return {"name": run_dir.name, "config": config, "history": history}
 
 
 def run_scores(history: list[dict]) -> dict:

@@ -169,7 +169,7 @@ class Experiment:
         """The records of metrics.jsonl, one dict per evaluation, oldest first (see README).
 
         Raises:
-            UserError: when the run has no metrics.jsonl yet.
+            UserError: when the run has no evaluation in metrics.jsonl yet, or a line there is not JSON.
         """
         return load_run(self.run_dir)["history"]
 
@@ -304,5 +304,5 @@ class Experiment:
     def recorded(self, round_idx: int) -> dict | None:
         """The metrics.jsonl record of ``round_idx`` (None when that round was not evaluated)."""
         path = self.run_dir / "metrics.jsonl"
-        records = self.metrics() if path.is_file() else []
+        records = self.metrics() if path.is_file() and path.read_text().strip() else []
         return next((r for r in records if r["round"] == round_idx), None)

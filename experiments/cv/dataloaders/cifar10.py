@@ -34,6 +34,8 @@ def read_batches(data_path: str | Path, split: str, download: bool = True) -> tu
         UserError: when the folder or a batch file is missing (after a download attempt if allowed).
     """
     data_path = Path(data_path)
+    if data_path.exists() and not data_path.is_dir():
+        raise UserError(f"-dataPath {data_path} is a file; pass the folder that holds '{FOLDER}'")
     folder = data_path / FOLDER
     if not folder.is_dir() and download:
         _download(data_path)
@@ -43,8 +45,28 @@ def read_batches(data_path: str | Path, split: str, download: bool = True) -> tu
         if not path.is_file():
             raise UserError(f"CIFAR-10 batch file {path} not found; -dataPath must be the folder that holds "
                             f"'{FOLDER}' with data_batch_1..5 and test_batch")
+        batch_images, batch_labels = _read_batch(path)
+        images.append(batch_images)
+        labels.append(batch_labels)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3, 32, 32) uint8 images and (n,) int64 labels of one pickled batch file.
+
+    Raises:
+        UserError: the file is not a readable CIFAR-10 batch (truncated, another file, other shapes).
+    """
+    fix = f"replace it with the file of the official python version ({FOLDER}.tar.gz)"
+    try:
         with open(path, "rb") as handle:
             batch = pickle.load(handle, encoding="latin1")
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch["labels"], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+    except Exception as exc:  # truncated or foreign bytes surface as many exception types
+        raise UserError(f"CIFAR-10 batch file {path} is unreadable ({type(exc).__name__}); {fix}") from None
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise UserError(f"CIFAR-10 batch file {path} holds no 'data' and 'labels'; {fix}")
+    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise UserError(f"CIFAR-10 batch file {path} holds data of shape {data.shape} with {len(labels)} labels, "
+                        f"not (n, 3072) with n labels; {fix}")
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32), labels
