@@ -603,22 +603,31 @@ def test_apfl_personalized_model_is_the_mixture(cifar_path, tmp_path):
     _, server = _run_rounds(sim, tmp_path / "a", rounds=1)
     rec = server._evaluate(1, 0.0, 0.0)
     assert rec["personalized"] == rec["global_on_personalized_clients"], "alpha 0: w alone"
-    sim = _sim(cifar_path, personalization={"method": "apfl", "local_layers": [], "apfl_alpha": 0.5},
-               data_config={"alpha": 0.1, "num_clients": 100}, server_config={"num_clients_per_iteration": 5})
+    # larger local test splits and two local epochs: mixtures of other weights would change the counts
+    sim = _sim(cifar_path, personalization={"method": "apfl", "local_layers": [], "apfl_alpha": 0.5, "apfl_alpha_lr": 1.0},
+               data_config={"alpha": 0.5, "num_clients": 20}, server_config={"num_clients_per_iteration": 5},
+               client_config={"local_epochs": 2})
     _, server = _run_rounds(sim, tmp_path / "b", rounds=1)
     server._evaluate(1, 0.0, 0.0)
     k, g = sim.layout.num_params, server.global_flat
-    alphas = []
-    for cid in sim.schedule.cohort(1):
-        entry = server.store.get(int(cid), None)
-        alphas.append(float(entry[k]))
+
+    def correct_with(cid, v, alpha):
         mixed = g.clone()
-        mixed[:k] = entry[k] * entry[:k] + (1 - entry[k]) * g[:k]
+        mixed[:k] = alpha * v + (1 - alpha) * g[:k]
         sim.layout.load_(mixed)
-        idx = sim.test_clients.get(int(cid))
-        assert server.last_matrix[int(cid), COUNT] == len(idx)
-        assert server.last_matrix[int(cid), PERSONAL] == float(correct_count(sim.model, sim.test_loader, idx))
+        return float(correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid)))
+
+    alphas, other_alpha, other_client = [], [], []
+    cohort = [int(c) for c in sim.schedule.cohort(1)]
+    for i, cid in enumerate(cohort):
+        entry, neighbour = server.store.get(cid, None), server.store.get(cohort[i - 1], None)
+        alphas.append(float(entry[k]))
+        assert server.last_matrix[cid, COUNT] == len(sim.test_clients.get(cid))
+        assert server.last_matrix[cid, PERSONAL] == correct_with(cid, entry[:k], entry[k])
+        other_alpha.append(correct_with(cid, entry[:k], 0.5) != server.last_matrix[cid, PERSONAL])
+        other_client.append(correct_with(cid, neighbour[:k], neighbour[k]) != server.last_matrix[cid, PERSONAL])
     assert all(0.0 <= a <= 1.0 for a in alphas) and len(set(alphas)) == len(alphas), "alpha learned per client"
+    assert any(other_alpha) and any(other_client), "the counts tell the client's own mixture from others"
 
 
 def test_scaffold_correction_stays_outside_the_momentum_buffer(cifar_path):
