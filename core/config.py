@@ -251,6 +251,12 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[keys[-1]] = value
 
 
+def _allowed_sections() -> set[str]:
+    """Top-level keys that hold a section (a mapping), as spelt in YAML."""
+    return {f.alias or n for n, f in Config.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+
+
 def _allowed_keys(loc: tuple) -> list[str]:
     model: Any = Config
     for part in loc[:-1]:
@@ -300,6 +306,8 @@ def load_config(path: str | Path, overrides: list[str] = (), seed: Optional[int]
         raise UserError(f"config {path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise UserError(f"config {path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    sections = _allowed_sections()
+    raw = {key: {} if value is None and key in sections else value for key, value in raw.items()}  # `server_config:`
     for assignment in overrides:
         apply_override(raw, assignment)
     if seed is not None:

@@ -63,6 +63,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
     empty_section = tmp_path / "empty_section.yaml"
     empty_section.write_text("server_config:\n")
     assert load_config(empty_section, ["server_config.max_iteration=3"]).server_config.max_iteration == 3
+    assert load_config(empty_section).server_config == Config().server_config, "an empty section: its defaults"
 
 
 def _cli(tmp_path, capsys, config: dict, data, task="cv", extra=()):
