@@ -15,7 +15,7 @@ from utils.compare import compare_plot, compare_table, load_run
 
 def main(argv=None) -> int:
     parser = OneLineParser(prog="compare.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (each holds metrics.jsonl)")
     parser.add_argument("-out", default="comparison", help="folder for compare.md and compare.png")
     args = parser.parse_args(argv)

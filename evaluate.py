@@ -27,7 +27,7 @@ from utils.sweep import assignment_slug
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="evaluate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-run", required=True, help="run folder OUT/<run name>")
     p.add_argument("--reload", default="best", help=f"checkpoint: {' or '.join(CHECKPOINTS)} (default best)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",

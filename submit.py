@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parent
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="submit.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any other argument is passed to e2e_trainer.py unchanged.")
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="Any other argument is passed to e2e_trainer.py unchanged.")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1; the local executor takes 1)")
     p.add_argument("--gpus", type=int, default=0,
                    help="GPUs per node, one task per GPU (default 0: CPU tasks, see --tasks_per_node)")

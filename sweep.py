@@ -25,7 +25,7 @@ from utils.sweep import (aggregate, assignment_slug, clear_incomplete, launch, p
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="sweep.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-config", required=True, help="experiment YAML shared by every run")
     p.add_argument("-task", required=True, help="task folder name under experiments/ or a path to one")
     p.add_argument("-dataPath", required=True, help="folder holding the task's data")

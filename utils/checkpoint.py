@@ -63,5 +63,5 @@ def check_resumable(path: str | Path, cfg, state_numel: int) -> None:
                         f"model {state_numel}; resume with the run's model_config or start another -run_name")
     if state.get("round", 0) > cfg.server_config.max_iteration:
         raise UserError(f"-resume {path}: the checkpoint is at round {state['round']}, past "
-                        f"server_config.max_iteration {cfg.server_config.max_iteration}; set max_iteration above "
+                        f"server_config.max_iteration {cfg.server_config.max_iteration}; set max_iteration to at least "
                         f"{state['round']} to continue the run")
