@@ -15,8 +15,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core.errors import UserError
 
 
+def _is_section(field) -> bool:
+    """Whether a pydantic field holds a nested section (a model) rather than a value."""
+    return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data):
+        """A section written with nothing under it (``server_config:`` in YAML, read as None) counts
+        as left out, at any depth: it takes the defaults listed in the config reference."""
+        if not isinstance(data, dict):
+            return data
+        sections = {name for n, f in cls.model_fields.items() if _is_section(f) for name in (n, f.alias) if name}
+        return {key: value for key, value in data.items() if not (value is None and key in sections)}
 
 
 YOGI_BETAS, YOGI_TAU = (0.9, 0.99), 1e-3
@@ -251,18 +266,12 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[keys[-1]] = value
 
 
-def _allowed_sections() -> set[str]:
-    """Top-level keys that hold a section (a mapping), as spelt in YAML."""
-    return {f.alias or n for n, f in Config.model_fields.items()
-            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
-
-
 def _allowed_keys(loc: tuple) -> list[str]:
     model: Any = Config
     for part in loc[:-1]:
         fields = {f.alias or n: f for n, f in model.model_fields.items()}
         field = fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        if field is None or not _is_section(field):
             return []
         model = field.annotation
     return sorted(f.alias or n for n, f in model.model_fields.items())
@@ -306,8 +315,6 @@ def load_config(path: str | Path, overrides: list[str] = (), seed: Optional[int]
         raise UserError(f"config {path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise UserError(f"config {path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    sections = _allowed_sections()
-    raw = {key: {} if value is None and key in sections else value for key, value in raw.items()}  # `server_config:`
     for assignment in overrides:
         apply_override(raw, assignment)
     if seed is not None:
