@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resume_path(args, cfg, run_dir: Path) -> Path | None:
-    target = args.resume if args.resume not in (None, "") else cfg.server_config.resume_from_checkpoint
-    if args.resume == "" and target is None:
-        target = str(run_dir)
+    """The checkpoint to continue: -resume PATH; a bare -resume, the run folder's latest.pt; else
+    ``server_config.resume_from_checkpoint``; a folder means its checkpoints/latest.pt."""
+    target = str(run_dir) if args.resume == "" else args.resume or cfg.server_config.resume_from_checkpoint
     if target is None:
         return None
     path = Path(target)
@@ -51,20 +51,24 @@ def _resume_path(args, cfg, run_dir: Path) -> Path | None:
 
 
 def _check_names(args, resume: str | None) -> None:
+    """Mistakes in the names alone: an -outputPath that is a file, a -run_name that is a path, a
+    bare -resume with no run to continue."""
     if Path(args.outputPath).exists() and not Path(args.outputPath).is_dir():
         raise UserError(f"-outputPath {args.outputPath} is a file; pass a folder (it is created if missing)")
     if args.run_name and (Path(args.run_name).name != args.run_name or args.run_name in (".", "..")):
         raise UserError(f"-run_name {args.run_name!r} must be a plain folder name (no '/' or '..'); "
-                        f"runs go to -outputPath/<run_name>")
+                        f"runs go to -outputPath/<run name>")
     if args.resume == "" and not args.run_name and not resume:
         raise UserError("-resume without a path continues the -run_name folder; pass -run_name NAME, "
                         "or -resume RUN_FOLDER")
 
 
-def _run_dir(args, cfg, rank: int) -> Path:
-    """OUT/<run name>. Raises UserError for an -outputPath that is a file, a -run_name that is a path,
-    a bare -resume without -run_name, or a folder that already holds results (without -resume, or of
-    a run other than the one resumed)."""
+def _run_dir(args, cfg) -> Path:
+    """OUT/<run name>: -run_name, else the folder of the run resumed, else <config>_<task>_<time>.
+
+    Raises:
+        UserError: see :func:`_check_names`.
+    """
     resume = args.resume or cfg.server_config.resume_from_checkpoint
     _check_names(args, resume)
     if args.run_name:
@@ -74,21 +78,29 @@ def _run_dir(args, cfg, rank: int) -> Path:
         name = path.name if path.is_dir() else path.parent.parent.name
     else:
         name = f"{Path(args.config).stem}_{Path(args.task).name}_{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(args.outputPath) / name
-    if rank == 0 and (run_dir / "metrics.jsonl").exists():
-        if resume is None and args.resume is None:
-            raise UserError(f"run folder {run_dir} already holds results; pass -resume to continue it "
-                            f"or choose another -run_name")
-        if resume and run_dir.resolve() not in (Path(resume).resolve(), *Path(resume).resolve().parents):
-            raise UserError(f"run folder {run_dir} already holds the results of a run other than {resume}; "
-                            f"choose a new -run_name to continue {resume} there")
-    return run_dir
+    return Path(args.outputPath) / name
+
+
+def _check_run_folder(run_dir: Path, resume: Path | None) -> None:
+    """Never overwrite results: a run folder that holds them may only be continued from one of its
+    own checkpoints."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return
+    if resume is None:
+        raise UserError(f"run folder {run_dir} already holds results; pass -resume to continue it "
+                        f"or choose another -run_name")
+    if run_dir.resolve() not in resume.resolve().parents:
+        raise UserError(f"run folder {run_dir} already holds the results of a run other than {resume}; "
+                        f"choose a new -run_name to continue {resume} there, or -resume {run_dir} to continue "
+                        f"this one")
 
 
 def _start_run(run_dir: Path, sim, task, args, argv: list[str], resume: Path | None) -> None:
-    """Rank 0, once every rank is up (only the server reads checkpoints): refuse a checkpoint that is
-    missing, of another config or model, or past the last round, then record the run
-    (config.resolved.yaml, run.json); nothing is written before the checks pass."""
+    """Rank 0, once every rank is up (a UserError here stops them all at once; only the server reads
+    the run folder): refuse to overwrite another run's results, and a checkpoint that is missing, of
+    another config or model, or past the last round; then record the run (config.resolved.yaml,
+    run.json). Nothing is written before the checks pass."""
+    _check_run_folder(run_dir, resume)
     if resume is not None:
         check_resumable(resume, sim.cfg, sim.layout.numel)
     make_folder(run_dir, f"-outputPath {args.outputPath}")
@@ -101,10 +113,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         mpi_environment()
-        rank = int(os.environ.get("RANK", 0))
         task = load_task(args.task)
         cfg = load_config(args.config, args.overrides, args.seed)
-        run_dir = _run_dir(args, cfg, rank)
+        run_dir = _run_dir(args, cfg)
         resume = _resume_path(args, cfg, run_dir)
         from core.runner import run_experiment
         run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume,

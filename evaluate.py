@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from core.personalization import build_personalization
-from utils.cli import OneLineParser, make_folder
+from utils.cli import OneLineParser, check_writable, make_folder
 from utils.experiment import CHECKPOINTS, Experiment
 from utils.report import results_table, write_client_table
 from utils.sweep import assignment_slug
@@ -56,7 +56,7 @@ def evaluate(args) -> dict:
     """
     exp = Experiment(args.run, task=args.task, data_path=args.dataPath, overrides=args.overrides, device=args.device)
     path = output_path(exp.run_dir, args.reload, args.overrides, args.out)
-    make_folder(path.parent, f"-out {path}")
+    check_writable(path.parent, f"-out {path}")  # before the evaluation, creating nothing yet
     started = time.perf_counter()
     record, matrix, trained = exp.evaluate(args.reload)
     doc = {"run": str(exp.run_dir), "reload": args.reload,
@@ -65,6 +65,7 @@ def evaluate(args) -> dict:
            "partition_changed": exp.partition_changed, "results": record,
            "recorded": None if exp.partition_changed else exp.recorded(record["round"]),
            "wall_s": time.perf_counter() - started, "note": _note(exp, record)}
+    make_folder(path.parent, f"-out {path}")
     path.write_text(json.dumps(doc, indent=1) + "\n")
     write_client_table(path.with_name(path.stem + "_clients.csv"), matrix, trained)
     return doc | {"path": str(path)}

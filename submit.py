@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from core.errors import UserError
-from utils.cli import OneLineParser
+from utils.cli import OneLineParser, check_writable
 
 REPO = Path(__file__).resolve().parent
 
@@ -128,7 +128,7 @@ def trainer_argv(args, extra: list[str]) -> list[str]:
 
 
 def _check_trainer_args(argv: list[str]) -> None:
-    """Fail at submission, not after the queue wait, on a bad config, task or override."""
+    """Fail at submission, not after the queue wait, on a bad config, task, model or override."""
     import e2e_trainer
     from core.config import load_config
     from core.task import load_task
@@ -140,8 +140,8 @@ def _check_trainer_args(argv: list[str]) -> None:
     except SystemExit:
         reason = said.getvalue().strip().removeprefix("pfedsim: error: ")
         raise UserError(f"trainer arguments: {reason}") from None
-    load_config(parsed.config, parsed.overrides, parsed.seed)
-    load_task(parsed.task)
+    cfg = load_config(parsed.config, parsed.overrides, parsed.seed)
+    load_task(parsed.task).model_class(cfg.model)
 
 
 def make_executor(args, log_dir: Path):
@@ -182,6 +182,7 @@ def submit(argv: list[str] | None = None):
     targv = trainer_argv(args, extra)
     _check_trainer_args(targv)
     run_dir = Path(targv[targv.index("-outputPath") + 1]) / targv[targv.index("-run_name") + 1]
+    check_writable(run_dir / "submitit", f"-outputPath {targv[targv.index('-outputPath') + 1]}")
     executor = make_executor(args, run_dir / "submitit")
     job = executor.submit(TrainerJob(targv, run_dir))
     print(f"pfedsim submit: job {job.job_id} -> {run_dir} (logs: {run_dir / 'submitit'})", flush=True)

@@ -89,7 +89,8 @@ def _personal_index(layout: StateLayout, personalization, model, model_type: str
 
 
 def _check_labels(datasets, num_classes: int) -> None:
-    """Integer (class) labels must lie in 0..num_classes-1, or the loss fails in round 1."""
+    """Integer (class) labels must stay below num_classes, or the loss fails in round 1 (negative
+    ones are left alone: -100 is cross-entropy's ignore index)."""
     for ds in datasets:
         labels = torch.as_tensor(ds.labels)
         if labels.numel() and not labels.is_floating_point() and int(labels.max()) >= num_classes:

@@ -7,7 +7,7 @@ import torch
 import e2e_trainer
 from core.config import Config, load_config
 from core.errors import UserError
-from testing.conftest import REPO, SMALL_CV, run_trainer, write_config
+from testing.conftest import REPO, SMALL_CV, read_metrics, run_trainer, write_config
 
 
 def test_shipped_configs_validate():
@@ -106,11 +106,11 @@ def test_missing_data_names_the_folder(tmp_path, capsys):
     assert "cifar-10-batches-py" in err[0] and str(tmp_path / "nowhere") in err[0]
 
 
-def test_existing_run_is_not_overwritten(tmp_path, capsys):
+def test_existing_run_is_not_overwritten(tmp_path, capsys, cifar_path):
     run = tmp_path / "out" / "r"
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"round": 1}\n')
-    code, err = _cli(tmp_path, capsys, SMALL_CV, tmp_path)
+    code, err = _cli(tmp_path, capsys, SMALL_CV, cifar_path)
     assert code == 2 and "already holds results" in err[0]
     assert (run / "metrics.jsonl").read_text() == '{"round": 1}\n'
 
@@ -185,6 +185,10 @@ def test_resume_into_another_runs_folder_is_refused(tmp_path, capsys):
                                     "--set", "server_config.max_iteration=3"]) == 2
     assert "already holds the results of a run other than" in _one_line(capsys)
     assert {f: f.read_bytes() for f in (tmp_path / "b").rglob("*") if f.is_file()} == before
+    # a bare -resume continues the -run_name folder, even when the config names another checkpoint
+    assert e2e_trainer.main(base + ["-run_name", "b", "-seed", "1", "-resume", "--set", "server_config.max_iteration=3",
+                                    "--set", f"server_config.resume_from_checkpoint={tmp_path / 'a'}"]) == 0
+    assert [r["round"] for r in read_metrics(tmp_path / "b")] == [2, 3]
     # continuing a run into a new folder (a branch of it) stays allowed
     assert e2e_trainer.main(base + ["-run_name", "c", "-resume", str(tmp_path / "a"),
                                     "--set", "server_config.max_iteration=3"]) == 0

@@ -102,6 +102,12 @@ def test_mistakes_fail_at_submission(tmp_path, capsys):
         err = _submit_error(capsys, ["--partition", "gpu", *ARGS, "-outputPath", str(tmp_path)])
         assert err.startswith("pfedsim: error: --executor slurm: ") and "--executor local" in err
     assert not any(tmp_path.iterdir()), "nothing is submitted or created on a mistake"
+    (tmp_path / "afile").write_text("")
+    err = _submit_error(capsys, ["--executor", "local", *ARGS, "-outputPath", str(tmp_path / "afile" / "out")])
+    assert "cannot create the folder" in err
+    err = _submit_error(capsys, ["--executor", "local", *ARGS, "-outputPath", str(tmp_path), "--set",
+                                 "model_config.options={width: 2}"])
+    assert "model_config.options: MLP reads no option 'width'" in err
 
 
 def _submit_error(capsys, argv) -> str:

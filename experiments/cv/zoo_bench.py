@@ -27,6 +27,7 @@ import e2e_trainer
 from core.config import cohort_range, load_config
 from core.errors import UserError
 from core.task import load_task
+from utils.cli import OneLineParser
 from utils.compare import load_run, run_scores
 
 CENTRAL = ("data_config.num_clients=1", "data_config.partition=iid", "server_config.num_clients_per_iteration=1",
@@ -35,8 +36,8 @@ CENTRAL = ("data_config.num_clients=1", "data_config.partition=iid", "server_con
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.cv.zoo_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m experiments.cv.zoo_bench", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-dataPath", required=True, help="folder holding cifar-10-batches-py")
     p.add_argument("-outputPath", required=True, help="folder for the runs (<model>_fed, <model>_central), zoo.png, zoo.md")
     p.add_argument("-config", default="experiments/cv/config_zoo_cpu.yaml", help="base experiment YAML")

@@ -28,8 +28,9 @@ PUBLISHED = re.compile(r"^#\s*published:\s*(global|personalized)\s+([0-9.]+)\s*(
 
 def build_parser() -> argparse.ArgumentParser:
     from sweep import add_launch_args
-    p = argparse.ArgumentParser(prog="run_baselines.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from utils.cli import OneLineParser
+    p = OneLineParser(prog="run_baselines.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-dataPath", required=True, help="folder holding cifar-10-batches-py")
     p.add_argument("-outputPath", required=True, help="results go to OUT/<name>/")
     p.add_argument("-name", default="baselines", help="folder under OUT (default baselines)")
