@@ -73,7 +73,8 @@ def test_preempted_job_is_requeued_and_resumes_from_latest(tmp_path):
     assert straight.returncode == 0, straight.stderr[-2000:]
     resumed, full = load_ckpt(run), load_ckpt(tmp_path / "straight")
     assert resumed["round"] == full["round"] == 300
-    assert torch.allclose(resumed["global"], full["global"], atol=1e-6, rtol=0)
+    gap = float((resumed["global"] - full["global"]).abs().max())  # failed once under heavy load: say by how much
+    assert gap <= 1e-6, f"requeued run differs from the straight run by {gap:.3g}; attempts: {log[-2000:]}"
 
 
 def test_requeue_without_checkpoint_starts_over(tmp_path):
