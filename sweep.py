@@ -19,8 +19,7 @@ from pathlib import Path
 from core.errors import UserError
 from core.task import load_task
 from utils.cli import OneLineParser, make_folder
-from utils.sweep import (aggregate, assignment_slug, clear_incomplete, launch, parse_axis, plan, run_status,
-                         trainer_command, write_report)
+from utils.sweep import aggregate, clear_incomplete, launch, parse_axis, plan, run_status, trainer_command, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,12 +60,7 @@ def prepare(args):
     if args.jobs < 1 or args.nproc < 1:
         raise UserError(f"--jobs {args.jobs}, --nproc {args.nproc}: expected at least 1 each")
     axes = [parse_axis(text) for text in args.grid]
-    runs = plan(args.config, args.overrides, axes, args.seeds)
-    for run in runs:
-        try:
-            task.model_class(run.config.model)
-        except UserError as exc:
-            raise UserError(f"grid point {assignment_slug(run.point) or '(none)'}: {exc}") from None
+    runs = plan(args.config, args.overrides, axes, args.seeds, task)
     sweep_dir = Path(args.outputPath) / (args.name or f"{Path(args.config).stem}_{Path(args.task).name}_sweep")
     status = {run.name: run_status(sweep_dir / run.name, run.config) for run in runs}
     make_folder(sweep_dir, f"-outputPath {args.outputPath}")

@@ -93,9 +93,10 @@ def _check_labels(datasets, num_classes: int) -> None:
     ones are left alone: -100 is cross-entropy's ignore index)."""
     for ds in datasets:
         labels = torch.as_tensor(ds.labels)
-        if labels.numel() and not labels.is_floating_point() and int(labels.max()) >= num_classes:
-            raise UserError(f"model_config.num_classes {num_classes}: the {ds.split} labels go up to "
-                            f"{int(labels.max())}; set num_classes to at least {int(labels.max()) + 1}")
+        top = int(labels.max()) if labels.numel() and not labels.is_floating_point() else -1
+        if top >= num_classes:
+            raise UserError(f"model_config.num_classes {num_classes}: the {ds.split} labels go up to {top}; "
+                            f"set num_classes to at least {top + 1}")
 
 
 def init_model(task, cfg, device: torch.device) -> torch.nn.Module:

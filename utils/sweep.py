@@ -88,9 +88,9 @@ class SweepRun:
         return [f"{k}={v}" for k, v in self.point]
 
 
-def plan(config_path: str, sets: list[str], axes: list[Axis], seeds: int) -> list[SweepRun]:
-    """Every grid point x seed, each config validated; seeds are ``seed .. seed + seeds - 1`` of the
-    config (after ``sets``).
+def plan(config_path: str, sets: list[str], axes: list[Axis], seeds: int, task=None) -> list[SweepRun]:
+    """Every grid point x seed, each config validated (and its model type and options against
+    ``task``'s models when given); seeds are ``seed .. seed + seeds - 1`` of the config (after ``sets``).
 
     Raises:
         UserError: a repeated grid key, a bad seed count, or any invalid config (named by grid point).
@@ -109,6 +109,8 @@ def plan(config_path: str, sets: list[str], axes: list[Axis], seeds: int) -> lis
             name = assignment_slug(list(point) + [("seed", seed)])
             try:
                 cfg = load_config(config_path, list(sets) + [f"{k}={v}" for k, v in point], seed)
+                if task is not None:
+                    task.model_class(cfg.model)
             except UserError as exc:
                 raise UserError(f"grid point {assignment_slug(point) or '(none)'}: {exc}") from None
             runs.append(SweepRun(name, point, seed, cfg))
