@@ -57,7 +57,7 @@ def main() -> None:
     for batch in (small, sim.schedule.cohort_size(1) * small):
         _, csim = single_process_simulation(args.config, args.data, args.device,
                                             args.overrides + [f"client_config.batch_size={batch}"])
-        run = centralized_steps(csim, csim.cfg, samples // batch)(csim.layout.flatten())
+        run = centralized_steps(csim, csim.cfg, samples // batch)(csim.layout.flatten(), 1)
         run()
         paths[f"centralized_batch_{batch}"] = count_ops(run)
     result = {"benchmark": "dispatch", "date": time.strftime("%Y-%m-%d"), "machine": machine(),

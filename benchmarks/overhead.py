@@ -27,16 +27,23 @@ from core.optim import build_optimizer
 from core.server import Server
 
 
-def centralized_steps(sim, cfg, steps: int):
-    """A closure ``run(start)`` that sets a second model of the same class to the flat state
-    ``start`` (not timed: call it outside the clock) and returns a closure training it for ``steps``
-    batches of the client batch size, on the samples of round 1's cohort pooled together (the same
-    images the FL round reads).
+def round_steps(sim, cfg, round_idx: int) -> int:
+    """Optimizer steps of round ``round_idx``: each cohort client's batches times the local epochs."""
+    batch = cfg.client_config.batch_size
+    return sum(-(-int(sim.train_clients.sizes[c]) // batch) for c in sim.schedule.cohort(round_idx)) \
+        * cfg.client_config.local_epochs
 
-    Starting every pass from the FL round's global weights matters on the CPU: the cost of an
-    NCHW max-pool forward depends on the values it compares (2.4 ms on random activations vs 0.8 ms
-    when 98% are zero for a (10, 64, 28, 28) input, branch mispredictions), so a model trained
-    for many more steps than the global model runs measurably faster steps.
+
+def centralized_steps(sim, cfg, steps: int | None = None):
+    """A closure ``start(flat, round_idx)`` that sets a second model of the same class to the flat
+    state ``flat`` (not timed: call it outside the clock) and returns a closure training it for
+    ``steps`` batches (default: the steps of round ``round_idx``) of the client batch size, on the
+    samples of that round's cohort pooled together (the images the paired FL round reads).
+
+    Starting every pass from the FL round's global weights, on its cohort's images, matters on the
+    CPU: the cost of an NCHW max-pool forward depends on the values it compares (2.4 ms on random
+    activations vs 0.8 ms when 98% are zero for a (10, 64, 28, 28) input, branch mispredictions),
+    so a model trained for many more steps than the global model runs measurably faster steps.
     """
     model = type(sim.model)(cfg.model).to(sim.ctx.device)
     if cfg.client_config.channels_last:
@@ -44,17 +51,17 @@ def centralized_steps(sim, cfg, steps: int):
     optimizer = build_optimizer(model.parameters(), cfg.client_config.optimizer_config)
     loss_fn = training_loss(model, cfg.client_config)  # compiled too when client_config.compile is on
     loader = sim.trainer.loader
-    pooled = torch.cat([sim.train_clients.get(c) for c in sim.schedule.cohort(1)])
-    indices = pooled.repeat(-(-steps * cfg.client_config.batch_size // pooled.numel()))
-    indices = indices[:steps * cfg.client_config.batch_size]
     generator = torch.Generator(device=sim.ctx.device).manual_seed(0)
     layout = StateLayout(model)
 
-    def start(flat: torch.Tensor):
+    def start(flat: torch.Tensor, round_idx: int):
         layout.load_(flat)
-        return run
+        pooled = torch.cat([sim.train_clients.get(c) for c in sim.schedule.cohort(round_idx)])
+        size = (steps or round_steps(sim, cfg, round_idx)) * cfg.client_config.batch_size
+        indices = pooled.repeat(-(-size // pooled.numel()))[:size]
+        return lambda: run(indices)
 
-    def run():
+    def run(indices: torch.Tensor):
         model.train()
         for batch in loader.batches(indices, generator):
             batch = sim.trainer.prepare(batch)
@@ -70,23 +77,22 @@ def main() -> None:
     parser = benchmark_parser(__doc__, "overhead", "cpu", repeats=5)
     args = parser.parse_args()
     cfg, sim = single_process_simulation(args.config, args.data, args.device, args.overrides)
-    steps = sum(-(-int(sim.train_clients.sizes[c]) // cfg.client_config.batch_size) for c in sim.schedule.cohort(1)) \
-        * cfg.client_config.local_epochs
-    central_from = centralized_steps(sim, cfg, steps)
+    central_from = centralized_steps(sim, cfg)
+    rounds = range(1, args.repeats + 2)  # the first pair warms up and is dropped
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(sim, Path(tmp), None)
-        rounds = iter(range(1, 10_000))
         fl, central = [], []
-        for _ in range(args.repeats + 1):  # the first pair warms up and is dropped
-            central_run = central_from(server.global_flat)  # the weights this round starts from
-            fl += timed(lambda: server._round(next(rounds)), sim.ctx.device, 1)
+        for r in rounds:
+            central_run = central_from(server.global_flat, r)  # the weights and cohort of round r
+            fl += timed(lambda: server._round(r), sim.ctx.device, 1)
             central += timed(central_run, sim.ctx.device, 1)
         fl, central = fl[1:], central[1:]
         server.writer.close()
     result = {"benchmark": "overhead", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "device": args.device, "data": "synthetic" if args.data == "synthetic" else "cifar10",
-              "config": args.config, "overrides": args.overrides, "centralized_start": "round's global weights", "cohort": sim.schedule.cohort_size(1),
-              "steps_per_round": steps, "fl_round_s": median(fl), "centralized_s": median(central),
+              "config": args.config, "overrides": args.overrides, "centralized_start": "round's global weights",
+              "centralized_data": "round's cohort", "cohort": sim.schedule.cohort_size(1),
+              "steps_per_round": [round_steps(sim, cfg, r) for r in rounds][1:], "fl_round_s": median(fl), "centralized_s": median(central),
               "ratio": median(fl) / median(central),
               "pair_ratio_median": median([a / b for a, b in zip(fl, central)]), "fl_all": fl, "centralized_all": central}
     save(result, Path(args.out))

@@ -37,8 +37,8 @@ if [[ $only == all || $only == precision ]]; then
   python3 -m benchmarks.precision --device cuda --config benchmarks/configs/pfl_cnn_50x50.yaml --out "$out/precision.jsonl"
 fi
 if [[ $only == all || $only == workers ]]; then
-  for n in 1 2 4; do
-    python3 -m torch.distributed.run --nproc_per_node=$n benchmarks/workers.py --device cuda --out "$out/workers.jsonl" 2>&1 | grep '"benchmark"'
+  for n in 1 2 4; do  # one thread per process, as torchrun sets for n > 1 (n = 1 would take every core)
+    OMP_NUM_THREADS=1 python3 -m torch.distributed.run --nproc_per_node=$n benchmarks/workers.py --device cuda --out "$out/workers.jsonl" 2>&1 | grep '"benchmark"'
   done
   for n in 1 2 4; do
     OMP_NUM_THREADS=2 python3 -m torch.distributed.run --nproc_per_node=$n benchmarks/workers.py --device cpu \

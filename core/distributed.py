@@ -145,6 +145,10 @@ class Transport:
     def __init__(self, ctx: DistContext):
         self.ctx = ctx
         self.comm_device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+        # The last collective's buffer, kept until close(): the backend's work object may still hold it, and if
+        # the backend's thread dropped the last reference at teardown it would need the GIL that close() holds
+        # while joining that thread (a deadlock seen with gloo on torch 2.4 under mpiexec).
+        self._held: torch.Tensor | None = None
 
     def _store(self):
         try:
@@ -181,7 +185,7 @@ class Transport:
     def _run(self, op, tensor: torch.Tensor, what: str) -> torch.Tensor:
         if self.ctx.world_size == 1:
             return tensor
-        buf = tensor.to(self.comm_device)
+        buf = self._held = tensor.to(self.comm_device)
         store = self._store() if self.ctx.rank > 0 else None
         if store is not None:
             store.set(f"pfedsim/at/{self.ctx.rank}", what)
@@ -224,6 +228,7 @@ class Transport:
                 except Exception:  # a peer already failed; that failure is what gets reported
                     pass
             dist.destroy_process_group()
+        self._held = None
 
 
 def _clear_frames(error: BaseException | None) -> None:

@@ -132,16 +132,16 @@ class Server:
         bar = tqdm(range(self.start_round, rounds + 1), desc="rounds", unit="round", dynamic_ncols=True,
                    initial=self.start_round - 1, total=rounds, mininterval=2.0,
                    disable=None)  # no bar when stderr is not a terminal (log files keep only the round lines)
-        train_s, train_rounds = 0.0, 0
+        round_s: list[float] = []  # training seconds of each round since the last evaluation
         for r in bar:
             started = time.perf_counter()
             loss = self._round(r)
-            train_s, train_rounds = train_s + time.perf_counter() - started, train_rounds + 1
+            round_s.append(time.perf_counter() - started)
             bar.set_postfix(loss=f"{loss:.3f}")
             if sim.schedule.is_eval_round(r):
                 record = self._evaluate(r, loss, time.perf_counter() - t0)
-                record["sec_per_round"] = train_s / train_rounds
-                train_s, train_rounds = 0.0, 0
+                record["sec_per_round"], record["round_s"] = sum(round_s) / len(round_s), round_s
+                round_s = []
                 is_best = all(record["global_test_acc"] > h["global_test_acc"] for h in self.history)
                 self.history.append(record)
                 self.writer.write(record)

@@ -36,6 +36,10 @@ def test_smoke_run_writes_every_output(straight):
     assert list(run.glob("events.out.tfevents.*"))
     records = read_metrics(run)
     assert [r["round"] for r in records] == [2, 4]
+    for r in records:  # the training seconds of each round since the previous evaluation
+        assert len(r["round_s"]) == 2 and all(0 < s < r["elapsed_s"] for s in r["round_s"])
+        assert r["sec_per_round"] == pytest.approx(sum(r["round_s"]) / 2)
+    assert sum(records[0]["round_s"]) < records[0]["elapsed_s"] < records[1]["elapsed_s"] - sum(records[1]["round_s"])
     assert "personalized models, trained clients" in proc.stdout
     last = records[-1]
     assert last["personalized"]["clients"] == len(load_ckpt(run)["client_store"]["entries"])

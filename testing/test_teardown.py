@@ -22,7 +22,10 @@ def _launch(case: str, out: Path) -> list[subprocess.Popen]:
 def _reports(procs, out: Path) -> tuple[list[int], list[dict]]:
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert all((out / f"rank{r}.json").exists() for r in range(2)), "\n".join(e[-2000:] for e in errs)
-    return [p.returncode for p in procs], [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    if not any(r["during"] for r in reports):  # e.g. torch 2.4: nothing this test could see stopping
+        pytest.skip("this torch does not name its gloo threads, so /proc cannot tell whether they stopped")
+    return [p.returncode for p in procs], reports
 
 
 @pytest.mark.timeout(180)

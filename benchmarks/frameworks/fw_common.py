@@ -93,9 +93,36 @@ def partition(train_y: torch.Tensor) -> list[np.ndarray]:
 
 
 def make_model() -> torch.nn.Module:
+    """A PflCNN; its initial weights are drawn as pfedsim draws its global model's (``core.simulation.init_model``:
+    ``torch.manual_seed(derive_seed(seed, 0x5EED))``), so the three frameworks start from the same weights. The
+    global torch RNG is left where that seed puts it."""
     from core.config import ModelSection
     from experiments.cv.model import PflCNN
+    from utils.seeding import derive_seed
+    torch.manual_seed(derive_seed(SEED, 0x5EED))
     return PflCNN(ModelSection(model_type="PflCNN"))
+
+
+class ClientCache:
+    """What a client process (a Flower Ray actor) loads once: the memory-mapped uint8 train images and
+    labels, the partition, and one model that every client call reuses. It lives in this importable module
+    so that cloudpickle pickles it by reference: a cache defined in the ``__main__`` script would be pickled
+    by value with the client function Flower ships with every message, and rebuilt at every client call.
+    ``inits`` counts the loads in this process (1 once warm)."""
+
+    _state: dict = {}
+    inits = 0
+
+    @classmethod
+    def get(cls, cache_dir: Path, device: str) -> dict:
+        if not cls._state:
+            torch.set_num_threads(1)
+            cls._state = {"x": np.load(cache_dir / "train_x.npy", mmap_mode="r"),
+                          "y": np.load(cache_dir / "train_y.npy", mmap_mode="r"),
+                          "parts": np.load(cache_dir / "parts.npy"),
+                          "model": to_layout(make_model().to(device))}
+            cls.inits += 1
+        return cls._state
 
 
 @torch.no_grad()

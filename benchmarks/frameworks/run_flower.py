@@ -36,20 +36,6 @@ DEVICE = os.environ.get("FW_DEVICE", "cpu")
 ACTORS = int(os.environ.get("FW_ACTORS", "1"))
 
 # ---- client side (runs in the Ray actor process) ------------------------------------------------
-_STATE: dict = {}
-
-
-def _client_state():
-    """Memory-mapped uint8 train images/labels, the partition and one model, loaded once per actor."""
-    if not _STATE:
-        torch.set_num_threads(1)
-        _STATE["x"] = np.load(CACHE / "train_x.npy", mmap_mode="r")
-        _STATE["y"] = np.load(CACHE / "train_y.npy", mmap_mode="r")
-        _STATE["parts"] = np.load(CACHE / "parts.npy")
-        _STATE["model"] = W.to_layout(W.make_model().to(DEVICE))
-    return _STATE
-
-
 def get_weights(model):
     return [v.detach().cpu().numpy() for v in model.state_dict().values()]
 
@@ -67,7 +53,7 @@ class CifarClient(NumPyClient):
         self.cid = cid
 
     def fit(self, parameters, config):
-        st = _client_state()
+        st = W.ClientCache.get(CACHE, DEVICE)  # loaded once per actor (fw_common is pickled by reference)
         model = st["model"]
         set_weights(model, parameters)
         idx = st["parts"][self.cid]
@@ -85,7 +71,7 @@ class CifarClient(NumPyClient):
                     loss = torch.nn.functional.cross_entropy(model(W.to_layout(x[b])), y[b])
                 loss.backward()
                 opt.step()
-        return get_weights(model), len(y), {}
+        return get_weights(model), len(y), {"actor_inits": W.ClientCache.inits}
 
 
 def client_fn(context):
@@ -103,6 +89,7 @@ class TimedFedAvg(FedAvg):
         super().__init__(*a, **kw)
         self.t_start = None
         self.t_round_end: list[float] = []
+        self.actor_inits = 0  # the most loads any one actor made: 1 when its client cache persists
 
     def configure_fit(self, server_round, parameters, client_manager):
         if server_round == 1 and self.t_start is None:
@@ -112,6 +99,7 @@ class TimedFedAvg(FedAvg):
     def aggregate_fit(self, server_round, results, failures):
         if failures:
             raise RuntimeError(f"round {server_round}: {len(failures)} client failures: {failures[:1]}")
+        self.actor_inits = max([self.actor_inits] + [int(res.metrics.get("actor_inits", 0)) for _, res in results])
         out = super().aggregate_fit(server_round, results, failures)
         self.t_round_end.append(time.perf_counter())
         return out
@@ -135,8 +123,8 @@ def main() -> None:
     np.save(CACHE / "train_y.npy", y.numpy())
     np.save(CACHE / "parts.npy", parts)
     test_x, test_y = W.normalise(tx.to(DEVICE)), ty.to(DEVICE)
+    init = get_weights(W.make_model())  # pfedsim's initial global weights (fw_common.make_model)
     eval_model = W.make_model().to(DEVICE)
-    init = get_weights(W.make_model())  # seeded by torch.manual_seed(SEED) above
     t_data = time.perf_counter() - t0
 
     final = {}
@@ -179,7 +167,7 @@ def main() -> None:
         "framework": "flower", "version": f"flwr {flwr.__version__}, ray {__import__('ray').__version__}",
         **W.switches(), "device": DEVICE, "actors": ACTORS, "data": W.DATA_PATH,
         "rounds": W.ROUNDS, "wall_s": round(wall, 2), "s_per_round": round(wall / W.ROUNDS, 3),
-        "final_test_acc": round(final["acc"], 4),
+        "final_test_acc": round(final["acc"], 4), "actor_inits": strategy.actor_inits,
         "included": "from FedAvg.configure_fit of round 1 to the end of aggregate_fit of round 20: client "
                     "sampling, parameter (de)serialisation and transport to/from the Ray actor, local "
                     "training, aggregation; round 1 also includes Ray/actor start-up, which "

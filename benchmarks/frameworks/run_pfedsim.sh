@@ -8,7 +8,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-PY="${PFEDSIM_PYTHON:-/work/venv/bin/python}"
+PY="${PFEDSIM_PYTHON:-$REPO/.venv/bin/python}"
 DATA="${1:-/work/shared/data/cifar10}"
 NAME="${2:-fw_pfedsim_$(date +%Y%m%d_%H%M%S)}"
 shift $(( $# > 2 ? 2 : $# ))
@@ -41,6 +41,8 @@ if dirty:
 out = {"framework": "pfedsim", "processes": int(nproc), "cores": cores, "version": f"git {commit}", "rounds": last["round"],
        "wall_s": round(last["elapsed_s"], 2), "s_per_round": round(last["elapsed_s"] / last["round"], 3),
        "final_test_acc": round(last["global_test_acc"], 4),
+       "s_per_round_2_20": round(sum(last["round_s"][1:]) / (len(last["round_s"]) - 1), 3),
+       "round_s": [round(v, 3) for v in last["round_s"]],
        "included": "pfedsim's own elapsed_s at the last round: the 20 training rounds (cohort sampling, "
                    "broadcast, local training, aggregation); excludes data loading, model/engine set-up "
                    "and the final test-set evaluation",

@@ -10,6 +10,7 @@ the first to the end of iteration 20 (before any other callback). Data loading a
 are outside it; the final test-set evaluation runs after algorithm.run returns.
 Run pinned: taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python run_pfl.py
 FW_PRECISION=bf16 and FW_CHANNELS_LAST=1 switch the local training steps as in run_flower.py.
+FW_DEVICE (default cpu) is the device pfl trains on (PFL_PYTORCH_DEVICE, unless that is set).
 Several processes: taskset -c 0,1 env OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone
 --nproc_per_node=2 run_pfl.py (pfl then joins the gloo group itself and splits each cohort across the
 processes; every process draws the same cohorts from CohortSampler, seeded alike).
@@ -17,6 +18,7 @@ processes; every process draws the same cohorts from CohortSampler, seeded alike
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fw_common as W  # noqa: E402
+
+DEVICE = os.environ.get("FW_DEVICE", "cpu")
+os.environ.setdefault("PFL_PYTORCH_DEVICE", DEVICE)  # pfl would take CUDA whenever one is present
 
 
 class PflWrapped(torch.nn.Module):
@@ -127,7 +132,8 @@ def main() -> None:
     if len(stamps.ends) != W.ROUNDS:
         raise SystemExit(f"pfl ran {len(stamps.ends)} central iterations, expected {W.ROUNDS}")
     t = time.perf_counter()
-    acc = W.test_accuracy(model.pytorch_model, test_x, test_y)
+    device = next(model.pytorch_model.parameters()).device
+    acc = W.test_accuracy(model.pytorch_model, test_x.to(device), test_y.to(device))
     eval_s = time.perf_counter() - t
 
     ends = stamps.ends
@@ -139,7 +145,7 @@ def main() -> None:
     W.report({
         "framework": "pfl", "processes": torch.distributed.get_world_size() if distributed else 1,
         "version": f"pfl {pfl.__version__ if hasattr(pfl, '__version__') else '?'}",
-        **W.switches(),
+        **W.switches(), "device": str(device),
         "rounds": W.ROUNDS, "wall_s": round(wall, 2), "s_per_round": round(wall / W.ROUNDS, 3),
         "final_test_acc": round(acc, 4),
         "included": "from the on_train_begin callback to the end of central iteration 20 (inside "
