@@ -7,6 +7,9 @@
 # in two back-to-back device calls (the first call can just `ls .whl`); in the second call run, from the
 # repository root:   OUT=$OUT bash benchmarks/frameworks/run_gpu.sh
 # Results: $OUT/frameworks_gpu.jsonl (pfedsim, one line per variant) and $OUT/results_flower_gpu*.json.
+# Compare like with like: pfedsim's sec_per_round is the mean of rounds 2-20, so take Flower's
+# s_per_round_2_20 (its round 1 includes Ray's start). pfl is not run here: its wheels are not in
+# the carried set (run_pfl.py takes FW_DEVICE=cuda where pfl is installed).
 set -euo pipefail
 out=${OUT:-/tmp/fw_gpu}
 mkdir -p "$out"
