@@ -64,8 +64,9 @@ def main() -> None:
               "peak_device_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
               "total_s": time.perf_counter() - start}
     if history is not None:
-        round_s = history[-1]["round_s"]  # every round; the first warms up and is left out of the mean
-        record.update({"partition_s": part_s, "sec_per_round": sum(round_s[1:]) / len(round_s[1:]), "round_s": round_s,
+        round_s = [s for h in history for s in h["round_s"]]  # every round
+        timed = round_s[1:] or round_s  # the first warms up and is left out of the mean when there are more
+        record.update({"partition_s": part_s, "sec_per_round": sum(timed) / len(timed), "round_s": round_s,
                        "trained_clients_with_test_data": history[-1]["personalized"]["clients"]})
     save(record, Path(args.out))
 

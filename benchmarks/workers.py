@@ -37,7 +37,8 @@ def main() -> None:
         save({"benchmark": "workers", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "device": args.device, "backend": args.backend, "processes": world, "data": args.data,
               "training_ranks": world, "config": args.config, "overrides": args.overrides,
-              "sec_per_round": sum(round_s[1:]) / len(round_s[1:]), "round_s": round_s}, Path(args.out))
+              "sec_per_round": sum(round_s[1:] or round_s) / len(round_s[1:] or round_s), "round_s": round_s},
+             Path(args.out))
 
 
 if __name__ == "__main__":

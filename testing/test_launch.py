@@ -42,15 +42,17 @@ dist.destroy_process_group()
 def _run_mpiexec(args: list[str], n: int = 3, **env_vars) -> subprocess.CompletedProcess:
     # faulthandler: a rank that aborts in C++ still prints its Python stack (which phase it was in)
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONFAULTHANDLER="1", **env_vars)
-    # a session of its own: on a timeout the ranks are killed with mpiexec (a surviving rank would keep the
-    # output pipes open, and subprocess.run would wait for it past its timeout)
     proc = subprocess.Popen([_mpiexec(), "-n", str(n), sys.executable, *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+    except subprocess.TimeoutExpired:  # a hung rank: SIGINT makes mpiexec stop every rank (they run in
+        proc.send_signal(signal.SIGINT)  # sessions of their own, out of reach of a kill of mpiexec alone)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate(timeout=15)
         pytest.fail(f"mpiexec -n {n} did not finish in 300 s; its ranks' output:\n{err[-3000:]}\n{out[-1000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

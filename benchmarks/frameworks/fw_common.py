@@ -108,13 +108,16 @@ class ClientCache:
     labels, the partition, and one model that every client call reuses. It lives in this importable module
     so that cloudpickle pickles it by reference: a cache defined in the ``__main__`` script would be pickled
     by value with the client function Flower ships with every message, and rebuilt at every client call.
-    ``inits`` counts the loads in this process (1 once warm)."""
+    ``inits`` counts the loads in this process and ``calls`` the calls that one load served: a cache that
+    persists serves every client call of its actor (``calls`` > 1), one pickled by value serves one."""
 
     _state: dict = {}
     inits = 0
+    calls = 0
 
     @classmethod
     def get(cls, cache_dir: Path, device: str) -> dict:
+        cls.calls += 1
         if not cls._state:
             torch.set_num_threads(1)
             cls._state = {"x": np.load(cache_dir / "train_x.npy", mmap_mode="r"),

@@ -71,7 +71,7 @@ class CifarClient(NumPyClient):
                     loss = torch.nn.functional.cross_entropy(model(W.to_layout(x[b])), y[b])
                 loss.backward()
                 opt.step()
-        return get_weights(model), len(y), {"actor_inits": W.ClientCache.inits}
+        return get_weights(model), len(y), {"actor_inits": W.ClientCache.inits, "cache_calls": W.ClientCache.calls}
 
 
 def client_fn(context):
@@ -90,6 +90,7 @@ class TimedFedAvg(FedAvg):
         self.t_start = None
         self.t_round_end: list[float] = []
         self.actor_inits = 0  # the most loads any one actor made: 1 when its client cache persists
+        self.cache_calls = 0  # the most client calls one load served: all of an actor's calls when it persists
 
     def configure_fit(self, server_round, parameters, client_manager):
         if server_round == 1 and self.t_start is None:
@@ -100,6 +101,7 @@ class TimedFedAvg(FedAvg):
         if failures:
             raise RuntimeError(f"round {server_round}: {len(failures)} client failures: {failures[:1]}")
         self.actor_inits = max([self.actor_inits] + [int(res.metrics.get("actor_inits", 0)) for _, res in results])
+        self.cache_calls = max([self.cache_calls] + [int(res.metrics.get("cache_calls", 0)) for _, res in results])
         out = super().aggregate_fit(server_round, results, failures)
         self.t_round_end.append(time.perf_counter())
         return out
@@ -168,6 +170,7 @@ def main() -> None:
         **W.switches(), "device": DEVICE, "actors": ACTORS, "data": W.DATA_PATH,
         "rounds": W.ROUNDS, "wall_s": round(wall, 2), "s_per_round": round(wall / W.ROUNDS, 3),
         "final_test_acc": round(final["acc"], 4), "actor_inits": strategy.actor_inits,
+        "cache_calls": strategy.cache_calls,
         "included": "from FedAvg.configure_fit of round 1 to the end of aggregate_fit of round 20: client "
                     "sampling, parameter (de)serialisation and transport to/from the Ray actor, local "
                     "training, aggregation; round 1 also includes Ray/actor start-up, which "

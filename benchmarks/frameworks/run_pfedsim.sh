@@ -32,6 +32,7 @@ import json, subprocess, sys
 metrics, dest, start, end, repo, extra, nproc, cores = sys.argv[1:]
 recs = [json.loads(line) for line in open(metrics) if line.strip()]
 last = max(recs, key=lambda r: r["round"])
+round_s = [s for r in sorted(recs, key=lambda r: r["round"]) for s in r["round_s"]]  # every round's training time
 commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "core", "experiments", "utils", "e2e_trainer.py"],
                        capture_output=True, text=True).stdout
@@ -41,8 +42,8 @@ if dirty:
 out = {"framework": "pfedsim", "processes": int(nproc), "cores": cores, "version": f"git {commit}", "rounds": last["round"],
        "wall_s": round(last["elapsed_s"], 2), "s_per_round": round(last["elapsed_s"] / last["round"], 3),
        "final_test_acc": round(last["global_test_acc"], 4),
-       "s_per_round_2_20": round(sum(last["round_s"][1:]) / (len(last["round_s"]) - 1), 3),
-       "round_s": [round(v, 3) for v in last["round_s"]],
+       "s_per_round_2_20": round(sum(round_s[1:] or round_s) / len(round_s[1:] or round_s), 3),
+       "round_s": [round(v, 3) for v in round_s],
        "included": "pfedsim's own elapsed_s at the last round: the 20 training rounds (cohort sampling, "
                    "broadcast, local training, aggregation); excludes data loading, model/engine set-up "
                    "and the final test-set evaluation",
