@@ -54,7 +54,9 @@ def main(case: str, out: Path) -> None:
 
 
 def _close_and_report(transport: Transport, report: dict, out: Path, error: BaseException | None = None) -> None:
+    report["held_before_close"] = transport._held is not None  # the last collective's buffer (see Transport)
     transport.close(error)
+    report["held_after_close"] = transport._held is not None
     report["after_close"] = process_group_threads()
     (out / f"rank{report['rank']}.json").write_text(json.dumps(report))
 

@@ -40,6 +40,8 @@ def test_close_after_a_normal_finish_stops_every_gloo_thread(tmp_path):
     codes, reports = _reports(_launch("finish", tmp_path), tmp_path)
     assert codes == [0, 0]
     assert reports[0]["reduced"] == [2.0] * 8, "the sum of both ranks' ones"
+    assert [(r["held_before_close"], r["held_after_close"]) for r in reports] == [(True, False)] * 2, \
+        "the last reduce's buffer stays referenced until the group is destroyed, then is let go"
     _threads_visible(reports)
     assert all(r["during"] for r in reports), "gloo threads run while the group is up"
     assert [r["after_close"] for r in reports] == [[], []]
