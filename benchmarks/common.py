@@ -63,6 +63,14 @@ def cohort_samples(sim) -> int:
     return int(sizes.sum()) * sim.cfg.client_config.local_epochs
 
 
+def round_times(history: list[dict]) -> tuple[list[float], float]:
+    """Every round's training seconds from a run's evaluation records (their ``round_s``), and their
+    mean leaving out round 1 (warm-up) when there are more rounds."""
+    round_s = [s for record in history for s in record["round_s"]]
+    steady = round_s[1:] or round_s
+    return round_s, sum(steady) / len(steady)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, machine, save, task_for  # noqa: E402
+from benchmarks.common import REPO, machine, round_times, save, task_for  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.partition import partition  # noqa: E402
 from core.runner import run_experiment  # noqa: E402
@@ -64,9 +64,8 @@ def main() -> None:
               "peak_device_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
               "total_s": time.perf_counter() - start}
     if history is not None:
-        round_s = [s for h in history for s in h["round_s"]]  # every round
-        timed = round_s[1:] or round_s  # the first warms up and is left out of the mean when there are more
-        record.update({"partition_s": part_s, "sec_per_round": sum(timed) / len(timed), "round_s": round_s,
+        round_s, sec_per_round = round_times(history)
+        record.update({"partition_s": part_s, "sec_per_round": sec_per_round, "round_s": round_s,
                        "trained_clients_with_test_data": history[-1]["personalized"]["clients"]})
     save(record, Path(args.out))
 

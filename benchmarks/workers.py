@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, benchmark_parser, machine, save, task_for  # noqa: E402
+from benchmarks.common import REPO, benchmark_parser, machine, round_times, save, task_for  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.runner import run_experiment  # noqa: E402
 
@@ -33,12 +33,11 @@ def main() -> None:
         history = run_experiment(cfg, task_for(args.data), args.data, Path(tmp), args.backend, None)
     if history is not None:
         world = int(os.environ.get("WORLD_SIZE", 1))
-        round_s = [s for h in history for s in h["round_s"]]
+        round_s, sec_per_round = round_times(history)
         save({"benchmark": "workers", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "device": args.device, "backend": args.backend, "processes": world, "data": args.data,
               "training_ranks": world, "config": args.config, "overrides": args.overrides,
-              "sec_per_round": sum(round_s[1:] or round_s) / len(round_s[1:] or round_s), "round_s": round_s},
-             Path(args.out))
+              "sec_per_round": sec_per_round, "round_s": round_s}, Path(args.out))
 
 
 if __name__ == "__main__":
