@@ -88,6 +88,32 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
     return out
 
 
+class CallClock:
+    """Context manager: while open, every call of ``obj.<name>`` is timed, the device synchronised
+    before and after it, and ``seconds`` sums their wall seconds. The syncs change what a round
+    costs on a GPU, so rounds timed with a clock open are diagnostics, never the benchmark's figures.
+    """
+
+    def __init__(self, obj, name: str, device: torch.device):
+        self.obj, self.name, self.device, self.seconds = obj, name, device, 0.0
+
+    def __enter__(self) -> "CallClock":
+        original = getattr(self.obj, self.name)
+
+        def clocked(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            sync(self.device)
+            self.seconds += time.perf_counter() - start
+            return result
+        setattr(self.obj, self.name, clocked)  # an instance attribute over the class's method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        delattr(self.obj, self.name)
+
+
 def machine() -> str:
     """A one-line description of the machine the benchmark ran on."""
     if torch.cuda.is_available():

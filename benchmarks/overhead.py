@@ -7,7 +7,8 @@ and optimizer (and the same ``precision`` / ``channels_last`` / ``compile`` swit
 alternately, one FL round then one centralized pass, so that drift in the machine's load hits both.
 Ratio = median FL round seconds / median centralized seconds (1.00 = no overhead); the median of the
 per-pair ratios is saved too. Each centralized pass starts from the global weights of the FL round
-it is paired with.
+it is paired with. ``--breakdown N`` rounds follow the pairs, with the clients' step loops timed
+apart (``breakdown`` in the record): the share of a round spent outside local training.
 
     python benchmarks/overhead.py --device cpu --data ../shared/data/cifar10
     python benchmarks/overhead.py --device cuda --data synthetic
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import benchmark_parser, machine, median, save, single_process_simulation, timed
+from benchmarks.common import CallClock, benchmark_parser, machine, median, save, single_process_simulation, timed
 from core.flat import StateLayout
 from core.model import training_loss
 from core.optim import build_optimizer
@@ -73,8 +74,26 @@ def centralized_steps(sim, cfg, steps: int | None = None):
     return start
 
 
+def outside_steps(server, sim, rounds: range) -> dict:
+    """Diagnostic rounds after the timed pairs: each round's seconds and the seconds inside the
+    clients' local-training step loops (``ClientTrainer._epochs``, synchronised around every client,
+    so these rounds are not timed pairs). What remains is the simulation's own cost per round:
+    the per-client reset and weighted read-back, the server step and the Python around them."""
+    round_s, steps_s = [], []
+    with CallClock(sim.trainer, "_epochs", sim.ctx.device) as clock:
+        for r in rounds:
+            clock.seconds = 0.0
+            round_s += timed(lambda: server._round(r), sim.ctx.device, 1)
+            steps_s.append(clock.seconds)
+    return {"rounds": list(rounds), "round_s": round_s, "steps_s": steps_s,
+            "outside_steps_s_median": median([a - b for a, b in zip(round_s, steps_s)]),
+            "outside_steps_share_median": median([(a - b) / a for a, b in zip(round_s, steps_s)])}
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__, "overhead", "cpu", repeats=5)
+    parser.add_argument("--breakdown", type=int, default=3,
+                        help="diagnostic rounds after the pairs, timing the clients' step loops apart (0: none)")
     args = parser.parse_args()
     cfg, sim = single_process_simulation(args.config, args.data, args.device, args.overrides)
     central_from = centralized_steps(sim, cfg)
@@ -87,6 +106,8 @@ def main() -> None:
             fl += timed(lambda: server._round(r), sim.ctx.device, 1)
             central += timed(central_run, sim.ctx.device, 1)
         fl, central = fl[1:], central[1:]
+        breakdown = outside_steps(server, sim, range(rounds[-1] + 1, rounds[-1] + 1 + args.breakdown)) \
+            if args.breakdown else None
         server.writer.close()
     result = {"benchmark": "overhead", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "device": args.device, "data": "synthetic" if args.data == "synthetic" else "cifar10",
@@ -94,7 +115,8 @@ def main() -> None:
               "centralized_data": "round's cohort", "cohort": sim.schedule.cohort_size(1),
               "steps_per_round": [round_steps(sim, cfg, r) for r in rounds][1:], "fl_round_s": median(fl), "centralized_s": median(central),
               "ratio": median(fl) / median(central),
-              "pair_ratio_median": median([a / b for a, b in zip(fl, central)]), "fl_all": fl, "centralized_all": central}
+              "pair_ratio_median": median([a / b for a, b in zip(fl, central)]), "fl_all": fl, "centralized_all": central,
+              "breakdown": breakdown}
     save(result, Path(args.out))
 
 
