@@ -99,6 +99,7 @@ class CallClock:
 
     def __enter__(self) -> "CallClock":
         original = getattr(self.obj, self.name)
+        self._own = vars(self.obj).get(self.name)  # an attribute of the object itself, put back on exit
 
         def clocked(*args, **kwargs):
             sync(self.device)
@@ -111,7 +112,10 @@ class CallClock:
         return self
 
     def __exit__(self, *exc) -> None:
-        delattr(self.obj, self.name)
+        if self._own is None:
+            delattr(self.obj, self.name)
+        else:
+            setattr(self.obj, self.name, self._own)
 
 
 def machine() -> str:

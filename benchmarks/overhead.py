@@ -76,16 +76,18 @@ def centralized_steps(sim, cfg, steps: int | None = None):
 
 def outside_steps(server, sim, rounds: range) -> dict:
     """Diagnostic rounds after the timed pairs: each round's seconds and the seconds inside the
-    clients' local-training step loops (``ClientTrainer._epochs``, synchronised around every client,
-    so these rounds are not timed pairs). What remains is the simulation's own cost per round:
-    the per-client reset and weighted read-back, the server step and the Python around them."""
+    clients' local-training step loops (``ClientTrainer._epochs``; with ``vectorize`` on, each
+    group's ``VectorizedTrainer.train_group``), synchronised around every call, so these rounds are
+    not timed pairs. What remains is the simulation's own cost per round: the per-client reset and
+    weighted read-back, the server step and the Python around them."""
+    trainer, method = (sim.vectorized, "train_group") if sim.vectorized is not None else (sim.trainer, "_epochs")
     round_s, steps_s = [], []
-    with CallClock(sim.trainer, "_epochs", sim.ctx.device) as clock:
+    with CallClock(trainer, method, sim.ctx.device) as clock:
         for r in rounds:
             clock.seconds = 0.0
             round_s += timed(lambda: server._round(r), sim.ctx.device, 1)
             steps_s.append(clock.seconds)
-    return {"rounds": list(rounds), "round_s": round_s, "steps_s": steps_s,
+    return {"rounds": list(rounds), "clocked": f"{type(trainer).__name__}.{method}", "round_s": round_s, "steps_s": steps_s,
             "outside_steps_s_median": median([a - b for a, b in zip(round_s, steps_s)]),
             "outside_steps_share_median": median([(a - b) / a for a, b in zip(round_s, steps_s)])}
 
