@@ -15,7 +15,7 @@ import yaml
 
 from core.config import load_config
 from core.distributed import PeerFailure, mpi_environment
-from core.errors import UserError
+from core.errors import RunStopped, UserError
 from core.task import load_task
 from utils.checkpoint import check_resumable
 from utils.cli import OneLineParser, make_folder
@@ -120,8 +120,9 @@ def main(argv=None) -> int:
         from core.runner import run_experiment
         run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume,
                        on_start=lambda sim: _start_run(run_dir, sim, task, args, argv, resume))
-    except UserError as exc:
-        print(f"pfedsim: error: {exc}", file=sys.stderr)
+    except RunStopped as exc:  # UserError (2), divergence, interrupts: one line, no traceback
+        if str(exc):
+            print(f"pfedsim: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except PeerFailure as exc:
         print(f"pfedsim: error: {exc}", file=sys.stderr)

@@ -44,6 +44,8 @@ class Server:
         if resume is not None:
             self._restore(load_checkpoint(resume))
         self.trained = sim.schedule.trained_through(self.start_round - 1)  # clients sampled so far
+        self.round = self.start_round - 1  # the round in progress (the last one done between rounds)
+        self.saved_round = self.start_round - 1 if resume is not None else 0  # round of checkpoints/latest.pt
 
     # ---- checkpoint -------------------------------------------------------------------------
     def _state(self, round_idx: int, elapsed: float) -> dict:
@@ -134,6 +136,7 @@ class Server:
                    disable=None)  # no bar when stderr is not a terminal (log files keep only the round lines)
         round_s: list[float] = []  # training seconds of each round since the last evaluation
         for r in bar:
+            self.round = r
             started = time.perf_counter()
             loss = self._round(r)
             round_s.append(time.perf_counter() - started)
@@ -150,6 +153,7 @@ class Server:
                     self._checkpoint(r, time.perf_counter() - t0, "best")
             if sim.schedule.is_ckpt_round(r):
                 self._checkpoint(r, time.perf_counter() - t0, "latest")
+                self.saved_round = r
         bar.close()
         self._finish(time.perf_counter() - t0)
         return self.history
