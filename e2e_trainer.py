@@ -18,7 +18,9 @@ from core.distributed import PeerFailure, mpi_environment
 from core.errors import RunStopped, UserError
 from core.task import load_task
 from utils.checkpoint import check_resumable
-from utils.cli import OneLineParser, make_folder
+from utils.cli import OneLineParser
+from utils.files import FULL, DiskFull, free_bytes, write_text_atomic
+from utils.run_lock import RunLock
 from utils.experiment import write_run_info
 
 
@@ -95,17 +97,28 @@ def _check_run_folder(run_dir: Path, resume: Path | None) -> None:
                         f"this one")
 
 
-def _start_run(run_dir: Path, sim, task, args, argv: list[str], resume: Path | None) -> None:
+def _start_run(run_dir: Path, sim, task, args, argv: list[str], resume: Path | None, lock: RunLock) -> None:
     """Rank 0, once every rank is up (a UserError here stops them all at once; only the server reads
-    the run folder): refuse to overwrite another run's results, and a checkpoint that is missing, of
-    another config or model, or past the last round; then record the run (config.resolved.yaml,
-    run.json). Nothing is written before the checks pass."""
-    _check_run_folder(run_dir, resume)
-    if resume is not None:
-        check_resumable(resume, sim.cfg, sim.layout.numel)
-    make_folder(run_dir, f"-outputPath {args.outputPath}")
-    (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(sim.cfg.to_dict(), sort_keys=False))
-    write_run_info(run_dir, task, args.dataPath, argv, int(os.environ.get("WORLD_SIZE", 1)))
+    the run folder): lock the run folder (refused while another run holds it); refuse to overwrite
+    another run's results, and a checkpoint that is missing, of another config or model, or past the
+    last round; then record the run (config.resolved.yaml, run.json). Nothing is written before the
+    checks pass (a refused start takes its lock file, and the folder it created, away again)."""
+    lock.acquire()
+    try:
+        _check_run_folder(run_dir, resume)
+        if resume is not None:
+            check_resumable(resume, sim.cfg, sim.layout.numel)
+    except UserError:
+        lock.release(discard=True)
+        raise
+    try:
+        write_text_atomic(run_dir / "config.resolved.yaml", yaml.safe_dump(sim.cfg.to_dict(), sort_keys=False))
+        write_run_info(run_dir, task, args.dataPath, argv, int(os.environ.get("WORLD_SIZE", 1)))
+    except DiskFull:
+        if resume is None:  # a new run leaves nothing behind; a resumed one keeps its files as they were
+            (run_dir / "config.resolved.yaml").unlink(missing_ok=True)
+            lock.release(discard=True)
+        raise
 
 
 def main(argv=None) -> int:
@@ -117,15 +130,26 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides, args.seed)
         run_dir = _run_dir(args, cfg)
         resume = _resume_path(args, cfg, run_dir)
+        lock = RunLock(run_dir, f"-outputPath {args.outputPath}")
         from core.runner import run_experiment
-        run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume,
-                       on_start=lambda sim: _start_run(run_dir, sim, task, args, argv, resume))
+        try:
+            run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume,
+                           on_start=lambda sim: _start_run(run_dir, sim, task, args, argv, resume, lock))
+        finally:
+            lock.release()
     except RunStopped as exc:  # UserError (2), divergence, interrupts: one line, no traceback
         if str(exc):
             print(f"pfedsim: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except PeerFailure as exc:
         print(f"pfedsim: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in FULL:
+            raise
+        print(f"pfedsim: error: no space left on the device of {exc.filename or args.outputPath} "
+              f"({free_bytes(Path(exc.filename or args.outputPath).parent):,} bytes free); free space there, "
+              f"then continue the run with -resume", file=sys.stderr)
         return 1
     return 0
 

@@ -61,6 +61,29 @@ class StateLayout:
                 if not t.is_floating_point():
                     v.add_(t.view(-1).float() * alpha)
 
+    def keep_if_finite_(self, *extra: torch.Tensor, sync_free: bool | None = None) -> torch.Tensor:
+        """Check that the module's state and the ``extra`` tensors (a loss, a personal model) are
+        finite; if not, zero the module's floating-point state in place, so that adding it to a sum
+        with any weight adds nothing (``0 * NaN`` would be NaN).
+
+        Returns a 0-dim bool tensor on the module's device, True when everything was finite; a finite
+        state is left bit for bit as it was. "Finite" is judged on per-tensor float32 sums: NaN or inf
+        anywhere makes them non-finite, and so do values large enough for a sum to pass float32's
+        range (about 3.4e38), which only a diverged model reaches. On the CPU the answer is read on
+        the host (free there); on other devices (or with ``sync_free``) nothing waits for the device:
+        NaN and inf are replaced by 0 and the state multiplied by the answer (two passes, no sync).
+        """
+        with torch.no_grad():
+            ok = _all_finite(self._float + [t.detach() for t in extra])
+            if not (ok.device.type != "cpu" if sync_free is None else sync_free):
+                if not ok:
+                    torch._foreach_zero_(self._float)
+                return ok
+            for t in self._float:
+                t.nan_to_num_(0.0, 0.0, 0.0)
+            torch._foreach_mul_(self._float, ok.to(self._float[0].dtype))
+        return ok
+
     @staticmethod
     def matches(name: str, prefix: str) -> bool:
         """True when ``prefix`` is ``name`` or a whole leading module path of it (``linear`` matches
@@ -87,3 +110,18 @@ class StateLayout:
     def unmatched(self, prefixes: list[str]) -> list[str]:
         """The prefixes that match no tensor name."""
         return [p for p in prefixes if not self.names_matching([p])]
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-dim bool: whether the float32 sums of ``tensors`` (and their total) are finite (no host sync)."""
+    return torch.isfinite(torch.stack([t.sum().float() for t in tensors]).sum())
+
+
+def keep_rows_if_finite_(stack: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """Row-wise :meth:`StateLayout.keep_if_finite_` for a (C, P) ``stack`` of client states and
+    their (C,) ``losses``: rows whose values or loss are not finite are zeroed in place. Returns the
+    (C,) bool answer (True: finite), without a host sync."""
+    with torch.no_grad():
+        ok = torch.isfinite(stack.sum(1) + losses)
+        stack.nan_to_num_(0.0, 0.0, 0.0).mul_(ok.unsqueeze(1).to(stack.dtype))
+    return ok

@@ -13,11 +13,20 @@ from tqdm import tqdm
 from core.client_store import ClientStore
 from core.evaluation import COLUMNS, eval_share, eval_width, evaluation_record
 from core.optim import build_optimizer
-from core.worker import RoundLayout, train_share
+from core.errors import RunStopped
+from core.worker import GO, STOP, RoundLayout, eval_buffer_size, train_share
 from utils.checkpoint import load_checkpoint, save_atomic
+from utils.files import disk_guard
 from utils.metrics_writer import MetricsWriter
 from utils.report import (format_line, plot_accuracy, plot_client_histogram, results_table, write_client_table,
                           write_summary)
+
+
+class Diverged(RunStopped):
+    """The run stopped because training diverged: every client of a round sent a non-finite update,
+    or the global model or server state became non-finite. Exit status 1."""
+
+    exit_code = 1
 
 
 class Server:
@@ -46,6 +55,7 @@ class Server:
         self.trained = sim.schedule.trained_through(self.start_round - 1)  # clients sampled so far
         self.round = self.start_round - 1  # the round in progress (the last one done between rounds)
         self.saved_round = self.start_round - 1 if resume is not None else 0  # round of checkpoints/latest.pt
+        self.evaluated = self.start_round - 1  # the last round whose evaluation ran
 
     # ---- checkpoint -------------------------------------------------------------------------
     def _state(self, round_idx: int, elapsed: float) -> dict:
@@ -70,29 +80,60 @@ class Server:
         self.writer.rewrite(self.history)
 
     def _checkpoint(self, round_idx: int, elapsed: float, name: str) -> None:
-        save_atomic(self._state(round_idx, elapsed), self.run_dir / "checkpoints" / f"{name}.pt")
+        """Write checkpoints/<name>.pt atomically.
+
+        Raises:
+            DiskFull: no space for it (the previous file of that name is kept, no partial file left).
+        """
+        state, path = self._state(round_idx, elapsed), self.run_dir / "checkpoints" / f"{name}.pt"
+        with disk_guard(path, _tensor_bytes(state), path.with_name(path.name + ".tmp")):
+            save_atomic(state, path)
 
     # ---- one round ----------------------------------------------------------------------------
-    def _round(self, round_idx: int) -> float:
+    def _round(self, round_idx: int) -> tuple[float, int]:
+        """Run one round; returns (the weighted mean training loss of the clients kept, the number
+        of clients dropped because their update was not finite).
+
+        Raises:
+            Diverged: every client of the round was dropped, or the new global model or server state
+                is not finite (nothing is then written; the checkpoints keep the last finite state).
+        """
         sim, lay = self.sim, RoundLayout(self.sim, round_idx)
         cohort = sim.schedule.cohort(round_idx)
         self.trained.update(cohort.tolist())
         start_model = [sim.personalization.initial_model_state(self.global_flat.cpu(), sim.layout)] if lay.m else []
         default = torch.cat([self.global_flat[sim.personal_index].cpu(), torch.zeros(lay.c)] + start_model)
         slots = [self.store.get(c, default) for c in cohort] if lay.width else []
-        payload = torch.cat([self.global_flat, self.strategy_state] + [s.to(sim.ctx.device) for s in slots])
+        go = torch.tensor([GO], device=sim.ctx.device)
+        payload = torch.cat([self.global_flat, self.strategy_state] + [s.to(sim.ctx.device) for s in slots] + [go])
         buf = sim.transport.broadcast(payload, f"round {round_idx} broadcast")
         own = train_share(sim, round_idx, buf)
         total = sim.transport.reduce_sum(own, f"round {round_idx} reduce")
         delta_sum, weight_sum, loss_sum, state_change, new_slots = lay.reduce_parts(total)
-        if lay.width:
-            for cid, vec in zip(cohort, new_slots):
-                self.store.put(int(cid), vec)
+        dropped = lay.dropped(total).cpu() > 0
+        if bool(dropped.all()):
+            raise Diverged(f"round {round_idx}: the updates of all {len(cohort)} clients of the round were not "
+                           f"finite (NaN or inf), so the global model cannot move{self._hint()}")
+        if lay.width:  # a dropped client keeps what it was sent: its row, or the default it started from
+            for cid, vec, sent, lost in zip(cohort, new_slots, slots, dropped.tolist()):
+                self.store.put(int(cid), sent if lost else vec)
         if lay.s:
             self.strategy_state = sim.strategy.new_server_state(self.strategy_state, state_change,
                                                                 sim.schedule.num_clients)
         self._apply(delta_sum, weight_sum)
-        return float(loss_sum / weight_sum)
+        if not bool(torch.isfinite(self.global_flat).all() & torch.isfinite(self.strategy_state).all()):
+            raise Diverged(f"round {round_idx}: the global model became non-finite (NaN or inf) after "
+                           f"aggregation{self._hint()}")
+        return float(loss_sum / weight_sum), int(dropped.sum())
+
+    def _hint(self) -> str:
+        """The end of a divergence line: the learning rates to lower, and the last finite checkpoint."""
+        cfg = self.sim.cfg
+        kept = (f"checkpoints/latest.pt keeps round {self.saved_round}" if self.saved_round
+                else "no checkpoint was written yet")
+        return (f"; lower the learning rates (client_config.optimizer_config.lr "
+                f"{cfg.client_config.optimizer_config.lr:g}, server_config.optimizer_config.lr "
+                f"{cfg.server_config.optimizer_config.lr:g}); {kept}")
 
     def _apply(self, delta_sum: torch.Tensor, weight_sum: torch.Tensor) -> None:
         sim = self.sim
@@ -115,9 +156,11 @@ class Server:
         p, c = sim.personal_numel, sim.strategy.client_state_numel(sim.layout)
         stored = [sim.personalization.eval_vector(self.store.get(i, None), p, c).to(sim.ctx.device)
                   for i in ids] if eval_width(sim) else []
-        buf = sim.transport.broadcast(torch.cat([self.global_flat] + stored), f"round {round_idx} eval broadcast")
-        own = eval_share(sim, round_idx, buf, ids)
+        go = torch.tensor([GO], device=sim.ctx.device)
+        buf = sim.transport.broadcast(torch.cat([self.global_flat] + stored + [go]), f"round {round_idx} eval broadcast")
+        own = eval_share(sim, round_idx, buf[:-1], ids)
         matrix = sim.transport.reduce_sum(own.view(-1), f"round {round_idx} eval reduce").view(-1, COLUMNS)
+        self.evaluated = round_idx
         self.last_matrix, self.last_trained = matrix.cpu().double().numpy(), ids
         record = {"round": round_idx, "train_loss": train_loss,
                   **evaluation_record(sim, self.global_flat, self.last_matrix, ids)}
@@ -126,51 +169,103 @@ class Server:
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        """Run rounds ``start_round..max_iteration``; returns the evaluation records."""
+        """Run rounds ``start_round..max_iteration``; returns the evaluation records.
+
+        Raises:
+            Diverged: training diverged (see :meth:`_round`); the workers are released first, and
+                metrics.jsonl, summary.md and the checkpoints keep what was reached before.
+        """
         sim = self.sim
         sim.transport.broadcast(torch.tensor([float(self.start_round)], device=sim.ctx.device), "start broadcast")
         t0 = time.perf_counter() - self.elapsed_before
-        rounds = sim.schedule.rounds
-        bar = tqdm(range(self.start_round, rounds + 1), desc="rounds", unit="round", dynamic_ncols=True,
-                   initial=self.start_round - 1, total=rounds, mininterval=2.0,
+        bar = tqdm(range(self.start_round, sim.schedule.rounds + 1), desc="rounds", unit="round", dynamic_ncols=True,
+                   initial=self.start_round - 1, total=sim.schedule.rounds, mininterval=2.0,
                    disable=None)  # no bar when stderr is not a terminal (log files keep only the round lines)
-        round_s: list[float] = []  # training seconds of each round since the last evaluation
-        for r in bar:
-            self.round = r
-            started = time.perf_counter()
-            loss = self._round(r)
-            round_s.append(time.perf_counter() - started)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if sim.schedule.is_eval_round(r):
-                record = self._evaluate(r, loss, time.perf_counter() - t0)
-                record["sec_per_round"], record["round_s"] = sum(round_s) / len(round_s), round_s
-                round_s = []
-                is_best = all(record["global_test_acc"] > h["global_test_acc"] for h in self.history)
-                self.history.append(record)
-                self.writer.write(record)
-                tqdm.write(format_line(record, rounds))
-                if is_best:
-                    self._checkpoint(r, time.perf_counter() - t0, "best")
-            if sim.schedule.is_ckpt_round(r):
-                self._checkpoint(r, time.perf_counter() - t0, "latest")
-                self.saved_round = r
+        since_eval = {"round_s": [], "dropped_clients": []}  # per round since the last evaluation
+        try:
+            for r in bar:
+                self.round = r
+                self._step(r, since_eval, t0, bar)
+        except RunStopped as exc:  # diverged, or the disk is full: the workers wait for a broadcast
+            bar.close()
+            self._stop_workers(self.round)
+            if isinstance(exc, Diverged):
+                self._finish(time.perf_counter() - t0, stopped=str(exc))
+            raise
         bar.close()
         self._finish(time.perf_counter() - t0)
         return self.history
 
-    def _finish(self, wall_s: float) -> None:
+    def _step(self, r: int, since_eval: dict, t0: float, bar) -> None:
+        """Round ``r``, then its evaluation and checkpoints when the schedule has them."""
+        started = time.perf_counter()
+        loss, dropped = self._round(r)
+        since_eval["round_s"].append(time.perf_counter() - started)
+        since_eval["dropped_clients"].append(dropped)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if self.sim.schedule.is_eval_round(r):
+            record = self._evaluate(r, loss, time.perf_counter() - t0)
+            record["sec_per_round"] = sum(since_eval["round_s"]) / len(since_eval["round_s"])
+            record.update({key: list(values) for key, values in since_eval.items()})
+            for values in since_eval.values():
+                values.clear()
+            is_best = all(record["global_test_acc"] > h["global_test_acc"] for h in self.history)
+            self.history.append(record)
+            self.writer.write(record)
+            tqdm.write(format_line(record, self.sim.schedule.rounds))
+            if is_best:
+                self._checkpoint(r, time.perf_counter() - t0, "best")
+        if self.sim.schedule.is_ckpt_round(r):
+            self._checkpoint(r, time.perf_counter() - t0, "latest")
+            self.saved_round = r
+
+    def _stop_workers(self, r: int) -> None:
+        """After round ``r``'s reduce (or its evaluation), send the workers the broadcast they wait
+        for next (round ``r``'s evaluation, or round ``r + 1``) with the control value STOP, so they
+        end at once."""
+        sim = self.sim
+        if sim.ctx.world_size == 1:
+            return
+        if sim.schedule.is_eval_round(r) and self.evaluated < r:
+            size = eval_buffer_size(sim, len(self.trained) if sim.personalization.evaluates_personalized else 0)
+        elif r < sim.schedule.rounds:
+            size = RoundLayout(sim, r + 1).broadcast_size
+        else:
+            return
+        buf = torch.zeros(size, device=sim.ctx.device)
+        buf[-1] = STOP
+        sim.transport.broadcast(buf, f"round {r} stop broadcast")
+
+    def _finish(self, wall_s: float, stopped: str | None = None) -> None:
+        """Close the writers; write summary.md, plots and clients.csv; print the final table (not
+        when the run ``stopped`` early: the reason is then noted in summary.md)."""
         self.writer.close()
         self.store.close()
         if not self.history:
             return
         name = self.run_dir.name
         config_text = yaml.safe_dump(self.sim.cfg.to_dict(), sort_keys=False)
-        write_summary(self.run_dir / "summary.md", name, self.history, config_text, wall_s)
-        plot_accuracy(self.run_dir / "plots" / "accuracy.png", self.history, name)
-        if getattr(self, "last_matrix", None) is not None:
-            write_client_table(self.run_dir / "clients.csv", self.last_matrix, self.last_trained)
-            plot_client_histogram(self.run_dir / "plots" / "clients_hist.png", self.last_matrix, self.last_trained, name)
+        with disk_guard(self.run_dir / "summary.md", len(config_text) + 10_000 * len(self.history)):
+            write_summary(self.run_dir / "summary.md", name, self.history, config_text, wall_s, stopped)
+            plot_accuracy(self.run_dir / "plots" / "accuracy.png", self.history, name)
+            if getattr(self, "last_matrix", None) is not None:
+                write_client_table(self.run_dir / "clients.csv", self.last_matrix, self.last_trained)
+                plot_client_histogram(self.run_dir / "plots" / "clients_hist.png", self.last_matrix,
+                                      self.last_trained, name)
+        if stopped:
+            return
         print(f"\nFinal results of {name} (accuracy %, round {self.history[-1]['round']}, {wall_s:.0f} s):")
         print(results_table(self.history[-1]))
         print(f"Written to {self.run_dir}: metrics.jsonl, summary.md, clients.csv, plots/, checkpoints/, "
               f"TensorBoard events")
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict / list (about a checkpoint's size on disk)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0

@@ -6,16 +6,22 @@ import torch
 from core.cohort import balance
 from core.distributed import host_to_device
 from core.evaluation import eval_share, eval_width
+from core.flat import keep_rows_if_finite_
+
+
+GO, STOP = 1.0, 0.0  # the control value that ends every broadcast of a round or an evaluation
 
 
 class RoundLayout:
     """Offsets of one round's two messages.
 
-    Broadcast: global state (N) | server strategy state (S) | K cohort slots of width P + C + M.
-    Reduce: weighted delta sum (N) | weight sum | weighted loss sum | summed change of the client
-    strategy states (C, only when S > 0) | K slots. A slot holds a client's personal layers (P), its
-    strategy state (C) and its separate personal model (M, Ditto); the rank that trains a client
-    fills its slot.
+    Broadcast: global state (N) | server strategy state (S) | K cohort slots of width P + C + M |
+    control (1: GO, or STOP when the server ends the run early). Reduce: weighted delta sum (N) |
+    weight sum | weighted loss sum | summed change of the client strategy states (C, only when
+    S > 0) | K slots | K dropped flags. A slot holds a client's personal layers (P), its strategy
+    state (C) and its separate personal model (M, Ditto); the rank that trains a client fills its
+    slot, and sets its dropped flag to 1 when the client's update was not finite (it is then left
+    out of every sum, and its slot is not stored).
     """
 
     def __init__(self, sim, round_idx: int):
@@ -25,18 +31,28 @@ class RoundLayout:
         self.m = sim.personalization.model_state_numel(sim.layout)
         self.k = sim.schedule.cohort_size(round_idx)
         self.width = self.p + self.c + self.m
-        self.broadcast_size = self.n + self.s + self.k * self.width
-        self.reduce_size = self.n + 2 + self.s + self.k * self.width
+        self.broadcast_size = self.n + self.s + self.k * self.width + 1
+        self.reduce_size = self.n + 2 + self.s + self.k * self.width + self.k
 
     def broadcast_parts(self, buf: torch.Tensor):
         """(global state, server state, slots (K, P + C + M)) views of a broadcast buffer."""
         n, s = self.n, self.s
-        return buf[:n], buf[n:n + s], buf[n + s:].view(self.k, self.width)
+        return buf[:n], buf[n:n + s], buf[n + s:n + s + self.k * self.width].view(self.k, self.width)
 
     def reduce_parts(self, buf: torch.Tensor):
         """(delta sum, weight sum, loss sum, state change sum, slots) views of a reduce buffer."""
         n, s = self.n, self.s
-        return buf[:n], buf[n], buf[n + 1], buf[n + 2:n + 2 + s], buf[n + 2 + s:].view(self.k, self.width)
+        slots = buf[n + 2 + s:n + 2 + s + self.k * self.width].view(self.k, self.width)
+        return buf[:n], buf[n], buf[n + 1], buf[n + 2:n + 2 + s], slots
+
+    def dropped(self, buf: torch.Tensor) -> torch.Tensor:
+        """(K,) view of a reduce buffer's dropped flags (1.0: that cohort client's update was not finite)."""
+        return buf[self.reduce_size - self.k:]
+
+
+def stopped(buf: torch.Tensor) -> bool:
+    """Whether a received broadcast ends the run (its control value is STOP; one host read)."""
+    return float(buf[-1]) == STOP
 
 
 def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
@@ -54,7 +70,8 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
         _train_vectorized(sim, round_idx, mine, [slot_of[int(c)] for c in mine], global_flat, slots, out, lay)
         return out
     lr = sim.cfg.client_config.optimizer_config.lr
-    weights, losses = [], []
+    weights, losses, finite = [], [], []
+    dropped = lay.dropped(out)
     for cid in mine:
         slot = slot_of[int(cid)]
         client_state = slots[slot, p:p + lay.c] if lay.c else None
@@ -64,10 +81,14 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
         loss = sim.trainer.train(round_idx, int(cid), sim.train_clients.get(cid), global_flat,
                                  slots[slot, :p] if p else None, correction=correction,
                                  step_hook=getattr(hook, "step", None))
+        model = hook.result() if lay.m else None
+        ok = sim.layout.keep_if_finite_(loss, *([model] if lay.m else []))  # not finite: state zeroed
+        dropped[slot] = (~ok).to(dropped.dtype)
         weight = sim.strategy.client_weight(int(sizes[cid]), loss)
         sim.layout.accumulate_(delta_sum, weight)
         weights.append(weight)
         losses.append(loss)
+        finite.append(ok)
         if p or lay.c:
             state = sim.layout.flatten()
             out_slots[slot, :p] = state[sim.personal_index]
@@ -76,20 +97,24 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
                                                 sim.trainer.shared_steps, lr)
             new[sim.personal_params] = 0.0  # controls of the shared parameters only: personal ones are never averaged
             out_slots[slot, p:p + lay.c] = new
-            state_change += new - client_state
+            state_change.add_((new - client_state) * ok)
         if lay.m:
-            out_slots[slot, p + lay.c:] = hook.result()
+            out_slots[slot, p + lay.c:] = model
     if mine.size:
-        out[lay.n], out[lay.n + 1] = _weighted_sums(weights, losses, out.device)
+        out[lay.n], out[lay.n + 1] = _weighted_sums(weights, losses, finite, out.device)
         delta_sum.addcmul_(global_flat, out[lay.n], value=-1.0)  # sum_i w_i (x_i - g) without a copy per client
     return out
 
 
-def _weighted_sums(weights: list, losses: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+def _weighted_sums(weights: list, losses: list[torch.Tensor], finite: list[torch.Tensor],
+                   device) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the clients' weights, weighted sum of their mean losses) in a few kernels for the whole
-    share, not a few per client. ``weights`` are host floats or 0-dim device tensors (DGA)."""
+    share, not a few per client. ``weights`` are host floats or 0-dim device tensors (DGA); a client
+    whose ``finite`` flag is False counts with weight 0 (its NaN loss too)."""
     w = torch.stack(weights) if torch.is_tensor(weights[0]) else host_to_device(weights, device, torch.float32)
-    return w.sum(), torch.dot(w, torch.stack(losses).to(w.dtype))
+    ok = torch.stack(finite).to(w.device)
+    w = torch.where(ok, w, 0.0)
+    return w.sum(), torch.dot(w, torch.where(ok, torch.stack(losses).to(w.dtype), 0.0))
 
 
 def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out, lay) -> None:
@@ -105,7 +130,10 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
             personal = slots[rows]
         stack, losses = sim.vectorized.train_group(round_idx, ids, [sim.train_clients.get(c) for c in ids],
                                                    global_flat, personal, sim.personal_index)
-        weights = sim.strategy.client_weight(sim.train_clients.sizes[ids], losses)
+        ok = keep_rows_if_finite_(stack, losses)  # rows not finite: zeroed, and weighted 0 below
+        lay.dropped(out)[host_to_device(mine_slots[start:start + chunk], out.device)] = (~ok).to(out.dtype)
+        losses = torch.where(ok, losses, 0.0)
+        weights = torch.where(ok, sim.strategy.client_weight(sim.train_clients.sizes[ids], losses), 0.0)
         delta_sum[:k] += weights @ stack - weights.sum() * global_flat[:k]
         out[n] += weights.sum()
         out[n + 1] += (weights * losses).sum()
@@ -115,13 +143,14 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
 
 
 def eval_buffer_size(sim, num_trained: int) -> int:
-    """Floats of an evaluation round's broadcast: the global state and ``num_trained`` stored entries."""
-    return sim.layout.numel + num_trained * eval_width(sim)
+    """Floats of an evaluation round's broadcast: the global state, ``num_trained`` stored entries
+    and the control value."""
+    return sim.layout.numel + num_trained * eval_width(sim) + 1
 
 
 def run_worker(sim) -> None:
     """Loop of a rank >= 1: receive the start round (-1: the server could not start; stop), then
-    follow the schedule to the end."""
+    follow the schedule to the end, or until a broadcast says STOP (the server ended the run)."""
     start = int(sim.transport.broadcast(torch.zeros(1, device=sim.ctx.device), "start broadcast").item())
     if start < 0:
         return
@@ -129,10 +158,14 @@ def run_worker(sim) -> None:
     for r in range(start, sim.schedule.rounds + 1):
         buf = sim.transport.broadcast(torch.empty(RoundLayout(sim, r).broadcast_size, device=sim.ctx.device),
                                       f"round {r} broadcast")
+        if stopped(buf):
+            return
         sim.transport.reduce_sum(train_share(sim, r, buf), f"round {r} reduce")
         trained.update(sim.schedule.cohort(r).tolist())
         if sim.schedule.is_eval_round(r):
             ids = sorted(trained) if sim.personalization.evaluates_personalized else []
             ebuf = sim.transport.broadcast(torch.empty(eval_buffer_size(sim, len(ids)), device=sim.ctx.device),
                                            f"round {r} eval broadcast")
-            sim.transport.reduce_sum(eval_share(sim, r, ebuf, ids).view(-1), f"round {r} eval reduce")
+            if stopped(ebuf):
+                return
+            sim.transport.reduce_sum(eval_share(sim, r, ebuf[:-1], ids).view(-1), f"round {r} eval reduce")

@@ -25,7 +25,7 @@ def _round_buffer(sim, round_idx: int) -> torch.Tensor:
     lay = RoundLayout(sim, round_idx)
     flat = sim.layout.flatten()
     slot = flat[sim.personal_index]
-    return torch.cat([flat, torch.zeros(lay.s, device=flat.device), slot.repeat(lay.k)])
+    return torch.cat([flat, torch.zeros(lay.s, device=flat.device), slot.repeat(lay.k), torch.ones(1, device=flat.device)])
 
 
 @pytest.mark.parametrize("overrides", [[], ["client_config.vectorize=true", "client_config.vectorize_chunk=3"],

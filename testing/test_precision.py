@@ -11,7 +11,7 @@ PLAIN_SGD = {"optimizer_config": {"type": "sgd", "lr": 0.05}}
 
 def _averaged_delta(sim) -> torch.Tensor:
     start = sim.layout.flatten()
-    buf = torch.cat([start, start[sim.personal_index].repeat(6)])
+    buf = torch.cat([start, start[sim.personal_index].repeat(6), torch.ones(1)])  # ends with GO
     out = train_share(sim, 1, buf)
     n = sim.layout.numel
     return out[:n] / out[n]

@@ -124,7 +124,7 @@ def test_resnet18gn_vectorized_round_equals_sequential(cifar_path):
     seq, vec = _resnet_gn_simulation(cifar_path, False), _resnet_gn_simulation(cifar_path, True)
     assert vec.vectorized is not None and seq.vectorized is None
     start = seq.layout.flatten()
-    buf = torch.cat([start, start[seq.personal_index].repeat(2)])
+    buf = torch.cat([start, start[seq.personal_index].repeat(2), torch.ones(1)])  # ends with GO
     a, b = train_share(seq, 1, buf.clone()), train_share(vec, 1, buf.clone())
     n = seq.layout.numel
     assert a[n] == b[n] == 20.0, "two clients of 10 samples"

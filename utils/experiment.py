@@ -31,6 +31,7 @@ from core.simulation import build_simulation, init_model
 from core.task import EXPERIMENTS_DIR, load_task
 from utils.checkpoint import load_checkpoint
 from utils.compare import load_run
+from utils.files import write_text_atomic
 
 __all__ = ["Experiment", "ClientData", "Batches", "write_run_info", "read_run_info"]
 
@@ -70,7 +71,7 @@ def write_run_info(run_dir: Path, task, data_path: str, argv: list[str], world_s
             "dataPath": str(Path(data_path).resolve()),
             "commands": commands + [shlex.join(["e2e_trainer.py"] + list(argv))],
             "world_sizes": old.get("world_sizes", [None] * len(commands)) + [world_size], **_version()}
-    path.write_text(json.dumps(info, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(info, indent=1) + "\n")
 
 
 def read_run_info(run_dir: Path) -> dict:

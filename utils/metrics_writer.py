@@ -3,10 +3,29 @@ Weights & Biases (``logging_config.wandb``; wandb is imported only then)."""
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from pathlib import Path
 
 from core.errors import UserError
+from utils.files import append_line, disk_guard, write_text_atomic
+
+
+def strict(value):
+    """``value`` with every float that is NaN or infinite replaced by None (JSON null), at any depth,
+    so that ``json.dumps(..., allow_nan=False)`` writes strict JSON."""
+    if isinstance(value, dict):
+        return {key: strict(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json(record: dict) -> str:
+    """One strict-JSON line (no NaN or Infinity tokens: those become null)."""
+    return json.dumps(strict(record), allow_nan=False)
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:
@@ -60,19 +79,17 @@ class MetricsWriter:
 
     def rewrite(self, history: list[dict]) -> None:
         """Replace metrics.jsonl by ``history`` (after a resume, the checkpoint's records win)."""
-        tmp = self.path.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(to_json(r) + "\n" for r in history))
 
     def write(self, record: dict) -> None:
         """Append one evaluation ``record`` (has ``round``); its numeric leaves become scalars
         named by their key path (``personalized/weighted``) at step ``round``."""
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        scalars = _flatten(record)
-        for name, value in scalars.items():
-            self.tb.add_scalar(name, value, record["round"])
-        self.tb.flush()
+        append_line(self.path, to_json(record))
+        scalars = _flatten(strict(record))
+        with disk_guard(Path(self.tb.get_logdir()) / "events.out.tfevents", 100 * len(scalars)):
+            for name, value in scalars.items():
+                self.tb.add_scalar(name, value, record["round"])
+            self.tb.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=record["round"])
 

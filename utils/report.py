@@ -3,20 +3,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from utils.files import write_text_atomic
+
 
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def _num(value) -> str:
+    """A loss with 3 decimals; ``-`` for a missing (null) value."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def format_line(rec: dict, rounds: int) -> str:
     """One compact console line for an evaluation record."""
     g = rec["global_local"]
-    text = (f"round {rec['round']}/{rounds} | loss {rec['train_loss']:.3f} | global test {_pct(rec['global_test_acc'])}%"
+    text = (f"round {rec['round']}/{rounds} | loss {_num(rec['train_loss'])} | global test {_pct(rec['global_test_acc'])}%"
             f" | global on clients {_pct(g['weighted_mean'])}% (mean {_pct(g['mean'])} ± {_pct(g['std'])})")
     p = rec.get("personalized")
     if p and p.get("clients"):
         text += (f" | personalized {_pct(p['weighted_mean'])}% (mean {_pct(p['mean'])} ± {_pct(p['std'])},"
                  f" {p['clients']} clients)")
+    dropped = sum(rec.get("dropped_clients", []))
+    if dropped:
+        text += f" | {dropped} non-finite client updates dropped since the last evaluation"
     return text + f" | {rec.get('sec_per_round', float('nan')):.2f}s/round | {rec['elapsed_s']:.0f}s"
 
 
@@ -37,21 +47,26 @@ def results_table(rec: dict) -> str:
     return "\n".join(lines)
 
 
-def write_summary(path: Path, run_name: str, history: list[dict], config_text: str, wall_s: float) -> None:
-    """summary.md: final results table, per-round accuracies, and the resolved config."""
+def write_summary(path: Path, run_name: str, history: list[dict], config_text: str, wall_s: float,
+                  stopped: str | None = None) -> None:
+    """summary.md: final results table, per-round accuracies, and the resolved config; ``stopped``,
+    when the run ended early (divergence), is stated first."""
     last = history[-1]
     best = max(history, key=lambda r: r["global_test_acc"])
-    per_round = ["| round | train loss | global test | global on clients | personalized |", "|---|---|---|---|---|"]
+    per_round = ["| round | train loss | global test | global on clients | personalized | dropped updates |",
+                 "|---|---|---|---|---|---|"]
     for r in history:
         p = r.get("personalized", {})
-        per_round.append(f"| {r['round']} | {r['train_loss']:.3f} | {_pct(r['global_test_acc'])} | "
-                         f"{_pct(r['global_local']['weighted_mean'])} | {_pct(p.get('weighted_mean'))} |")
-    text = (f"# {run_name}\n\nFinal round {last['round']}, wall time {wall_s:.0f} s. Accuracies in percent; "
+        per_round.append(f"| {r['round']} | {_num(r['train_loss'])} | {_pct(r['global_test_acc'])} | "
+                         f"{_pct(r['global_local']['weighted_mean'])} | {_pct(p.get('weighted_mean'))} | "
+                         f"{sum(r.get('dropped_clients', []))} |")
+    note = f"**Stopped early**: {stopped}.\n\n" if stopped else ""
+    text = (f"# {run_name}\n\n{note}Final round {last['round']}, wall time {wall_s:.0f} s. Accuracies in percent; "
             f"weighted mean weights clients by test samples.\n\n{results_table(last)}\n\n"
             f"Best global test accuracy: {_pct(best['global_test_acc'])}% at round {best['round']}.\n\n"
             f"## Per evaluation\n\n" + "\n".join(per_round) +
             f"\n\n## Config\n\n```yaml\n{config_text}```\n")
-    path.write_text(text)
+    write_text_atomic(path, text)
 
 
 def plot_accuracy(path: Path, history: list[dict], title: str) -> None:
@@ -97,7 +112,7 @@ def write_client_table(path: Path, matrix, trained: list[int]) -> None:
     rows = ["client,test_samples,global_acc,personalized_acc"]
     for cid, g, p in zip(ids, global_acc, personal_acc):
         rows.append(f"{cid},{int(matrix[cid, 2])},{g:.6f},{'' if p != p else f'{p:.6f}'}")
-    path.write_text("\n".join(rows) + "\n")
+    write_text_atomic(path, "\n".join(rows) + "\n")
 
 
 def plot_client_histogram(path: Path, matrix, trained: list[int], title: str) -> None:

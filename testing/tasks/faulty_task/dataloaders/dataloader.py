@@ -1,0 +1,5 @@
+from experiments.synthetic.dataloaders.dataloader import SyntheticLoader as _Loader
+
+
+class Loader(_Loader):
+    pass

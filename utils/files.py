@@ -1,0 +1,87 @@
+"""Writing run files so that a full disk costs one line and leaves no partial file behind."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from core.errors import RunStopped
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(RunStopped):
+    """A run file could not be written: no space left on its device (or the quota is spent).
+    Exit status 1; the message names the folder, the file and the bytes it needed."""
+
+    exit_code = 1
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes free for this user on the device of ``folder`` (its nearest existing ancestor)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+@contextmanager
+def disk_guard(target: str | Path, needed: int, partial: str | Path | None = None):
+    """Turn a full-disk ``OSError`` raised inside the block into :class:`DiskFull`, after removing
+    the ``partial`` file the block was writing (if any). Other errors pass through unchanged.
+
+    Args:
+        target: the file being written (named in the message).
+        needed: about how many bytes writing it takes (named in the message).
+    """
+    target = Path(target)
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FULL:
+            raise
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
+        raise DiskFull(f"no space left on the device of {target.parent} while writing {target.name} (about "
+                       f"{needed:,} bytes needed, {free_bytes(target.parent):,} free); free space there, then "
+                       f"continue the run with -resume (or start it with another -outputPath)") from None
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place: a reader, or a crash
+    or full disk half-way, sees the old content or the new one, never a part.
+
+    Raises:
+        DiskFull: no space for the file (the temporary file is removed; ``path`` is untouched).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    data = text.encode()
+    with disk_guard(path, len(data), tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one ``line`` (with its newline) to ``path`` whole or not at all: on a full disk the
+    file is cut back to its previous length, so no half line is left.
+
+    Raises:
+        DiskFull: no space for the line.
+    """
+    path = Path(path)
+    data = memoryview((line + "\n").encode())
+    with open(path, "ab", buffering=0) as handle:  # unbuffered: nothing is left to fail at close
+        size = handle.seek(0, os.SEEK_END)
+        try:
+            with disk_guard(path, len(data)):
+                while data:
+                    data = data[handle.write(data):]
+        except DiskFull:
+            handle.truncate(size)
+            raise

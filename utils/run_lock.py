@@ -1,0 +1,95 @@
+"""One run at a time in a run folder: an exclusive OS lock held for the life of the run."""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from core.errors import UserError
+from utils.cli import make_folder
+
+LOCK_NAME = "run.lock"
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run folder>/run.lock``, taken before anything is written there.
+
+    The operating system releases the lock when the holding process exits, however it exits (even
+    ``kill -9``), so a lock left by a crashed run is never stale: the next run simply takes it. The
+    file holds the holder's host and pid, for the message a second run gets. Use it as a context
+    manager, or call :meth:`acquire` and :meth:`release`.
+
+    Raises:
+        UserError: from :meth:`acquire`, when another live process holds the folder's lock, or the
+            folder cannot be created.
+    """
+
+    def __init__(self, run_dir: str | Path, what: str = "-outputPath"):
+        self.run_dir = Path(run_dir)
+        self.what = what
+        self._fd: int | None = None
+        self._created = False
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / LOCK_NAME
+
+    def acquire(self) -> "RunLock":
+        """Take the lock (creating the run folder if missing); refuse if another run holds it."""
+        self._created = not self.run_dir.exists()
+        make_folder(self.run_dir, self.what)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read(fd)
+                os.close(fd)
+                raise UserError(f"run folder {self.run_dir} is in use by another run ({holder}); wait for it to "
+                                f"finish, or choose another -run_name") from None
+            if _same_file(fd, self.path):  # not a file a finishing run unlinked after we opened it
+                break
+            os.close(fd)
+        self._fd = fd
+        try:  # who holds it, for the message a second run gets (a full disk only loses that)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
+        except OSError:
+            pass
+        return self
+
+    def release(self, discard: bool = False) -> None:
+        """Let the lock go. ``discard``: the run wrote nothing (it stopped at a start check), so the
+        lock file goes too, and the run folder if this lock created it and it is now empty."""
+        if self._fd is None:
+            return
+        if discard:
+            self.path.unlink(missing_ok=True)
+            if self._created:
+                try:
+                    self.run_dir.rmdir()
+                except OSError:  # not empty: something else is there, leave it
+                    pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "holder unknown"
+    except OSError:
+        return "holder unknown"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
