@@ -2,15 +2,19 @@
 
 Launch modes: ``torch.distributed.run`` (RANK/WORLD_SIZE in the environment), ``mpiexec`` (rank
 and size from mpi4py) or a plain single process (world size 1, no process group). On several
-nodes, RANK is global and LOCAL_RANK (rank within the node) picks the GPU.
+nodes, RANK is global and LOCAL_RANK (rank within the node) picks the GPU. A rank started by a
+launcher watches it (:class:`LauncherWatch`) so that it does not outlive it; a collective that fails,
+and a teardown that fails, raise the one-line :class:`PeerFailure`.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import threading
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -134,23 +138,98 @@ def init_distributed(backend: str, device_preference: str, timeout_s: float) -> 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                    device_id=device if backend == "nccl" else None)
+        except RuntimeError as exc:  # DistNetworkError / DistStoreError: the rendezvous failed or timed out
+            raise PeerFailure(f"rank {rank}: could not join the process group of {world} ranks at "
+                              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}; "
+                              f"{_first_line(exc)}") from exc
     return DistContext(rank, world, device, backend)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def launcher_name() -> str | None:
+    """The launcher this rank cannot outlive: ``torch.distributed.run`` (it sets TORCHELASTIC_RUN_ID;
+    its agent also holds the ranks' TCP store) or ``mpiexec`` (an MPI process manager's rank:
+    OMPI_COMM_WORLD_SIZE or PMI_SIZE); None for a plain process, which must outlive the shell that
+    started it (under nohup, say), and for a submitit task."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torch.distributed.run"
+    if any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        return "mpiexec"
+    return None
+
+
+class LauncherWatch:
+    """Notices the death of this rank's launcher, its parent process: a daemon thread compares
+    ``os.getppid()`` with the parent recorded at start every ``poll_s`` seconds (the kernel
+    reparents the orphaned rank, so the parent pid changes however the launcher died, SIGKILL
+    included). Under mpiexec the parent is its process manager's proxy (hydra_pmi_proxy, orted).
+
+    Polling rather than ``prctl(PR_SET_PDEATHSIG)``: that signal fires when the parent *thread*
+    that started the rank exits, and would reach the rank as a signal indistinguishable from a
+    user's ``kill``.
+    """
+
+    def __init__(self, name: str, poll_s: float = 0.2):
+        self.pid = os.getppid()
+        try:
+            with open(f"/proc/{self.pid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:  # not Linux
+            comm = ""
+        # under mpiexec the parent is its process manager's proxy: name it too
+        self.name = f"{name}'s {comm}" if name == "mpiexec" and comm not in ("", name) else name
+        self.poll_s = poll_s
+        self._done = threading.Event()
+
+    def died(self) -> bool:
+        """True once the launcher is gone (checked now, not at the last poll)."""
+        return os.getppid() != self.pid
+
+    def describe(self) -> str:
+        """'the launcher (NAME, pid N)'."""
+        return f"the launcher ({self.name}, pid {self.pid})"
+
+    def start(self, on_death: Callable[[], None]) -> None:
+        """Call ``on_death()`` once, from the watching thread, when the launcher dies (unless
+        :meth:`stop` came first)."""
+        def watch():
+            while not self._done.wait(self.poll_s):
+                if self.died():
+                    on_death()
+                    return
+        threading.Thread(target=watch, name="pfedsim-launcher-watch", daemon=True).start()
+
+    def stop(self) -> None:
+        self._done.set()
 
 
 class Transport:
     """Broadcast from rank 0 and sum-reduce to rank 0 of flat tensors; identity for one process."""
 
-    def __init__(self, ctx: DistContext):
+    def __init__(self, ctx: DistContext, launcher: LauncherWatch | None = None):
         self.ctx = ctx
+        # Under torch.distributed.run the TCP store lives in the launcher: once it died, the store is
+        # not touched (each try would print a C++ warning with a stack of frames).
+        self.launcher = launcher
         self.comm_device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
         # The last collective's buffer, kept until close(): the backend's work object may still hold it, and if
         # the backend's thread dropped the last reference at teardown it would need the GIL that close() holds
         # while joining that thread (a deadlock seen with gloo on torch 2.4 under mpiexec).
         self._held: torch.Tensor | None = None
+        # time.monotonic() when a collective first failed on this rank (None while none did): a signal
+        # that comes after it is the failure's fallout (torch.distributed.run sends SIGTERM to every
+        # rank once one has died), and the failure, not the signal, is what this rank reports
+        self.failed_at: float | None = None
 
     def _store(self):
+        if self.launcher is not None and self.launcher.died():
+            return None
         try:
             return dist.distributed_c10d._get_default_store()
         except Exception:  # private API: diagnostics only, never required
@@ -187,12 +266,17 @@ class Transport:
             return tensor
         buf = self._held = tensor.to(self.comm_device)
         store = self._store() if self.ctx.rank > 0 else None
-        if store is not None:
-            store.set(f"pfedsim/at/{self.ctx.rank}", what)
         try:
+            if store is not None:  # under torch.distributed.run the store lives in the launcher: this fails
+                store.set(f"pfedsim/at/{self.ctx.rank}", what)  # (DistNetworkError) once the launcher is gone
             op(buf, 0)
         except Exception as exc:  # gloo/nccl raise RuntimeError subclasses with backend details
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            # First, and through a call: a signal delivered before the failure (a Ctrl-C, which made a
+            # peer close its connections) is handled right after this call returns, before the store
+            # of failed_at, so it stays an interruption.
+            failed_at = time.monotonic()
+            self.failed_at = failed_at
+            first = _first_line(exc)
             if self.ctx.rank == 0:
                 who = "; ".join(self._laggards(what)) or "a worker died or timed out"
                 raise PeerFailure(f"{what} failed on the server: {who} (see that rank's log); {first}") from exc
@@ -208,26 +292,43 @@ class Transport:
         """Elementwise sum over ranks, valid on rank 0."""
         return self._run(lambda t, dst: dist.reduce(t, dst, op=dist.ReduceOp.SUM), tensor, what)
 
-    def close(self, error: BaseException | None = None) -> None:
+    def close(self, error: BaseException | None = None, barrier: bool | None = None) -> None:
         """Tear the process group down; call it once, when this rank stops.
 
         After a normal finish (``error`` None) or a mistake or failure (an ``Exception``), a barrier
         comes first, so no rank destroys its connections while a peer still uses them. After
         ``SystemExit`` or ``KeyboardInterrupt`` (preempted: submitit's signal handler exits this
-        way; or interrupted) there is no barrier, since the peers may be mid-round. The frames of
+        way; or interrupted) there is no barrier, since the peers may be mid-round; ``barrier``
+        False skips it after any ``error`` too (a failure seen while the run was being stopped:
+        the launcher died, say). The frames of
         ``error``'s tracebacks (its causes' too) are cleared first: a collective that failed, or was
         interrupted between its launch and its wait, holds the process group and its work through
         them, and a group that outlives this call keeps gloo threads running while the interpreter
         exits, which can abort the process.
+
+        Raises:
+            PeerFailure: after a normal finish (``error`` None), when destroying the group fails (a
+                peer or the launcher's store died meanwhile). With an ``error``, that failure is
+                dropped: ``error`` is what gets reported.
         """
         _clear_frames(error)
         if self.ctx.world_size > 1 and dist.is_initialized():
-            if error is None or isinstance(error, Exception):
+            if barrier is None:
+                barrier = error is None or isinstance(error, Exception)
+            if barrier:
                 try:
                     dist.barrier()
                 except Exception:  # a peer already failed; that failure is what gets reported
                     pass
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception as exc:  # DistBackendError / DistNetworkError from a group whose peers are gone
+                first = _first_line(exc)
+                _clear_frames(exc)
+                self._held = None
+                if error is None:
+                    raise PeerFailure(f"rank {self.ctx.rank}: tearing the process group down failed; a peer or "
+                                      f"the launcher died meanwhile; {first}") from None
         self._held = None
 
 
