@@ -16,7 +16,7 @@ from core.optim import build_optimizer
 from core.errors import RunStopped
 from core.worker import GO, STOP, RoundLayout, eval_buffer_size, train_share
 from utils.checkpoint import load_checkpoint, save_atomic
-from utils.files import disk_guard
+from utils.files import disk_guard, saved_size
 from utils.metrics_writer import MetricsWriter
 from utils.report import (format_line, plot_accuracy, plot_client_histogram, results_table, write_client_table,
                           write_summary)
@@ -47,6 +47,7 @@ class Server:
         self.store = ClientStore(run_dir / "client_store.f32", sim.cfg.server_config.client_store_memory_mb * 2**20)
         self.strategy_state = torch.zeros(sim.strategy.server_state_numel(sim.layout), device=sim.ctx.device)
         self.history: list[dict] = []
+        self._pending_dropped: list[int] = []  # dropped counts of the rounds after the last evaluation
         self.start_round = 1
         self.elapsed_before = 0.0
         self.writer = MetricsWriter(run_dir, sim.cfg.logging_config, sim.cfg.to_dict())
@@ -56,12 +57,16 @@ class Server:
         self.round = self.start_round - 1  # the round in progress (the last one done between rounds)
         self.saved_round = self.start_round - 1 if resume is not None else 0  # round of checkpoints/latest.pt
         self.evaluated = self.start_round - 1  # the last round whose evaluation ran
+        # per round since the last evaluation; the dropped counts travel in checkpoints (a resume
+        # reports them as the uninterrupted run would), the seconds restart at a resume
+        self.since_eval = {"round_s": [], "dropped_clients": list(self._pending_dropped)}
 
     # ---- checkpoint -------------------------------------------------------------------------
     def _state(self, round_idx: int, elapsed: float) -> dict:
         return {"round": round_idx, "global": self.global_flat.cpu(), "server_optimizer": self.optimizer.state_dict(),
                 "client_store": self.store.state_dict(), "strategy_state": self.strategy_state.cpu(),
                 "history": self.history, "elapsed_s": elapsed,
+                "dropped_since_eval": list(self.since_eval["dropped_clients"]),
                 "config": self.sim.cfg.to_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
 
@@ -72,6 +77,7 @@ class Server:
         self.store.load_state_dict(state["client_store"])
         self.strategy_state = state["strategy_state"].to(self.sim.ctx.device)
         self.history = list(state["history"])
+        self._pending_dropped = list(state.get("dropped_since_eval", []))
         self.start_round = state["round"] + 1
         self.elapsed_before = state.get("elapsed_s", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
@@ -86,7 +92,7 @@ class Server:
             DiskFull: no space for it (the previous file of that name is kept, no partial file left).
         """
         state, path = self._state(round_idx, elapsed), self.run_dir / "checkpoints" / f"{name}.pt"
-        with disk_guard(path, _tensor_bytes(state), path.with_name(path.name + ".tmp")):
+        with disk_guard(path, lambda: saved_size(state), path.with_name(path.name + ".tmp")):
             save_atomic(state, path)
 
     # ---- one round ----------------------------------------------------------------------------
@@ -181,11 +187,10 @@ class Server:
         bar = tqdm(range(self.start_round, sim.schedule.rounds + 1), desc="rounds", unit="round", dynamic_ncols=True,
                    initial=self.start_round - 1, total=sim.schedule.rounds, mininterval=2.0,
                    disable=None)  # no bar when stderr is not a terminal (log files keep only the round lines)
-        since_eval = {"round_s": [], "dropped_clients": []}  # per round since the last evaluation
         try:
             for r in bar:
                 self.round = r
-                self._step(r, since_eval, t0, bar)
+                self._step(r, t0, bar)
         except RunStopped as exc:  # diverged, or the disk is full: the workers wait for a broadcast
             bar.close()
             self._stop_workers(self.round)
@@ -196,10 +201,11 @@ class Server:
         self._finish(time.perf_counter() - t0)
         return self.history
 
-    def _step(self, r: int, since_eval: dict, t0: float, bar) -> None:
+    def _step(self, r: int, t0: float, bar) -> None:
         """Round ``r``, then its evaluation and checkpoints when the schedule has them."""
         started = time.perf_counter()
         loss, dropped = self._round(r)
+        since_eval = self.since_eval
         since_eval["round_s"].append(time.perf_counter() - started)
         since_eval["dropped_clients"].append(dropped)
         bar.set_postfix(loss=f"{loss:.3f}")
@@ -259,13 +265,3 @@ class Server:
         print(f"Written to {self.run_dir}: metrics.jsonl, summary.md, clients.csv, plots/, checkpoints/, "
               f"TensorBoard events")
 
-
-def _tensor_bytes(obj) -> int:
-    """Bytes of the tensors in a nested dict / list (about a checkpoint's size on disk)."""
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0

@@ -28,13 +28,14 @@ def free_bytes(folder: Path) -> int:
 
 
 @contextmanager
-def disk_guard(target: str | Path, needed: int, partial: str | Path | None = None):
+def disk_guard(target: str | Path, needed, partial: str | Path | None = None):
     """Turn a full-disk ``OSError`` raised inside the block into :class:`DiskFull`, after removing
     the ``partial`` file the block was writing (if any). Other errors pass through unchanged.
 
     Args:
         target: the file being written (named in the message).
-        needed: about how many bytes writing it takes (named in the message).
+        needed: how many bytes writing it takes (named in the message): an int, or a function
+            returning it, called only when the disk is full.
     """
     target = Path(target)
     try:
@@ -44,8 +45,9 @@ def disk_guard(target: str | Path, needed: int, partial: str | Path | None = Non
             raise
         if partial is not None:
             Path(partial).unlink(missing_ok=True)
-        raise DiskFull(f"no space left on the device of {target.parent} while writing {target.name} (about "
-                       f"{needed:,} bytes needed, {free_bytes(target.parent):,} free); free space there, then "
+        size = needed() if callable(needed) else needed
+        raise DiskFull(f"no space left on the device of {target.parent} while writing {target.name} ({size:,} "
+                       f"bytes needed, {free_bytes(target.parent):,} free); free space there, then "
                        f"continue the run with -resume (or start it with another -outputPath)") from None
 
 
@@ -85,3 +87,26 @@ def append_line(path: str | Path, line: str) -> None:
         except DiskFull:
             handle.truncate(size)
             raise
+
+
+class _Counter:
+    """A write-only sink that counts the bytes written to it."""
+
+    def __init__(self):
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def saved_size(obj) -> int:
+    """Bytes ``torch.save(obj)`` writes (serialized into a counter, nothing kept in memory)."""
+    import torch
+
+    counter = _Counter()
+    torch.save(obj, counter)
+    return counter.size
