@@ -65,3 +65,21 @@ def test_spilled_run_equals_in_memory_run(tmp_path):
     for cid, vec in a["client_store"]["entries"].items():
         assert torch.equal(vec, b["client_store"]["entries"][cid])
     assert not (tmp_path / "spill" / "client_store.f32").exists(), "the spill file goes when the run ends"
+
+
+def test_state_dict_holds_only_the_rows_in_use(tmp_path):
+    """Saved, a store of 3 rows (in a table with room for 16) or of 300 spilled rows (a file with room
+    for 512) is those rows' bytes, not the table's; and it loads back."""
+    for spill in (None, tmp_path / "store.f32"):
+        store, rows = ClientStore(spill, memory_limit_bytes=1024 if spill else float("inf")), 3 if spill is None else 300
+        _fill(store, range(rows), 10)
+        assert store.on_disk == (spill is not None)
+        state = store.state_dict()
+        storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in state["entries"].values()}
+        assert list(storages.values()) == [rows * 10 * 4], storages  # what torch.save writes
+        saved = tmp_path / "ckpt.pt"
+        torch.save(state, saved)
+        other = ClientStore()
+        other.load_state_dict(torch.load(saved))
+        _check(other, range(rows), 10)
+        store.close()
