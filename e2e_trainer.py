@@ -52,9 +52,20 @@ def _resume_path(args, cfg, run_dir: Path) -> Path | None:
     return path / "checkpoints" / "latest.pt" if path.is_dir() else path
 
 
-def _check_names(args, resume: str | None) -> None:
-    """Mistakes in the names alone: an -outputPath that is a file, a -run_name that is a path, a
-    bare -resume with no run to continue."""
+def _check_names(args, resume: str | None, logging=None) -> None:
+    """Mistakes found before anything is written: an -outputPath that is empty or a file, a -run_name
+    that is empty or a path, a bare -resume with no run to continue, and ``logging`` (the config's
+    ``logging_config``) asking for W&B when the wandb package is missing.
+
+    Raises:
+        UserError: naming the flag (or config key) and the fix.
+    """
+    if not args.outputPath.strip():
+        raise UserError("-outputPath is empty; pass the folder for runs, e.g. -outputPath runs "
+                        "(-outputPath . for the current folder)")
+    if args.run_name is not None and not args.run_name.strip():
+        raise UserError("-run_name is empty; pass a folder name, or leave -run_name out for "
+                        "<config name>_<task>_<date-time>")
     if Path(args.outputPath).exists() and not Path(args.outputPath).is_dir():
         raise UserError(f"-outputPath {args.outputPath} is a file; pass a folder (it is created if missing)")
     if args.run_name and (Path(args.run_name).name != args.run_name or args.run_name in (".", "..")):
@@ -63,6 +74,8 @@ def _check_names(args, resume: str | None) -> None:
     if args.resume == "" and not args.run_name and not resume:
         raise UserError("-resume without a path continues the -run_name folder; pass -run_name NAME, "
                         "or -resume RUN_FOLDER")
+    from utils.metrics_writer import check_wandb
+    check_wandb(logging)
 
 
 def _run_dir(args, cfg) -> Path:
@@ -72,7 +85,7 @@ def _run_dir(args, cfg) -> Path:
         UserError: see :func:`_check_names`.
     """
     resume = args.resume or cfg.server_config.resume_from_checkpoint
-    _check_names(args, resume)
+    _check_names(args, resume, cfg.logging_config)
     if args.run_name:
         name = args.run_name
     elif resume:

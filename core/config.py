@@ -3,14 +3,24 @@
 The YAML layout follows FLUTE's section names (``model_config``, ``strategy``, ``server_config``,
 ``client_config``) plus ``data_config`` and ``personalization``. Every key has a default; unknown
 keys are errors. :func:`load_config` turns any mistake into a one-line :class:`UserError`.
+
+Values are read as written, never coerced: a count (``int``) must be a whole number, not ``true``,
+``2.0`` or ``'2'``; a flag (``bool``) must be ``true`` or ``false``, not ``1``; a ``float`` may be
+written as an int (or as text such as ``1e-3``, which YAML reads as a string) but never as
+``true``/``false``, and must be finite (no ``.inf`` or ``.nan``). Counts have generous upper bounds
+that only catch typos: :data:`MAX_ROUNDS` for round counts, :data:`MAX_EPOCHS` for epoch counts,
+:data:`MAX_COUNT` for every other count, :data:`MAX_SEED` for the seed, :data:`MAX_TIMEOUT_S` for
+``server_config.timeout_s``. A config file must be UTF-8 text and may not write a key twice in one
+mapping.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from core.errors import UserError
 
@@ -20,8 +30,39 @@ def _is_section(field) -> bool:
     return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 
 
+MAX_ROUNDS = 10_000_000  # server_config.max_iteration, val_freq, ckpt_freq: ten million rounds
+MAX_EPOCHS = 1_000_000  # local_epochs and the personalization epoch counts
+MAX_COUNT = 2**31 - 1  # any other count (clients, samples, batch sizes, classes): far beyond any real run
+MAX_SEED = 2**63 - 1  # seed: a signed 64-bit integer, what numpy's and torch's seeding and the checkpoints hold
+MAX_TIMEOUT_S = 365 * 86400.0  # server_config.timeout_s: one year (torch's timedelta overflows far beyond)
+
+
+def _scalar_type(annotation) -> Optional[type]:
+    """``int``, ``float`` or ``bool`` for a field annotated so (or ``Optional`` of it); None otherwise."""
+    if get_origin(annotation) is Union:
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = inner[0] if len(inner) == 1 else None
+    return annotation if annotation in (int, float, bool) else None
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_written(cls, value, info: ValidationInfo):
+        """Refuse what pydantic would coerce: true/false or 2.0 or '2' for a count, true/false for a
+        float, 1/0 or text for a flag (YAML reads ``true``, ``false``, ``yes``, ``no`` as booleans)."""
+        kind = _scalar_type(cls.model_fields[info.field_name].annotation)
+        if value is None or kind is None:
+            return value
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError("expected a whole number, e.g. 5 (not true/false, a decimal or quoted text)")
+        if kind is float and isinstance(value, bool):
+            raise ValueError("expected a number, e.g. 0.5 (not true/false)")
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -59,12 +100,27 @@ class OptimizerConfig(_Section):
             return {"betas": YOGI_BETAS, "eps": YOGI_TAU, **data}
         return data
 
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_are_numbers(cls, value):
+        if isinstance(value, (list, tuple)) and any(isinstance(beta, bool) for beta in value):
+            raise ValueError("expected two numbers, e.g. [0.9, 0.999] (not true/false)")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value):
+        """torch's Adam, AdamW and our Yogi need 0 <= beta < 1 (beta 1 never forgets, above 1 diverges)."""
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError("each beta must be at least 0 and below 1, e.g. [0.9, 0.999]")
+        return value
+
 
 class ModelSection(_Section):
     """Which model class of the task's ``model.py`` to build, and its options."""
 
     model_type: str = Field("ResNet18", description="class name in the task's model.py")
-    num_classes: int = Field(10, ge=2, description="output classes")
+    num_classes: int = Field(10, ge=2, le=MAX_COUNT, description="output classes")
     options: dict[str, Any] = Field(
         default_factory=dict, description="options the task's model reads (keys its class lists in OPTIONS; any other "
                                           "key is an error)")
@@ -78,23 +134,25 @@ class ServerConfig(_Section):
     ``ckpt_freq`` rounds (0: only at the end).
     """
 
-    max_iteration: int = Field(50, ge=1, description="number of rounds")
+    max_iteration: int = Field(50, ge=1, le=MAX_ROUNDS, description="number of rounds")
     num_clients_per_iteration: Union[int, str] = Field(
         10, description="cohort size (clients per round), or 'a,b' for a size drawn per round in [a, b]")
-    val_freq: int = Field(5, ge=1, description="evaluate every this many rounds (and at the last)")
-    ckpt_freq: int = Field(10, ge=0, description="checkpoint every this many rounds; 0: only at the end")
+    val_freq: int = Field(5, ge=1, le=MAX_ROUNDS, description="evaluate every this many rounds (and at the last)")
+    ckpt_freq: int = Field(10, ge=0, le=MAX_ROUNDS, description="checkpoint every this many rounds; 0: only at the end")
     optimizer_config: OptimizerConfig = Field(OptimizerConfig(type="sgd", lr=1.0),
                                               description="server optimizer on the pseudo-gradient")
-    eval_batch_size: int = Field(1000, ge=1, description="batch size of evaluation passes")
+    eval_batch_size: int = Field(1000, ge=1, le=MAX_COUNT, description="batch size of evaluation passes")
     resume_from_checkpoint: Optional[str] = Field(None, description="checkpoint file or run folder to continue")
-    timeout_s: float = Field(600.0, gt=0, description="process-group timeout in seconds (a dead peer is reported by then)")
+    timeout_s: float = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="process-group timeout in seconds (a dead peer is reported by then)")
     client_store_memory_mb: float = Field(
         4096.0, gt=0, description="client store (personal state of trained clients) held in host memory up to this "
                                   "many MiB; beyond, it moves to a memory-mapped file OUT/RUN/client_store.f32")
 
-    @field_validator("num_clients_per_iteration")
+    @field_validator("num_clients_per_iteration", mode="before")
     @classmethod
     def _cohort(cls, value):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError("expected a positive int or 'a,b' with 1 <= a <= b, e.g. 10 or '5,20'")
         cohort_range(value)
         return value
 
@@ -118,8 +176,8 @@ def cohort_range(value: Union[int, str]) -> tuple[int, int]:
 class ClientConfig(_Section):
     """Local training of one client: ``local_epochs`` passes over its train split."""
 
-    local_epochs: int = Field(1, ge=1, description="passes over the client's train split per round")
-    batch_size: int = Field(32, ge=1, description="client batch size (samples)")
+    local_epochs: int = Field(1, ge=1, le=MAX_EPOCHS, description="passes over the client's train split per round")
+    batch_size: int = Field(32, ge=1, le=MAX_COUNT, description="client batch size (samples)")
     optimizer_config: OptimizerConfig = Field(OptimizerConfig(type="sgd", lr=0.05, momentum=0.9),
                                               description="client optimizer (state reset every round)")
     augment: bool = Field(True, description="task's train-time augmentation (cv: random crop + flip)")
@@ -128,7 +186,7 @@ class ClientConfig(_Section):
     vectorize: bool = Field(False, description="train a worker's clients together with torch.func vmap (SGD, no BatchNorm; "
                                                "dropout masks are drawn per group, so with dropout results depend on "
                                                "the grouping and process count)")
-    vectorize_chunk: int = Field(64, ge=1, description="clients per vectorized group (memory grows with it; on a CPU small groups, e.g. 5, run faster)")
+    vectorize_chunk: int = Field(64, ge=1, le=MAX_COUNT, description="clients per vectorized group (memory grows with it; on a CPU small groups, e.g. 5, run faster)")
     compile: bool = Field(False, description="torch.compile the client's training loss (forward and backward; "
                                              "the first steps of a run compile it, which takes seconds to minutes)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
@@ -139,14 +197,14 @@ class ClientConfig(_Section):
 class DataConfig(_Section):
     """How CIFAR-style data is split into clients (see :mod:`core.partition`)."""
 
-    num_clients: int = Field(100, ge=1, description="total number of clients")
+    num_clients: int = Field(100, ge=1, le=MAX_COUNT, description="total number of clients")
     partition: Literal["iid", "dirichlet", "dirichlet_capped", "shards", "label_quantity"] = Field(
         "dirichlet", description="how labels are split (dirichlet_capped: NIID-Bench's Dirichlet with its client-size "
                                  "cap; label_quantity: NIID-Bench's #C=k classes per client)")
     alpha: float = Field(0.3, gt=0, description="Dirichlet alpha (smaller: more label skew)")
-    classes_per_client: int = Field(2, ge=1, description="shards: shards (about classes) per client; "
+    classes_per_client: int = Field(2, ge=1, le=MAX_COUNT, description="shards: shards (about classes) per client; "
                                                          "label_quantity: classes per client")
-    min_samples: int = Field(10, ge=1, description="minimum train samples per client (error if impossible)")
+    min_samples: int = Field(10, ge=1, le=MAX_COUNT, description="minimum train samples per client (error if impossible)")
     download: bool = Field(True, description="try torchvision's download when the data folder is missing")
     normalize: bool = Field(True, description="image tasks: standardize each channel with the train set's mean "
                                               "and std (false: raw pixels in [0, 1], as NIID-Bench feeds them)")
@@ -171,13 +229,13 @@ class PersonalizationConfig(_Section):
                             "fedbn (local BatchNorm), local (no federation), finetune (FedAvg + fine-tuning), "
                             "ditto (regularized personal models), apfl (learned personal/global mixture)")
     local_layers: list[str] = Field(default_factory=list, description="module-name prefixes kept on each client")
-    head_epochs: int = Field(10, ge=0, description="fedrep: epochs training the personal head before the body")
-    finetune_epochs: int = Field(1, ge=0, description="finetune: local epochs of fine-tuning before evaluation")
+    head_epochs: int = Field(10, ge=0, le=MAX_EPOCHS, description="fedrep: epochs training the personal head before the body")
+    finetune_epochs: int = Field(1, ge=0, le=MAX_EPOCHS, description="finetune: local epochs of fine-tuning before evaluation")
     ditto_lambda: float = Field(0.1, ge=0, description="ditto: weight of ||v - w_global||^2 in personal training")
-    ditto_epochs: int = Field(1, ge=1, description="ditto: epochs of personal-model training per round")
+    ditto_epochs: int = Field(1, ge=1, le=MAX_EPOCHS, description="ditto: epochs of personal-model training per round")
     apfl_alpha: float = Field(0.5, ge=0, le=1, description="apfl: first mixing weight alpha of every client")
     apfl_alpha_lr: Optional[float] = Field(None, ge=0, description="apfl: step size of alpha (null: the client lr)")
-    new_client_epochs: int = Field(0, ge=0, description="epochs fine-tuning the personal layers of never-trained "
+    new_client_epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="epochs fine-tuning the personal layers of never-trained "
                                                         "clients before evaluating them (0: not evaluated)")
 
     @model_validator(mode="after")
@@ -215,7 +273,7 @@ class Config(_Section):
     data_config: DataConfig = Field(default_factory=DataConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     logging_config: LoggingConfig = Field(default_factory=LoggingConfig)
-    seed: int = Field(0, ge=0, description="seed of partition, cohorts, initial model and client training")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of partition, cohorts, initial model and client training")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the rank's GPU when present")
 
     @model_validator(mode="after")
@@ -251,7 +309,9 @@ def apply_override(raw: dict, assignment: str) -> None:
     if not sep or not all(keys):
         raise UserError(f"--set {assignment!r}: expected key.path=value, e.g. server_config.max_iteration=10")
     try:
-        value = yaml.safe_load(text)
+        value = _read_yaml(text)
+    except _DuplicateKey as exc:
+        raise UserError(f"--set {assignment!r}: the value writes the key {exc.key!r} twice; keep one") from None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise UserError(f"--set {assignment!r}: the value is not valid YAML ({problem}); e.g. a list is [a, b], "
@@ -264,6 +324,48 @@ def apply_override(raw: dict, assignment: str) -> None:
         if not isinstance(node, dict):
             raise UserError(f"--set {path}: {key!r} is a value, not a section")
     node[keys[-1]] = value
+
+
+class _DuplicateKey(Exception):
+    """A mapping writes ``key`` (a dotted path) twice: at 1-based ``line``, first at ``first``."""
+
+    def __init__(self, key: str, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+def _check_unique_keys(node, prefix: str = "", seen_nodes=None) -> None:
+    """Raise :class:`_DuplicateKey` for the first key written twice in one mapping of a composed YAML
+    ``node`` (PyYAML would keep the last one silently). Merge keys (``<<``) are left to PyYAML."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias of a node already walked (anchors may even loop)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line = {}
+        for key_node, value_node in node.value:
+            is_scalar = isinstance(key_node, yaml.ScalarNode)
+            name = key_node.value if is_scalar else None
+            if is_scalar and key_node.tag != "tag:yaml.org,2002:merge":
+                if (key_node.tag, name) in first_line:
+                    raise _DuplicateKey(f"{prefix}{name}", key_node.start_mark.line + 1,
+                                        first_line[(key_node.tag, name)])
+                first_line[(key_node.tag, name)] = key_node.start_mark.line + 1
+            _check_unique_keys(value_node, f"{prefix}{name}." if is_scalar else prefix, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, prefix, seen_nodes)
+
+
+def _read_yaml(text: str):
+    """``yaml.safe_load(text)``, refusing a key written twice in one mapping.
+
+    Raises:
+        _DuplicateKey: the first repeated key.
+        yaml.YAMLError: text that is not YAML (or holds more than one document).
+    """
+    _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+    return yaml.safe_load(text)
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -286,7 +388,8 @@ def _describe(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if isinstance(error.get("input"), dict):  # a check across a whole section: its input is not one value
         return f"{where}: {message}"
-    return f"{where}: {message} (got {error.get('input')!r})"
+    got = repr(error.get("input"))
+    return f"{where}: {message} (got {got if len(got) <= 80 else got[:60] + ' ... ' + got[-15:]})"
 
 
 def validate_config(raw: dict, source: str) -> Config:
@@ -302,13 +405,27 @@ def load_config(path: str | Path, overrides: list[str] = (), seed: Optional[int]
     """Read a YAML file, apply ``--set`` overrides and ``seed``, and validate.
 
     Raises:
-        UserError: missing file, bad YAML, unknown key, wrong type or out-of-range value.
+        UserError: a missing, unreadable or non-UTF-8 file, bad YAML, a key written twice, an unknown
+            key, a wrong type, a non-finite float or an out-of-range value.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"-config {path} is a folder; pass the experiment's YAML file, e.g. experiments/cv/config.yaml")
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass -config with an existing YAML file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config {path}: byte {exc.start} is not UTF-8 text; save the file as UTF-8 "
+                        f"(a config is plain YAML text)") from None
+    except OSError as exc:
+        raise UserError(f"config file {path} cannot be read ({exc.strerror or type(exc).__name__}); "
+                        f"check its permissions or pass another -config") from None
+    try:
+        raw = _read_yaml(text) or {}
+    except _DuplicateKey as exc:
+        raise UserError(f"config {path} line {exc.line}: key {exc.key!r} is written twice (first at line "
+                        f"{exc.first}); keep one of them") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +54,38 @@ def _subclasses(module, base: type) -> dict:
 
 
 def _import(package: str, sub: str, folder: Path):
+    """Import ``package.sub`` (the task's ``sub`` module).
+
+    Raises:
+        UserError: the file is missing, or importing it fails (a syntax error, an import of a missing
+            module, any exception or exit at import time), naming the task file and line.
+    """
     try:
         return importlib.import_module(f"{package}.{sub}")
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith(f"{package}.{sub.split('.')[0]}"):
             raise UserError(f"task folder {folder} has no {sub.replace('.', '/')}.py; "
                             f"a task needs model.py and dataloaders/dataset.py, dataloaders/dataloader.py") from None
-        raise
+        raise UserError(_import_failure(exc, folder, sub)) from None
+    except (Exception, SystemExit) as exc:  # the task's own code: whatever it raises is the task's mistake
+        raise UserError(_import_failure(exc, folder, sub)) from None
+
+
+def _import_failure(exc: BaseException, folder: Path, sub: str) -> str:
+    """One line naming the task file and line where importing ``sub`` failed, what failed, and the fix."""
+    file, line = folder / f"{sub.replace('.', '/')}.py", None
+    if isinstance(exc, SyntaxError) and exc.filename:
+        file, line = Path(exc.filename), exc.lineno
+        text = exc.msg
+    else:
+        for frame, lineno in traceback.walk_tb(exc.__traceback__):  # the deepest frame inside the task folder
+            if folder in Path(frame.f_code.co_filename).resolve().parents:
+                file, line = Path(frame.f_code.co_filename), lineno
+        text = str(exc)
+    text = " ".join(text.split()) or "(no message)"
+    where = f"{file} line {line}" if line else f"{file}"
+    return (f"task file {where}: {type(exc).__name__}: {text}; fix the task's code, or install what it imports "
+            f"(a task folder must import without errors)")
 
 
 def _single(found: dict, what: str, folder: Path) -> type:
@@ -72,13 +98,17 @@ def load_task(task: str) -> Task:
     """Load ``experiments/<task>`` (a name) or a task folder given as a path.
 
     Raises:
-        UserError: unknown task, or a folder missing model.py / dataloaders files or classes.
+        UserError: unknown task, a folder name Python cannot import, a folder missing model.py /
+            dataloaders files or classes, or a task file that fails to import (naming the file and line).
     """
     folder = EXPERIMENTS_DIR / task if task and (EXPERIMENTS_DIR / task).is_dir() else Path(task)
     if not folder.is_dir() or not (folder / "model.py").is_file():
         known = sorted(p.name for p in EXPERIMENTS_DIR.iterdir() if (p / "model.py").is_file())
         raise UserError(f"-task {task}: no task folder with model.py at {folder}; known tasks: {', '.join(known)}")
     folder = folder.resolve()
+    if "." in folder.name:
+        raise UserError(f"-task {task}: the folder name {folder.name!r} holds a '.', which Python cannot import "
+                        f"as a package; rename the folder (e.g. {folder.name.replace('.', '_')!r})")
     if folder.parent == EXPERIMENTS_DIR:
         package = f"experiments.{folder.name}"
     else:

@@ -39,6 +39,27 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return out
 
 
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("logging_config.wandb is true but the wandb package is missing; pip install wandb "
+                        "or set logging_config.wandb: false") from None
+    return wandb
+
+
+def check_wandb(logging) -> None:
+    """Before a run writes anything: when ``logging.wandb`` is true (``logging``: a ``LoggingConfig``
+    or None), import wandb, so that a missing package stops the run before its folder is made
+    rather than after. Imports nothing when W&B is off.
+
+    Raises:
+        UserError: W&B switched on but the wandb package is missing.
+    """
+    if logging is not None and logging.wandb:
+        _import_wandb()
+
+
 def start_wandb(run_dir: Path, logging, config: dict | None):
     """Start the W&B run of ``run_dir`` (its files under ``run_dir/wandb/``, named after the folder),
     or continue it after a resume: the run id is kept in ``run_dir/wandb/pfedsim_run_id``.
@@ -46,19 +67,21 @@ def start_wandb(run_dir: Path, logging, config: dict | None):
     ``logging`` is a ``LoggingConfig``; ``config`` (the resolved experiment) becomes ``wandb.config``.
 
     Raises:
-        UserError: the wandb package is not installed.
+        UserError: the wandb package is not installed, or ``wandb.init`` fails (no API key for an
+            online run, no network, a wrong entity).
     """
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("logging_config.wandb is true but the wandb package is missing; pip install wandb "
-                        "or set logging_config.wandb: false") from None
+    wandb = _import_wandb()
     id_file = run_dir / "wandb" / "pfedsim_run_id"
     id_file.parent.mkdir(parents=True, exist_ok=True)
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
-    return wandb.init(project=logging.wandb_project, entity=logging.wandb_entity, mode=logging.wandb_mode,
-                      dir=str(run_dir), name=run_dir.name, id=run_id, resume="allow", config=config)
+    try:
+        return wandb.init(project=logging.wandb_project, entity=logging.wandb_entity, mode=logging.wandb_mode,
+                          dir=str(run_dir), name=run_dir.name, id=run_id, resume="allow", config=config)
+    except Exception as exc:  # no API key, no network, a wrong entity: wandb's own error types vary by version
+        reason = " ".join(str(exc).split())[:200] or "no message"
+        raise UserError(f"logging_config.wandb: W&B did not start ({type(exc).__name__}: {reason}); run `wandb login`, "
+                        f"or set logging_config.wandb_mode: offline or logging_config.wandb: false") from None
 
 
 class MetricsWriter:
