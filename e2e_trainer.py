@@ -120,7 +120,9 @@ def _start_run(run_dir: Path, sim, task, args, argv: list[str], resume: Path | N
     try:
         _check_run_folder(run_dir, resume)
         if resume is not None:
-            check_resumable(resume, sim.cfg, sim.layout.numel)
+            width = sim.personal_numel + sim.strategy.client_state_numel(sim.layout) \
+                + sim.personalization.model_state_numel(sim.layout)
+            check_resumable(resume, sim.cfg, sim.layout.numel, store_width=width)
     except UserError:
         lock.release(discard=True)
         raise
@@ -134,22 +136,28 @@ def _start_run(run_dir: Path, sim, task, args, argv: list[str], resume: Path | N
         raise
 
 
+def _train(args, argv: list[str]) -> None:
+    """Load the task and config, then run (or resume) the experiment with the run folder locked."""
+    mpi_environment()
+    task = load_task(args.task)
+    cfg = load_config(args.config, args.overrides, args.seed)
+    run_dir = _run_dir(args, cfg)
+    resume = _resume_path(args, cfg, run_dir)
+    lock = RunLock(run_dir, f"-outputPath {args.outputPath}")
+    from core.runner import run_experiment
+    try:
+        run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume,
+                       on_start=lambda sim: _start_run(run_dir, sim, task, args, argv, resume, lock))
+    finally:
+        lock.release()
+
+
 def main(argv=None) -> int:
+    """Run e2e_trainer with ``argv``; returns the exit status (see docs/reliability.md)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        mpi_environment()
-        task = load_task(args.task)
-        cfg = load_config(args.config, args.overrides, args.seed)
-        run_dir = _run_dir(args, cfg)
-        resume = _resume_path(args, cfg, run_dir)
-        lock = RunLock(run_dir, f"-outputPath {args.outputPath}")
-        from core.runner import run_experiment
-        try:
-            run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume,
-                           on_start=lambda sim: _start_run(run_dir, sim, task, args, argv, resume, lock))
-        finally:
-            lock.release()
+        _train(args, argv)
     except RunStopped as exc:  # UserError (2), divergence, interrupts: one line, no traceback
         if str(exc):
             print(f"pfedsim: error: {exc}", file=sys.stderr)
@@ -157,12 +165,15 @@ def main(argv=None) -> int:
     except PeerFailure as exc:
         print(f"pfedsim: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the run's own handlers were in place
+        print("pfedsim: error: interrupted while starting, before round 1", file=sys.stderr)
+        return 130
     except OSError as exc:
         if exc.errno not in FULL:
             raise
-        print(f"pfedsim: error: no space left on the device of {exc.filename or args.outputPath} "
-              f"({free_bytes(Path(exc.filename or args.outputPath).parent):,} bytes free); free space there, "
-              f"then continue the run with -resume", file=sys.stderr)
+        where = Path(exc.filename or args.outputPath)
+        print(f"pfedsim: error: no space left on the device of {where} ({free_bytes(where.parent):,} bytes free); "
+              f"free space there, then continue the run with -resume", file=sys.stderr)
         return 1
     return 0
 

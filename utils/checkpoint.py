@@ -261,7 +261,7 @@ def check_resumable(path: str | Path, cfg, state_numel: int, store_width: int | 
         UserError: a missing, unreadable or damaged checkpoint (see :func:`load_checkpoint`), or the
             first reason it cannot continue.
     """
-    state = load_checkpoint(path, store_width=store_width)
+    state = load_checkpoint(path)  # the row width is checked after the config: a config change explains it
     stored = state.get("config")
     if stored is not None:  # None: written before checkpoints held their config; nothing to compare
         difference = config_difference(with_defaults(stored), cfg.to_dict(), RESUME_MAY_CHANGE)
@@ -276,3 +276,5 @@ def check_resumable(path: str | Path, cfg, state_numel: int, store_width: int | 
         raise UserError(f"-resume {path}: the checkpoint is at round {state['round']}, past "
                         f"server_config.max_iteration {cfg.server_config.max_iteration}; set max_iteration to at least "
                         f"{state['round']} to continue the run")
+    if store_width is not None:
+        check_structure(state, path, store_width)

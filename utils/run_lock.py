@@ -29,7 +29,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.what = what
         self._fd: int | None = None
-        self._created = False
+        self._created: list[Path] = []  # folders this lock made, deepest first
 
     @property
     def path(self) -> Path:
@@ -37,8 +37,12 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock (creating the run folder if missing); refuse if another run holds it."""
-        self._created = not self.run_dir.exists()
+        missing = self.run_dir.absolute()
+        while not missing.exists() and missing != missing.parent:
+            self._created.append(missing)
+            missing = missing.parent
         make_folder(self.run_dir, self.what)
+        self._new_file = not self.path.exists()
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -61,16 +65,18 @@ class RunLock:
 
     def release(self, discard: bool = False) -> None:
         """Let the lock go. ``discard``: the run wrote nothing (it stopped at a start check), so the
-        lock file goes too, and the run folder if this lock created it and it is now empty."""
+        lock file goes too (if this lock made it), and the folders this lock created (the run folder, -outputPath) if they
+        are empty."""
         if self._fd is None:
             return
         if discard:
-            self.path.unlink(missing_ok=True)
-            if self._created:
+            if self._new_file:  # a lock file left by an earlier run of the folder stays
+                self.path.unlink(missing_ok=True)
+            for folder in self._created:
                 try:
-                    self.run_dir.rmdir()
+                    folder.rmdir()
                 except OSError:  # not empty: something else is there, leave it
-                    pass
+                    break
         os.close(self._fd)
         self._fd = None
 
