@@ -203,10 +203,17 @@ class LauncherWatch:
                 if self.died():
                     on_death()
                     return
-        threading.Thread(target=watch, name="pfedsim-launcher-watch", daemon=True).start()
+        self._thread = threading.Thread(target=watch, name="pfedsim-launcher-watch", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
+        """End the watch and wait for its thread (from any other thread). A daemon thread still
+        running while the interpreter exits is ended by pthread_exit, whose forced unwinding through
+        C++ frames can abort the process ("terminate called without an active exception")."""
         self._done.set()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
 
 class Transport:
