@@ -201,6 +201,7 @@ class LauncherWatch:
         def watch():
             while not self._done.wait(self.poll_s):
                 if self.died():
+                    self._fired = True
                     on_death()
                     return
         self._thread = threading.Thread(target=watch, name="pfedsim-launcher-watch", daemon=True)
@@ -209,11 +210,12 @@ class LauncherWatch:
     def stop(self) -> None:
         """End the watch and wait for its thread (from any other thread). A daemon thread still
         running while the interpreter exits is ended by pthread_exit, whose forced unwinding through
-        C++ frames can abort the process ("terminate called without an active exception")."""
+        C++ frames can abort the process ("terminate called without an active exception"). A watch
+        that saw the launcher die is not waited for: its ``on_death`` decides how the process ends."""
         self._done.set()
         thread = getattr(self, "_thread", None)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        if thread is not None and not getattr(self, "_fired", False) and thread is not threading.current_thread():
+            thread.join()  # a watch that fired ends the process itself (on_death), it is not waited for
 
 
 class Transport:
