@@ -600,9 +600,11 @@ def test_apfl_personalized_model_is_the_mixture(cifar_path, tmp_path):
     The recorded personalized counts equal those of that mixture recomputed here, and for some
     client they differ from the configured alpha's mixture and from a neighbour's, so the test fails
     when evaluation uses the configured alpha or another client's entry. The alphas are learned per
-    client: each left the configured 0.5 and lies in [0, 1]. They need not be distinct: the
-    projection clamps alpha to [0, 1], so clients whose steps push it past a bound share 0.0 or 1.0
-    (two of five did on a 2-core AMD EPYC); only the unclamped ones, strictly inside, must differ.
+    client: each left the configured 0.5 and lies in [0, 1], and the entry (v, alpha) of the client
+    with the largest alpha is what replaying that client's own round gives (not another's).
+    The alphas need not be distinct: the projection clamps alpha to [0, 1], so clients whose steps
+    push it past a bound share 0.0 or 1.0 (on a 2-core AMD EPYC, four of five ended at 0.0 and one
+    at 1.0); only unclamped ones, strictly inside, must differ.
     """
     from core.evaluation import COUNT, PERSONAL, correct_count
 
@@ -618,7 +620,7 @@ def test_apfl_personalized_model_is_the_mixture(cifar_path, tmp_path):
                                             "apfl_alpha_lr": 1.0},
                data_config={"alpha": 0.5, "num_clients": 20}, server_config={"num_clients_per_iteration": 5},
                client_config={"local_epochs": 2})
-    _, server = _run_rounds(sim, tmp_path / "b", rounds=1)
+    start, server = _run_rounds(sim, tmp_path / "b", rounds=1)
     server._evaluate(1, 0.0, 0.0)
     k, g = sim.layout.num_params, server.global_flat
 
@@ -644,6 +646,15 @@ def test_apfl_personalized_model_is_the_mixture(cifar_path, tmp_path):
         f"stored alphas {alphas}: each should have left the configured {configured} and stay in [0, 1]"
     inside = [a for a in alphas if 0.0 < a < 1.0]
     assert len(set(inside)) == len(inside), f"stored alphas {alphas}: the unclamped ones should differ per client"
+    cid = cohort[alphas.index(max(alphas))]  # one replay: each adds about a fifth to this test's time
+    hook = sim.personalization.client_hook(sim.trainer, 1, cid, sim.train_clients.get(cid), start,
+                                           sim.personalization.initial_model_state(start, sim.layout))
+    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, step_hook=hook.step)
+    replay, stored = hook.result(), server.store.get(cid, None)
+    assert torch.equal(replay, stored), (
+        f"client {cid}: stored alpha {float(stored[k]):.6g} and v (max |stored - replayed| "
+        f"{float((replay - stored).abs().max()):.2g}) are not what replaying its own round gives "
+        f"(alpha {float(replay[k]):.6g})")
     assert any(r[3] != r[1] for r in rows) and any(r[4] != r[1] for r in rows), (
         "the counts should tell a client's own mixture from the configured alpha's and a neighbour's for some "
         f"client; (client, recorded, own, configured alpha, neighbour's) = {rows}")
