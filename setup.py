@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["core", "core.*", "utils", "utils.*", "experiments", "experiments.*"]),
-    py_modules=["e2e_trainer", "compare", "submit", "evaluate", "sweep"],
+    py_modules=["e2e_trainer", "launch", "compare", "submit", "evaluate", "sweep"],
     package_data={"experiments": ["*/*.yaml", "*/*.md"]},
     install_requires=[
         "torch>=2.4,<3",

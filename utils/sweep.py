@@ -148,10 +148,11 @@ def run_status(run_dir: Path, cfg) -> str:
 
 def launcher(nproc: int) -> list[str]:
     """The command prefix that starts a script with ``nproc`` processes: this Python alone for 1,
-    ``torch.distributed.run --standalone`` (a free local port per run, so runs can overlap) for more."""
+    pfedsim's launch.py (torch.distributed.run with pfedsim's exit statuses and quiet output)
+    ``--standalone`` (a free local port per run, so runs can overlap) for more."""
     if nproc == 1:
         return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [sys.executable, importlib.util.find_spec("launch").origin, "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def trainer_command(run: SweepRun, sweep_dir: Path, args, resume: bool) -> list[str]:

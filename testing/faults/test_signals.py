@@ -1,14 +1,14 @@
 """Stops from outside: the launcher killed with SIGKILL, Ctrl-C (SIGINT to the whole process group)
-and SIGTERM, under torch.distributed.run and in a plain process. Every rank stops within seconds
-with at most one line (the server's says the round and the ``-resume`` that continues the run), no
-traceback of ours, the exit status of the signal, and checkpoints/latest.pt intact; a resume then
-ends bit-identical to an uninterrupted run.
+and SIGTERM, under pfedsim's launch.py, under torch.distributed.run and in a plain process. Every
+rank stops within seconds with at most one line (the server's says the round and the ``-resume``
+that continues the run), no traceback of ours, the exit status of the signal, and
+checkpoints/latest.pt intact; a resume then ends bit-identical to an uninterrupted run.
 
-torch.distributed.run itself exits with status 1 after a SIGINT or SIGTERM, and prints its own
-traceback (``SignalException: Process N got signal: 2``) and two or three warning lines: its signal
-handler raises that exception in the launcher's process, where no pfedsim code runs (see
-``torch/distributed/elastic/multiprocessing/api.py``, ``_terminate_process_handler``). The ranks'
-own exit statuses (130, 143) show in a plain process and under mpiexec, which passes them on.
+launch.py runs torch.distributed.run in its own process and exits 130 / 143 after SIGINT / SIGTERM
+with nothing of its own on stderr. Plain torch.distributed.run exits with status 1 instead and
+prints its own traceback (``SignalException: Process N got signal: 2``) and a warning line: its
+signal handler raises that exception in the launcher's process (see
+``torch/distributed/elastic/multiprocessing/api.py``, ``_terminate_process_handler``).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,13 @@ SYNTHETIC = ["-task", "synthetic"]
 DYING = ["-task", str(REPO / "testing" / "tasks" / "dying_task"), "--set", "model_config.model_type=DyingMLP"]
 ENDLESS = ["--set", "server_config.max_iteration=100000"]  # runs until stopped
 ROUNDS = 30  # a run that finishes (the resume test): the signal lands after round 2, long before the end
-TORCHRUN_SIGNALLED = 1  # what torch.distributed.run returns after it was sent SIGINT or SIGTERM (see above)
+TORCHRUN_SIGNALLED = 1  # what plain torch.distributed.run returns after it was sent SIGINT or SIGTERM (see above)
+STATUS = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def torchrun(nproc: int) -> list[str]:
+    """Plain torch.distributed.run, as a user may start it instead of launch.py."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 class Launch:
@@ -39,13 +46,13 @@ class Launch:
     would: the launcher and whatever shares its process group), its stdout and stderr in files: the
     ranks hold them, so a dead launcher's pipes would never close."""
 
-    def __init__(self, out: Path, name: str, nproc: int, *extra: str, task: list[str] = SYNTHETIC):
+    def __init__(self, out: Path, name: str, nproc: int, *extra: str, task: list[str] = SYNTHETIC, start=launcher):
         self.out, self.name = out, name
         self.run = out / name
         env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
         self.stdout, self.stderr = out / f"{name}.out", out / f"{name}.err"
         with open(self.stdout, "w") as so, open(self.stderr, "w") as se:
-            self.proc = subprocess.Popen(launcher(nproc) + ["e2e_trainer.py", *ARGS, *task, "-outputPath", str(out),
+            self.proc = subprocess.Popen(start(nproc) + ["e2e_trainer.py", *ARGS, *task, "-outputPath", str(out),
                                                             "-run_name", name, *extra],
                                          cwd=REPO, env=env, stdout=so, stderr=se, start_new_session=True)
         self.ranks: list[int] = [self.proc.pid] if nproc == 1 else []
@@ -162,11 +169,14 @@ def test_every_rank_stops_within_10_s_of_its_launchers_death(tmp_path, launches)
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_ctrl_c_or_sigterm_under_torchrun_prints_one_line_and_keeps_the_checkpoint(tmp_path, launches, signame):
+@pytest.mark.parametrize("start", [launcher, torchrun], ids=["launch.py", "torchrun"])
+def test_ctrl_c_or_sigterm_under_a_launcher_prints_one_line_and_keeps_the_checkpoint(tmp_path, launches, signame,
+                                                                                     start):
     """SIGINT to the whole process group, as a terminal's Ctrl-C (torchrun runs each rank in a
-    session of its own, so the ranks get the SIGINT that torchrun forwards); SIGTERM to torchrun,
-    which forwards it. The server says where to continue; the other rank says nothing."""
-    run = Launch(tmp_path, signame, 2, *ENDLESS)
+    session of its own, so the ranks get the SIGINT that torchrun forwards); SIGTERM to the launcher,
+    which forwards it. The server says where to continue; the other rank says nothing. launch.py
+    exits with the signal's status and adds nothing; plain torchrun exits 1 with its traceback."""
+    run = Launch(tmp_path, signame, 2, *ENDLESS, start=start)
     launches.append(run)
     run.wait_for_checkpoint()
     if signame == "SIGINT":
@@ -174,13 +184,17 @@ def test_ctrl_c_or_sigterm_under_torchrun_prints_one_line_and_keeps_the_checkpoi
     else:
         run.proc.terminate()
     gone = _gone_after(run.ranks, time.monotonic(), limit=10)
-    assert run.wait() == TORCHRUN_SIGNALLED
+    code = run.wait()
     print(f"ranks gone {sorted(round(s, 2) for s in gone.values())} s after {signame}")
     err = run.err()
     _no_traceback_of_ours(err)
     lines = _our_lines(err)
     assert len(lines) == 1, err[-4000:]
     _interrupted_line(lines[0], run.run, signame)
+    if start is launcher:
+        assert code == STATUS[signame] and err.strip() == lines[0], (code, err[-4000:])
+    else:
+        assert code == TORCHRUN_SIGNALLED, (code, err[-4000:])
 
 
 @pytest.mark.timeout(60)
@@ -224,15 +238,17 @@ def test_sigterm_then_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path
 @pytest.mark.timeout(120)
 def test_sigterm_after_a_worker_died_does_not_hide_the_failure(tmp_path, launches):
     """torch.distributed.run sends SIGTERM to the other ranks once one died (rank 2 of 3 here, in its
-    first training step): that SIGTERM is the failure's fallout, so the server still names the dead
-    rank, and no rank claims to have been interrupted."""
+    first training step, with ``os._exit(3)``): that SIGTERM is the failure's fallout, so the server
+    still names the dead rank, and no rank claims to have been interrupted. launch.py exits with
+    the dead rank's status and names it in one line, since that rank printed nothing."""
     run = Launch(tmp_path, "dying", 3, task=DYING)
     launches.append(run)
     code = run.wait(timeout=90)
     err = run.err()
-    assert code == 1 and "exitcode: 3" in err, err[-4000:]
+    assert code == 3, (code, err[-4000:])
     _no_traceback_of_ours(err)
     lines = _our_lines(err)
     assert not [l for l in lines if "interrupted" in l], err[-4000:]
     assert any(l.startswith("pfedsim: error: round 1 reduce failed on the server: rank 2 stopped at") for l in lines), \
         err[-4000:]
+    assert re.fullmatch(r"pfedsim: error: rank 2 \(pid \d+\) exited with status 3", lines[-1]), err[-4000:]
