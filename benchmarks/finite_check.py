@@ -5,7 +5,7 @@ machine's load hits both). Also times the check alone on the workload's model.
 Each pair runs one round number twice (the same cohort, so the same steps), checked then unchecked.
 Ratio = median checked round / median unchecked round (1.00 = free).
 
-    python benchmarks/finite_check.py --device cpu --data synthetic --pairs 8
+    python -m benchmarks.finite_check --device cpu --data synthetic --pairs 8
 """
 from __future__ import annotations
 
