@@ -301,6 +301,10 @@ class Transport:
         """Elementwise sum over ranks, valid on rank 0."""
         return self._run(lambda t, dst: dist.reduce(t, dst, op=dist.ReduceOp.SUM), tensor, what)
 
+    def all_reduce_max(self, tensor: torch.Tensor, what: str = "all-reduce max") -> torch.Tensor:
+        """Elementwise maximum over ranks, valid on every rank."""
+        return self._run(lambda t, _: dist.all_reduce(t, op=dist.ReduceOp.MAX), tensor, what)
+
     def close(self, error: BaseException | None = None, barrier: bool | None = None) -> None:
         """Tear the process group down; call it once, when this rank stops.
 

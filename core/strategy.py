@@ -24,6 +24,7 @@ class FedAvg:
 
     name = "fedavg"
     has_local_penalty = False
+    relative_weights = False  # True: weights are exp(log_weight), meaningful only up to a common factor
 
     def __init__(self, strategy_config):
         self.weighting = strategy_config.client_weighting
@@ -107,6 +108,12 @@ class Scaffold(FedAvg):
     never averaged, so there is no drift from a global model to correct, and its start ``x`` is the
     client's own copy. K counts the steps that trained the shared parameters (FedRep's body
     epochs, not its head epochs). SCAFFOLD needs an SGD client optimizer (config check).
+
+    The model update weighs clients by their train samples by default (``client_weighting:
+    samples``, as FedAvg here), where the paper's Algorithm 1 averages the cohort's deltas
+    uniformly; ``strategy_config.client_weighting: uniform`` gives the paper's rule. The controls'
+    update is the paper's in either case: ``c`` moves by the plain sum of changes over the total
+    number of clients N.
     """
 
     name = "scaffold"
@@ -133,9 +140,13 @@ class DGA(FedAvg):
     A client's weight is ``exp(-softmax_beta * train_loss)`` (its mean local training loss), so
     after normalisation by the weight sum the cohort's deltas are averaged with softmax weights of
     the negated losses: clients that fit their data better count more, and ``softmax_beta = 0`` is
-    the uniform average. Sample counts are not used (as in FLUTE). Weights are floored at the
-    smallest normal float32 (about 1.2e-38): when ``softmax_beta * loss`` exceeds about 87 for every
-    client, the weights tie and the average becomes uniform.
+    the uniform average. Sample counts are not used (as in FLUTE).
+
+    The softmax is shifted (log-sum-exp): the worker weighs each client by
+    ``exp(log_weight - shift)``, with ``shift`` the largest log-weight of the round's cohort (over
+    every rank), so the best client weighs 1 and the weights depend only on the loss gaps, never on
+    the loss level (an unshifted ``exp`` underflows once ``softmax_beta * loss`` passes about 87 in
+    float32). See ``core.worker.RelativeWeights``.
 
     FLUTE's ``train_loss`` weighting divides the sum of the step losses by the samples processed,
     which is about the mean loss divided by the batch size; so FLUTE's ``softmax_beta`` b matches
@@ -143,14 +154,20 @@ class DGA(FedAvg):
     """
 
     name = "dga"
+    relative_weights = True
 
     def __init__(self, strategy_config):
         super().__init__(strategy_config)
         self.beta = strategy_config.softmax_beta
 
+    def log_weight(self, train_loss: torch.Tensor) -> torch.Tensor:
+        """``-softmax_beta * train_loss``, shaped like ``train_loss`` (the weight is its exp, up to a
+        common factor)."""
+        return -self.beta * train_loss
+
     def client_weight(self, num_samples, train_loss):
-        """``exp(-softmax_beta * train_loss)``, floored; a tensor shaped like ``train_loss``."""
-        return torch.exp(-self.beta * train_loss).clamp_min(torch.finfo(train_loss.dtype).tiny)
+        """``exp(-softmax_beta * train_loss)`` unshifted (for a reader; the worker shifts, see above)."""
+        return torch.exp(self.log_weight(train_loss))
 
 
 STRATEGIES = {cls.name: cls for cls in (FedAvg, FedProx, Scaffold, DGA)}

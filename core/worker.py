@@ -55,20 +55,70 @@ def stopped(buf: torch.Tensor) -> bool:
     return float(buf[-1]) == STOP
 
 
+class RelativeWeights:
+    """Client weights ``exp(log_weight)`` of a strategy whose weights matter only up to a common
+    factor (``strategy.relative_weights``: DGA's softmax), kept as ``exp(log_weight - shift)`` with
+    ``shift`` the largest log-weight seen so far: a log-sum-exp softmax, so no weight overflows, and
+    none underflows unless it is below 1e-38 of the best client's.
+
+    The running sums that hold weighted terms (``sums``: the delta sum, the weight sum, the loss
+    sum) are rescaled whenever the shift rises, and :meth:`align` rescales them to the largest
+    shift over all ranks before the reduce. A dropped client (``ok`` False) has weight 0.
+    """
+
+    def __init__(self, sums: list[torch.Tensor], device):
+        self.sums = sums
+        self.shift = torch.full((), -torch.inf, device=device)
+
+    def _rescale(self, new_shift: torch.Tensor) -> None:
+        factor = torch.where(torch.isneginf(new_shift), 1.0, torch.exp(self.shift - new_shift))
+        torch._foreach_mul_(self.sums, factor)
+        self.shift = new_shift
+
+    def weights(self, log_weight: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """Weights (shaped like ``log_weight``: 0-dim or (K,)) relative to the new shift."""
+        log_weight = torch.where(ok, log_weight, -torch.inf)
+        self._rescale(torch.maximum(self.shift, log_weight.max()))
+        return torch.where(ok, torch.exp(log_weight - self.shift), 0.0)
+
+    def align(self, transport, what: str) -> None:
+        """Rescale the sums to the largest shift over all ranks (every rank calls this once)."""
+        self._rescale(transport.all_reduce_max(self.shift.clone().view(1), what).view(()))  # reduced in place
+
+
+def _relative(sim, lay, out) -> RelativeWeights | None:
+    if not sim.strategy.relative_weights:
+        return None
+    delta_sum, weight_sum, loss_sum, _, _ = lay.reduce_parts(out)
+    return RelativeWeights([delta_sum, weight_sum.view(1), loss_sum.view(1)], out.device)
+
+
 def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
     """Train this rank's clients of the round's cohort; return its reduce buffer (see RoundLayout)."""
     lay = RoundLayout(sim, round_idx)
-    p, k = lay.p, sim.layout.num_params
     cohort = sim.schedule.cohort(round_idx)
     sizes = sim.train_clients.sizes
     mine = balance(cohort, sizes[cohort], len(sim.ctx.workers))[sim.ctx.workers.index(sim.ctx.rank)]
-    global_flat, server_state, slots = lay.broadcast_parts(round_buf)
+    global_flat, _, slots = lay.broadcast_parts(round_buf)
     out = torch.zeros(lay.reduce_size, device=sim.ctx.device)
-    delta_sum, _, _, state_change, out_slots = lay.reduce_parts(out)
     slot_of = {int(c): i for i, c in enumerate(cohort)}
+    relative = _relative(sim, lay, out)
     if sim.vectorized is not None:
-        _train_vectorized(sim, round_idx, mine, [slot_of[int(c)] for c in mine], global_flat, slots, out, lay)
-        return out
+        _train_vectorized(sim, round_idx, mine, [slot_of[int(c)] for c in mine], global_flat, slots, out, lay,
+                          relative)
+    else:
+        _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relative)
+    if relative is not None:
+        relative.align(sim.transport, f"round {round_idx} weight shift")
+    return out
+
+
+def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relative) -> None:
+    """The client loop: each client of ``mine`` trained in turn, its terms added to ``out``."""
+    p, k = lay.p, sim.layout.num_params
+    sizes = sim.train_clients.sizes
+    global_flat, server_state, slots = lay.broadcast_parts(round_buf)
+    delta_sum, _, _, state_change, out_slots = lay.reduce_parts(out)
     lr = sim.cfg.client_config.optimizer_config.lr
     weights, losses, finite = [], [], []
     dropped = lay.dropped(out)
@@ -84,8 +134,13 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
         model = hook.result() if lay.m else None
         ok = sim.layout.keep_if_finite_(loss, *([model] if lay.m else []))  # not finite: state zeroed
         dropped[slot] = (~ok).to(dropped.dtype)
-        weight = sim.strategy.client_weight(int(sizes[cid]), loss)
-        sim.layout.accumulate_(delta_sum, weight)
+        if relative is None:
+            weight = sim.strategy.client_weight(int(sizes[cid]), loss)
+        else:  # weighted terms go straight into the sums that the shift rescales
+            weight = relative.weights(sim.strategy.log_weight(loss), ok)
+            out[lay.n] += weight
+            out[lay.n + 1] += weight * torch.where(ok, loss, 0.0)
+        sim.layout.accumulate_delta_(delta_sum, torch.where(ok, weight, 0.0), global_flat)  # dropped: adds nothing
         weights.append(weight)
         losses.append(loss)
         finite.append(ok)
@@ -100,10 +155,8 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
             state_change.add_((new - client_state) * ok)
         if lay.m:
             out_slots[slot, p + lay.c:] = model
-    if mine.size:
+    if mine.size and relative is None:
         out[lay.n], out[lay.n + 1] = _weighted_sums(weights, losses, finite, out.device)
-        delta_sum.addcmul_(global_flat, out[lay.n], value=-1.0)  # sum_i w_i (x_i - g) without a copy per client
-    return out
 
 
 def _weighted_sums(weights: list, losses: list[torch.Tensor], finite: list[torch.Tensor],
@@ -117,7 +170,7 @@ def _weighted_sums(weights: list, losses: list[torch.Tensor], finite: list[torch
     return w.sum(), torch.dot(w, torch.where(ok, torch.stack(losses).to(w.dtype), 0.0))
 
 
-def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out, lay) -> None:
+def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out, lay, relative) -> None:
     """Vectorized variant of the client loop: groups of ``vectorize_chunk`` clients at once."""
     n, p, k = sim.layout.numel, sim.personal_numel, sim.layout.num_params
     chunk = sim.cfg.client_config.vectorize_chunk
@@ -133,8 +186,11 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
         ok = keep_rows_if_finite_(stack, losses)  # rows not finite: zeroed, and weighted 0 below
         lay.dropped(out)[host_to_device(mine_slots[start:start + chunk], out.device)] = (~ok).to(out.dtype)
         losses = torch.where(ok, losses, 0.0)
-        weights = torch.where(ok, sim.strategy.client_weight(sim.train_clients.sizes[ids], losses), 0.0)
-        delta_sum[:k] += weights @ stack - weights.sum() * global_flat[:k]
+        if relative is None:
+            weights = torch.where(ok, sim.strategy.client_weight(sim.train_clients.sizes[ids], losses), 0.0)
+        else:
+            weights = relative.weights(sim.strategy.log_weight(losses), ok)
+        delta_sum[:k] += weights @ (stack - global_flat[:k])  # deltas first: see StateLayout.accumulate_delta_
         out[n] += weights.sum()
         out[n + 1] += (weights * losses).sum()
         if p:

@@ -149,12 +149,13 @@ def _two_server_steps(cifar_path, tmp_path, optimizer_config):
 
 @pytest.mark.parametrize("kind", ["fedavgm", "fedadam", "fedadagrad"])
 def test_server_optimizer_steps_on_the_pseudo_gradient(cifar_path, tmp_path, kind):
-    """FedAvgM (Hsu et al. 2019) and FedAdam / FedAdagrad (Reddi et al. 2021): two rounds of the
-    server optimizer applied to the pseudo-gradient -(weighted mean client delta), by their formulas."""
+    """FedAvgM (Hsu et al. 2019) and torch's Adam / Adagrad (``server_form: torch``): two rounds of
+    the server optimizer applied to the pseudo-gradient -(weighted mean client delta), by their
+    formulas. Reddi et al. 2021's Algorithm 2 (the default form) is tested in test_server_optimizers.py."""
     lr, b1, b2, eps = 0.7 if kind == "fedavgm" else 0.01, 0.9, 0.99, 1e-3
     config = {"fedavgm": {"type": "sgd", "lr": lr, "momentum": b1},
-              "fedadam": {"type": "adam", "lr": lr, "betas": [b1, b2], "eps": eps},
-              "fedadagrad": {"type": "adagrad", "lr": lr, "eps": eps}}[kind]
+              "fedadam": {"type": "adam", "lr": lr, "betas": [b1, b2], "eps": eps, "server_form": "torch"},
+              "fedadagrad": {"type": "adagrad", "lr": lr, "eps": eps, "server_form": "torch"}}[kind]
     (w0, w1, w2), (p1, p2), personal = _two_server_steps(cifar_path, tmp_path, config)
     if kind == "fedavgm":
         e1, e2 = w0 - lr * p1, w0 - lr * p1 - lr * (b1 * p1 + p2)
@@ -522,26 +523,71 @@ def _client_losses_and_deltas(sim, start, cohort):
     return torch.stack(losses), torch.stack(deltas)
 
 
-def test_dga_weights_are_a_softmax_of_negated_training_losses(cifar_path):
-    sim = _sim(cifar_path, strategy="dga", strategy_config={"softmax_beta": 4.0})
+@pytest.mark.parametrize("beta", [4.0, 80.0])
+def test_dga_weights_are_a_softmax_of_negated_training_losses(cifar_path, beta):
+    """At beta 80 every ``beta * loss`` (losses near 2.3) is past float32's exp range (about 87-104):
+    an unshifted exp floored the weights to one value there, giving the plain mean."""
+    sim = _sim(cifar_path, strategy="dga", strategy_config={"softmax_beta": beta})
     start = sim.layout.flatten()
     mean_delta, weight_sum = _round_delta(sim)
     losses, deltas = _client_losses_and_deltas(sim, start, sim.schedule.cohort(1))
     assert losses.max() - losses.min() > 0.05, "clients must differ in loss for the test to mean anything"
-    softmax = torch.softmax(-4.0 * losses, dim=0)
-    assert torch.allclose(mean_delta, softmax @ deltas, atol=1e-6)
-    assert torch.allclose(weight_sum, torch.exp(-4.0 * losses).sum())
+    assert float(beta * losses.min()) > 104 or beta < 10
+    softmax = torch.softmax(-beta * losses.double(), dim=0).float()
+    assert torch.allclose(mean_delta, softmax @ deltas, atol=1e-6), float((mean_delta - softmax @ deltas).abs().max())
+    # shifted: the best client weighs 1
+    assert torch.allclose(weight_sum, torch.exp(-beta * (losses - losses.min())).sum())
     assert not torch.allclose(mean_delta, deltas.mean(0), atol=1e-5), "beta > 0 is not the plain mean"
 
 
-def test_dga_weights_stay_positive_when_every_exponent_underflows():
-    """exp(-beta * loss) underflows to 0 in float32 beyond beta * loss ~ 104; the floor keeps the
-    weights positive and equal, so the aggregate is the uniform mean instead of 0 / 0."""
-    from core.strategy import DGA
+class _MaxOver:
+    """A stand-in transport for ranks simulated in one process: all_reduce_max over their shifts."""
 
-    dga = DGA(validate_config({"strategy": "dga", "strategy_config": {"softmax_beta": 100.0}}, "t").strategy_config)
-    weights = dga.client_weight(np.array([10, 20, 30]), torch.tensor([2.0, 3.0, 5.0]))
-    assert bool((weights > 0).all()) and torch.equal(weights, weights[:1].expand(3))
+    def __init__(self, shifts):
+        self.shifts = shifts
+
+    def all_reduce_max(self, tensor, what):
+        """In place, as torch.distributed.all_reduce (a caller that passes its own state sees it change)."""
+        return tensor.copy_(torch.stack([s.view(1) for s in self.shifts]).max(0).values)
+
+
+@pytest.mark.parametrize("base", [0.0, 10.0, 85.0, 1000.0])
+def test_dga_softmax_does_not_depend_on_the_loss_level(base):
+    """Loss gaps 0 / 15 / 25 with beta 1 at several loss levels, the clients split over two simulated
+    ranks (the best client on the second): the weighted mean equals a float64 softmax. An unshifted
+    float32 exp floored at 1.2e-38 gave [0.838, 0.081, 0.081] at base 85 instead of [1, 3e-7, 1e-11]."""
+    from core.worker import RelativeWeights
+
+    losses = torch.tensor([base + 15.0, base + 25.0, base])
+    deltas = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    ranks = [[0, 1], [2]]
+    sums = [(torch.zeros(50), torch.zeros(1)) for _ in ranks]
+    relative = [RelativeWeights([d, w], torch.device("cpu")) for d, w in sums]
+    for rank, clients in enumerate(ranks):
+        for c in clients:
+            w = relative[rank].weights(-1.0 * losses[c], torch.tensor(True))
+            sums[rank][0].add_(w * deltas[c])
+            sums[rank][1].add_(w)
+    transport = _MaxOver([r.shift for r in relative])  # as a collective: the inputs may be reduced in place
+    for r in relative:
+        r.align(transport, "test")
+    mean = (sums[0][0] + sums[1][0]) / (sums[0][1] + sums[1][1])
+    softmax = torch.softmax(-losses.double(), dim=0)
+    assert torch.allclose(mean.double(), softmax @ deltas.double(), atol=1e-6), (base, mean[:3])
+
+
+def test_dga_dropped_clients_weigh_nothing_even_first():
+    """A dropped client (NaN loss) first, then two finite ones: weights 0, then a softmax of the rest."""
+    from core.worker import RelativeWeights
+
+    total = torch.zeros(1)
+    relative = RelativeWeights([total], torch.device("cpu"))
+    weights = []
+    for value, ok in [(float("nan"), False), (-3.0, True), (-1.0, True)]:
+        weights.append(relative.weights(torch.tensor(value), torch.tensor(ok)))
+        total.add_(weights[-1])
+    assert float(weights[0]) == 0.0 and float(weights[2]) == 1.0 and float(relative.shift) == -1.0
+    assert float(total) == pytest.approx(1.0 + np.exp(-2.0))  # the -3 client's weight, rescaled to the new shift
 
 
 def test_dga_with_zero_beta_is_the_uniform_average(cifar_path):
