@@ -75,29 +75,41 @@ class _Section(BaseModel):
         return {key: value for key, value in data.items() if not (value is None and key in sections)}
 
 
-YOGI_BETAS, YOGI_TAU = (0.9, 0.99), 1e-3
+FEDOPT_BETAS, FEDOPT_TAU = (0.9, 0.99), 1e-3  # Reddi et al. 2021's betas and tau (yogi; adaptive server types)
 
 
 class OptimizerConfig(_Section):
-    """A torch optimizer: ``type`` is ``sgd``, ``adam``, ``adamw``, ``adagrad`` or ``yogi``; ``lr`` is the step size."""
+    """A torch optimizer: ``type`` is ``sgd``, ``adam``, ``adamw``, ``adagrad`` or ``yogi``; ``lr`` is the step size.
+
+    In ``server_config`` the adaptive types follow Reddi et al. 2021 (arXiv:2003.00295), Algorithm 2
+    (``server_form: fedopt``, see :class:`core.optim.FedOpt`) with its betas (0.9, 0.99) and tau
+    1e-3 unless set; ``server_form: torch`` builds torch's optimizers with torch's defaults instead.
+    ``client_config`` always builds torch's optimizers and refuses ``server_form``.
+    """
 
     type: Literal["sgd", "adam", "adamw", "adagrad", "yogi"] = Field(
         "sgd", description="optimizer class (adagrad/yogi: for the server, FedAdagrad/FedYogi)")
     lr: float = Field(0.05, gt=0, description="learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (server SGD momentum = FedAvgM)")
-    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay (adamw: decoupled)")
     nesterov: bool = Field(False, description="Nesterov momentum (SGD with momentum > 0)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW/Yogi betas; for yogi the default is "
-                                                                 "FedYogi's (0.9, 0.99)")
-    eps: float = Field(1e-8, gt=0, description="Adam/AdamW/Adagrad epsilon (FedOpt's tau); for yogi the default is "
-                                               "FedYogi's tau 1e-3")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW/Yogi betas (server FedAdagrad: betas[0] is its "
+                                                                 "momentum); yogi, and the server's adaptive types with "
+                                                                 "server_form fedopt, default to Reddi et al.'s (0.9, 0.99)")
+    eps: float = Field(1e-8, gt=0, description="Adam/AdamW/Adagrad epsilon (FedOpt's tau); yogi, and the server's "
+                                               "adaptive types with server_form fedopt, default to Reddi et al.'s "
+                                               "tau 1e-3")
+    server_form: Optional[Literal["fedopt", "torch"]] = Field(
+        None, description="server_config only (null here in client_config): fedopt (default) steps adam/adamw/yogi/"
+                          "adagrad as Reddi et al. 2021, Algorithm 2 (no bias correction, v from tau^2); torch: "
+                          "torch's Adam/AdamW/Adagrad as before issue 23 (yogi is the same either way; sgd ignores it)")
 
     @model_validator(mode="before")
     @classmethod
     def _yogi_defaults(cls, data):
         """FedYogi's defaults for what a ``yogi`` section leaves unset (Reddi et al. 2021, arXiv:2003.00295)."""
         if isinstance(data, dict) and data.get("type") == "yogi":
-            return {"betas": YOGI_BETAS, "eps": YOGI_TAU, **data}
+            return {"betas": FEDOPT_BETAS, "eps": FEDOPT_TAU, **data}
         return data
 
     @field_validator("betas", mode="before")
@@ -139,7 +151,7 @@ class ServerConfig(_Section):
         10, description="cohort size (clients per round), or 'a,b' for a size drawn per round in [a, b]")
     val_freq: int = Field(5, ge=1, le=MAX_ROUNDS, description="evaluate every this many rounds (and at the last)")
     ckpt_freq: int = Field(10, ge=0, le=MAX_ROUNDS, description="checkpoint every this many rounds; 0: only at the end")
-    optimizer_config: OptimizerConfig = Field(OptimizerConfig(type="sgd", lr=1.0),
+    optimizer_config: OptimizerConfig = Field(OptimizerConfig(type="sgd", lr=1.0, server_form="fedopt"),
                                               description="server optimizer on the pseudo-gradient")
     eval_batch_size: int = Field(1000, ge=1, le=MAX_COUNT, description="batch size of evaluation passes")
     resume_from_checkpoint: Optional[str] = Field(None, description="checkpoint file or run folder to continue")
@@ -147,6 +159,22 @@ class ServerConfig(_Section):
     client_store_memory_mb: float = Field(
         4096.0, gt=0, description="client store (personal state of trained clients) held in host memory up to this "
                                   "many MiB; beyond, it moves to a memory-mapped file OUT/RUN/client_store.f32")
+
+    @field_validator("optimizer_config", mode="before")
+    @classmethod
+    def _fedopt_defaults(cls, value):
+        """``server_form`` fedopt unless set (null counts as unset); under fedopt, Reddi et al.'s betas
+        (0.9, 0.99) and tau 1e-3 for what an adam, adamw or adagrad section leaves unset (yogi takes
+        them in any section). A default that differs from the client's must be set here, since
+        both sections share :class:`OptimizerConfig`."""
+        if isinstance(value, OptimizerConfig):
+            value = value.model_dump(exclude_unset=True)
+        if not isinstance(value, dict):
+            return value
+        value = {**value, "server_form": "fedopt" if value.get("server_form") is None else value["server_form"]}
+        if value["server_form"] == "fedopt" and value.get("type") in ("adam", "adamw", "adagrad"):
+            value = {"betas": FEDOPT_BETAS, "eps": FEDOPT_TAU, **value}
+        return value
 
     @field_validator("num_clients_per_iteration", mode="before")
     @classmethod
@@ -192,6 +220,14 @@ class ClientConfig(_Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode when compile is on (reduce-overhead: CUDA graphs on a GPU, "
                                "for launch-bound small batches)")
+
+    @field_validator("optimizer_config")
+    @classmethod
+    def _no_server_form(cls, value: OptimizerConfig) -> OptimizerConfig:
+        if value.server_form is not None:
+            raise ValueError(f"server_form {value.server_form!r} applies to the server optimizer only; remove it here "
+                             f"(client optimizers are torch's own) or set server_config.optimizer_config.server_form")
+        return value
 
 
 class DataConfig(_Section):
@@ -450,18 +486,40 @@ RESUME_MAY_CHANGE = frozenset({
 
 def with_defaults(raw: dict) -> dict:
     """A stored resolved config with the defaults of keys added since it was written (so a run made
-    before a new config field existed still matches); as stored when it no longer validates."""
+    before a new config field existed still matches); as stored when it no longer validates.
+
+    Where a new key's default changed what a run computes, the stored config gets the value that
+    reproduces the older run instead: ``server_config.optimizer_config.server_form: torch`` for an
+    adam, adamw or adagrad server written before that key existed (issue 23).
+    """
+    server = raw.get("server_config") if isinstance(raw, dict) else None
+    optimizer = server.get("optimizer_config") if isinstance(server, dict) else None
+    if isinstance(optimizer, dict) and "server_form" not in optimizer and optimizer.get("type") in ("adam", "adamw",
+                                                                                                    "adagrad"):
+        raw = {**raw, "server_config": {**server, "optimizer_config": {**optimizer, "server_form": "torch"}}}
     try:
         return validate_config(raw, "stored").to_dict()
     except UserError:
         return raw
 
 
+# Keys whose value changes the defaults of others: a difference there is named before theirs.
+REPORTED_FIRST = ("server_config.optimizer_config.server_form",)
+
+
 def config_difference(old: dict, new: dict, ignored=frozenset(), prefix: str = "") -> str | None:
-    """The first dotted key (sorted order) where two resolved configs differ, outside the dotted keys
-    or sections ``ignored``, as ``"key: OLD there, NEW now"``; None when they agree."""
+    """The first dotted key where two resolved configs differ, outside the dotted keys or sections
+    ``ignored``, as ``"key: OLD there, NEW now"``; None when they agree. The keys of
+    :data:`REPORTED_FIRST` come first, then sorted order."""
     if prefix.rstrip(".") in ignored:
         return None
+    if not prefix:
+        for key in REPORTED_FIRST:
+            parts = key.split(".")
+            if not any(".".join(parts[:i]) in ignored for i in range(1, len(parts) + 1)):
+                found = config_difference(_at(old, key), _at(new, key), ignored, key + ".")
+                if found:
+                    return found
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return None if old == new else f"{prefix.rstrip('.')}: {old!r} there, {new!r} now"
     for key in sorted(set(old) | set(new)):
@@ -469,3 +527,10 @@ def config_difference(old: dict, new: dict, ignored=frozenset(), prefix: str = "
         if found:
             return found
     return None
+
+
+def _at(config, dotted: str):
+    """The value at a dotted key of a nested dict (None where a part is missing)."""
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config

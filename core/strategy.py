@@ -15,11 +15,12 @@ class FedAvg:
     samples (``client_weighting: samples``) or equally (``uniform``); the pseudo-gradient is minus
     the weighted mean delta. Stepped by a server SGD with lr 1.0 this is exactly FedAvg; server SGD
     with momentum is FedAvgM (Hsu et al. 2019, arXiv:1909.06335); Adam / Yogi / Adagrad give
-    FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021, arXiv:2003.00295). FedAdam and FedAdagrad
-    are torch's Adam and Adagrad: Adam with bias correction (as Flower's FedAdam and pfl's central
-    Adam), and both with ``v`` starting at 0; the paper's Algorithm 2 has no bias correction and
-    starts ``v`` at tau^2 (``eps`` here is its tau). FedYogi (:class:`core.optim.Yogi`) follows
-    Algorithm 2, with the paper's betas (0.9, 0.99) and tau 1e-3 unless the config sets them.
+    FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021, arXiv:2003.00295), stepped as the paper's
+    Algorithm 2 (:class:`core.optim.FedOpt`): momentum ``m`` from 0 (FedAdagrad too, with
+    ``b1 = betas[0]``), ``v`` from tau^2, no bias correction, ``eps`` as the paper's tau, and the
+    paper's betas (0.9, 0.99) and tau 1e-3 unless the config sets them. ``server_form: torch``
+    steps torch's Adam and Adagrad instead (``v`` from 0; Adam bias-corrects ``m`` and ``v``
+    before adding ``eps``; Adagrad has no momentum); FedYogi is the same in both forms.
     """
 
     name = "fedavg"

@@ -249,6 +249,9 @@ CASES = [
     S("sopt-eps-inf", f"{SOPT}.eps=.inf"),
     S("sopt-unknown-key", f"{SOPT}.beta1=0.9"),
     S("sopt-not-section", f"{SOPT}=sgd"),
+    S("sopt-form-unknown", SADAM, f"{SOPT}.server_form=paper"),
+    S("sopt-form-bool", SADAM, f"{SOPT}.server_form=true"),
+    S("copt-server-form", f"{OPT}.server_form=torch", needle=f"{OPT}: server_form 'torch' applies to the server"),
     # --- client_config -----------------------------------------------------------------------------
     S("epochs-bool", "client_config.local_epochs=true"),
     S("epochs-zero", "client_config.local_epochs=0"),
