@@ -11,8 +11,8 @@ import yaml
 from tqdm import tqdm
 
 from core.client_store import ClientStore
-from core.evaluation import COLUMNS, eval_share, eval_width, evaluation_record
-from core.optim import build_optimizer
+from core.evaluation import COLUMNS, eval_share, eval_width, evaluation_record, global_for_evaluation
+from core.optim import build_server_optimizer
 from core.errors import RunStopped
 from core.worker import GO, STOP, RoundLayout, eval_buffer_size, train_share
 from utils.checkpoint import load_checkpoint, save_atomic
@@ -43,7 +43,7 @@ class Server:
         self.run_dir = run_dir
         self.global_flat = sim.layout.flatten().clone()
         self.weights = torch.nn.Parameter(self.global_flat[:sim.layout.num_params])
-        self.optimizer = build_optimizer([self.weights], sim.cfg.server_config.optimizer_config)
+        self.optimizer = build_server_optimizer([self.weights], sim.cfg.server_config.optimizer_config)
         self.store = ClientStore(run_dir / "client_store.f32", sim.cfg.server_config.client_store_memory_mb * 2**20)
         self.strategy_state = torch.zeros(sim.strategy.server_state_numel(sim.layout), device=sim.ctx.device)
         self.history: list[dict] = []
@@ -63,7 +63,9 @@ class Server:
 
     # ---- checkpoint -------------------------------------------------------------------------
     def _state(self, round_idx: int, elapsed: float) -> dict:
+        evaluated, formed = self._global_for_evaluation()
         return {"round": round_idx, "global": self.global_flat.cpu(), "server_optimizer": self.optimizer.state_dict(),
+                "evaluated_personal": evaluated[self.sim.personal_index].cpu(), "global_model": formed,
                 "client_store": self.store.state_dict(), "strategy_state": self.strategy_state.cpu(),
                 "history": self.history, "elapsed_s": elapsed,
                 "dropped_since_eval": list(self.since_eval["dropped_clients"]),
@@ -162,16 +164,24 @@ class Server:
         p, c = sim.personal_numel, sim.strategy.client_state_numel(sim.layout)
         stored = [sim.personalization.eval_vector(self.store.get(i, None), p, c).to(sim.ctx.device)
                   for i in ids] if eval_width(sim) else []
+        evaluated, formed = self._global_for_evaluation()
         go = torch.tensor([GO], device=sim.ctx.device)
-        buf = sim.transport.broadcast(torch.cat([self.global_flat] + stored + [go]), f"round {round_idx} eval broadcast")
+        buf = sim.transport.broadcast(torch.cat([evaluated] + stored + [go]), f"round {round_idx} eval broadcast")
         own = eval_share(sim, round_idx, buf[:-1], ids)
         matrix = sim.transport.reduce_sum(own.view(-1), f"round {round_idx} eval reduce").view(-1, COLUMNS)
         self.evaluated = round_idx
         self.last_matrix, self.last_trained = matrix.cpu().double().numpy(), ids
-        record = {"round": round_idx, "train_loss": train_loss,
-                  **evaluation_record(sim, self.global_flat, self.last_matrix, ids)}
+        record = {"round": round_idx, "train_loss": train_loss, "global_model": formed,
+                  **evaluation_record(sim, evaluated, self.last_matrix, ids)}
         record["elapsed_s"] = elapsed
         return record
+
+    def _global_for_evaluation(self) -> tuple[torch.Tensor, str]:
+        """The global model evaluation reports (see :func:`core.evaluation.global_for_evaluation`)."""
+        sim, p = self.sim, self.sim.personal_numel
+        trained = sorted(self.trained) if p else []
+        rows = torch.stack([self.store.get(i, None)[:p] for i in trained]).to(sim.ctx.device) if trained else None
+        return global_for_evaluation(sim, self.global_flat, rows, trained)
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> list[dict]:

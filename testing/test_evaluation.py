@@ -51,3 +51,39 @@ def test_full_test_accuracy_from_the_client_splits_equals_its_own_pass(sim):
         assert not ClientIndex(broken, torch.device("cpu")).partitions(num_test)
     partial = dataclasses.replace(sim, test_clients=ClientIndex(parts[1:], torch.device("cpu")))
     assert global_test_accuracy(partial, flat, np.zeros_like(matrix)) == full  # its own pass, not the matrix
+
+
+def test_global_model_of_a_head_split_method_carries_the_clients_mean_head(tmp_path):
+    """FedPer on the synthetic task: the global model evaluation reports is the aggregated body with,
+    as its head, the train-sample-weighted mean of the trained clients' own heads, rebuilt here in
+    float64 from the checkpoint's client store and the partition's train sizes; the aggregated
+    global model's head itself never trains and keeps its initial weights (the old "global" number)."""
+    from testing.conftest import load_ckpt, read_metrics, run_trainer
+    from utils.experiment import Experiment
+
+    proc = run_trainer(["-dataPath", "unused", "-outputPath", str(tmp_path), "-config", "experiments/synthetic/config.yaml",
+                        "-task", "synthetic", "-run_name", "fedper", "--set", "server_config.max_iteration=4",
+                        "--set", "server_config.val_freq=4", "--set", "server_config.ckpt_freq=4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record, state = read_metrics(tmp_path / "fedper")[-1], load_ckpt(tmp_path / "fedper")
+    assert state["round"] == record["round"] == 4
+    exp = Experiment(tmp_path / "fedper", task="synthetic", data_path="unused")
+    sim = exp.simulation()
+    head = sim.personal_index
+    entries = state["client_store"]["entries"]
+    trained = sorted(int(c) for c in sim.schedule.trained_through(4))
+    assert trained and sorted(entries) == trained
+    sizes = np.array([sim.train_clients.sizes[c] for c in trained], dtype=np.float64)
+    heads = np.stack([entries[c][:len(head)].double().numpy() for c in trained])
+    mean_head = torch.from_numpy(sizes @ heads / sizes.sum()).float()
+    expected = state["global"].clone()
+    expected[head] = mean_head
+    assert float((state["evaluated_personal"] - mean_head).abs().max()) <= 1e-6
+    assert record["global_test_acc"] == full_test_accuracy(sim, expected)
+    initial = full_test_accuracy(sim, state["global"])  # the untrained head: what used to be reported
+    assert initial != record["global_test_acc"], initial
+    assert "mean of" in record["global_model"] and f"{len(trained)} trained clients" in record["global_model"]
+    assert "global (personal layers: clients' mean) test" in proc.stdout
+    assert "The global model: shared layers as aggregated" in (tmp_path / "fedper" / "summary.md").read_text()
+    reloaded, _, _ = exp.evaluate("last")
+    assert reloaded["global_test_acc"] == record["global_test_acc"] and reloaded["global_model"] == record["global_model"]

@@ -227,7 +227,7 @@ class Experiment:
         the method's own preparation for a trained client; for a never-trained one, personal layers
         fine-tuned ``personalization.new_client_epochs`` epochs from the global model."""
         sim, state = self.simulation(), self.checkpoint(reload)
-        round_idx, global_flat = state["round"], state["global"].to(self.device)
+        round_idx, global_flat = state["round"], self.global_for_evaluation(reload)[0]
         if client in set(self.trained_clients(reload)):
             sim.personalization.prepare_eval(sim.trainer, round_idx, client, sim.train_clients.get(client), global_flat,
                                              self._personal_vector(state, client))
@@ -248,7 +248,9 @@ class Experiment:
     def load_model(self, reload: str = "best", client: int | None = None) -> torch.nn.Module:
         """A new model (the task's ``BaseModel``) in eval mode on :attr:`device`.
 
-        ``client=None``: the global model of the checkpoint (no data loaded). ``client=c``: c's
+        ``client=None``: the global model of the checkpoint as the run evaluated it (no data loaded;
+        with personal layers, those hold the trained clients' sample-weighted mean, see
+        :meth:`global_for_evaluation`). ``client=c``: c's
         personalized model as the run evaluates it (global body with c's personal layers from the
         client store; Ditto: c's personal model; fine-tuning methods: fine-tuned on c's train split).
         With a method without personalization it is the global model.
@@ -262,7 +264,7 @@ class Experiment:
         layout = StateLayout(model)
         client = None if client is None else self._check_client(client)
         if client is None or not build_personalization(self.config.personalization).evaluates_personalized:
-            layout.load_(state["global"].to(self.device))
+            layout.load_(self.global_for_evaluation(reload)[0])
             return model.eval()
         self._personalize(reload, client)
         layout.load_(self.simulation().layout.flatten())
@@ -295,12 +297,26 @@ class Experiment:
             personalized model was evaluated.
         """
         state, sim = self.checkpoint(reload), self.simulation()
-        global_flat = state["global"].to(self.device)
+        global_flat, formed = self.global_for_evaluation(reload)
         trained = self.trained_clients(reload)
         stored = [self._personal_vector(state, c) for c in trained] if eval_width(sim) else []
         matrix = eval_share(sim, state["round"], torch.cat([global_flat] + stored), trained)
         matrix = matrix.cpu().double().numpy()
-        return {"round": state["round"], **evaluation_record(sim, global_flat, matrix, trained)}, matrix, trained
+        return ({"round": state["round"], "global_model": formed, **evaluation_record(sim, global_flat, matrix, trained)},
+                matrix, trained)
+
+    def global_for_evaluation(self, reload: str = "best") -> tuple[torch.Tensor, str]:
+        """The checkpoint's global model as the run evaluated it, (N,) on the device, and how it was
+        formed: with personal layers, those positions hold the train-sample-weighted mean of the
+        trained clients' own, saved with the checkpoint (:func:`core.evaluation.global_for_evaluation`).
+        A checkpoint written before that was saved gives the aggregated model, and says so."""
+        state, sim = self.checkpoint(reload), self.simulation()
+        global_flat = state["global"].to(self.device)
+        if "evaluated_personal" not in state:
+            return global_flat, "as aggregated (this checkpoint predates the evaluated global model)"
+        evaluated = global_flat.clone()
+        evaluated[sim.personal_index] = state["evaluated_personal"].to(self.device)
+        return evaluated, state["global_model"]
 
     def recorded(self, round_idx: int) -> dict | None:
         """The metrics.jsonl record of ``round_idx`` (None when that round was not evaluated)."""

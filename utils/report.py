@@ -15,10 +15,17 @@ def _num(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _mean_personal(rec: dict) -> bool:
+    """Whether the record's global model carries the clients' mean personal layers."""
+    return "mean of" in rec.get("global_model", "")
+
+
 def format_line(rec: dict, rounds: int) -> str:
     """One compact console line for an evaluation record."""
     g = rec["global_local"]
-    text = (f"round {rec['round']}/{rounds} | loss {_num(rec['train_loss'])} | global test {_pct(rec['global_test_acc'])}%"
+    head = " (personal layers: clients' mean)" if _mean_personal(rec) else ""
+    text = (f"round {rec['round']}/{rounds} | loss {_num(rec['train_loss'])} | global{head} test "
+            f"{_pct(rec['global_test_acc'])}%"
             f" | global on clients {_pct(g['weighted_mean'])}% (mean {_pct(g['mean'])} ± {_pct(g['std'])})")
     p = rec.get("personalized")
     if p and p.get("clients"):
@@ -32,13 +39,14 @@ def format_line(rec: dict, rounds: int) -> str:
 
 def results_table(rec: dict) -> str:
     """Markdown table of the accuracies (percent) of one evaluation record."""
-    rows = [("global model, full test set", {"weighted_mean": rec["global_test_acc"]}),
-            ("global model, clients' local test splits", rec["global_local"])]
+    g = "global model (personal layers: clients' mean)" if _mean_personal(rec) else "global model"
+    rows = [(f"{g}, full test set", {"weighted_mean": rec["global_test_acc"]}),
+            (f"{g}, clients' local test splits", rec["global_local"])]
     if rec.get("personalized", {}).get("clients"):
-        rows.append(("global model, trained clients only", rec["global_on_personalized_clients"]))
+        rows.append((f"{g}, trained clients only", rec["global_on_personalized_clients"]))
         rows.append(("personalized models, trained clients", rec["personalized"]))
     if rec.get("new_clients", {}).get("clients"):
-        rows.append(("global model, never-trained clients", rec["global_on_new_clients"]))
+        rows.append((f"{g}, never-trained clients", rec["global_on_new_clients"]))
         rows.append(("new-client models (personal layers fine-tuned)", rec["new_clients"]))
     lines = ["| model | weighted mean | mean | std | p10 | p50 | p90 | clients |", "|---|---|---|---|---|---|---|---|"]
     for name, s in rows:
@@ -61,8 +69,9 @@ def write_summary(path: Path, run_name: str, history: list[dict], config_text: s
                          f"{_pct(r['global_local']['weighted_mean'])} | {_pct(p.get('weighted_mean'))} | "
                          f"{sum(r.get('dropped_clients', []))} |")
     note = f"**Stopped early**: {stopped}.\n\n" if stopped else ""
+    formed = f"The global model: {last['global_model']}.\n\n" if "global_model" in last else ""
     text = (f"# {run_name}\n\n{note}Final round {last['round']}, wall time {wall_s:.0f} s. Accuracies in percent; "
-            f"weighted mean weights clients by test samples.\n\n{results_table(last)}\n\n"
+            f"weighted mean weights clients by test samples.\n\n{results_table(last)}\n\n{formed}"
             f"Best global test accuracy: {_pct(best['global_test_acc'])}% at round {best['round']}.\n\n"
             f"## Per evaluation\n\n" + "\n".join(per_round) +
             f"\n\n## Config\n\n```yaml\n{config_text}```\n")
