@@ -154,6 +154,10 @@ class ServerConfig(_Section):
     optimizer_config: OptimizerConfig = Field(OptimizerConfig(type="sgd", lr=1.0, server_form="fedopt"),
                                               description="server optimizer on the pseudo-gradient")
     eval_batch_size: int = Field(1000, ge=1, le=MAX_COUNT, description="batch size of evaluation passes")
+    best_metric: Literal["val_global_acc", "val_personalized_acc", "val_global_loss", "val_personalized_loss"] = Field(
+        "val_global_acc", description="what chooses checkpoints/best.pt, on the clients' validation splits "
+                                      "(data_config.val_fraction); with val_fraction 0, best is the highest global "
+                                      "test accuracy, and the results say so")
     resume_from_checkpoint: Optional[str] = Field(None, description="checkpoint file or run folder to continue")
     timeout_s: float = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="process-group timeout in seconds (a dead peer is reported by then)")
     client_store_memory_mb: float = Field(
@@ -241,6 +245,9 @@ class DataConfig(_Section):
     classes_per_client: int = Field(2, ge=1, le=MAX_COUNT, description="shards: shards (about classes) per client; "
                                                          "label_quantity: classes per client")
     min_samples: int = Field(10, ge=1, le=MAX_COUNT, description="minimum train samples per client (error if impossible)")
+    val_fraction: float = Field(0.0, ge=0, le=0.5, description="share of each client's train samples held out as its "
+                                                              "validation split (label mix kept, seeded), on which "
+                                                              "server_config.best_metric chooses best.pt; 0: none")
     download: bool = Field(True, description="try torchvision's download when the data folder is missing")
     normalize: bool = Field(True, description="image tasks: standardize each channel with the train set's mean "
                                               "and std (false: raw pixels in [0, 1], as NIID-Bench feeds them)")

@@ -6,8 +6,10 @@ import torch
 
 from core.cohort import balance
 
-GLOBAL, PERSONAL, COUNT, NEW = 0, 1, 2, 3
-COLUMNS = 4
+GLOBAL, PERSONAL, COUNT, NEW = 0, 1, 2, 3  # on the clients' local test splits
+# on the clients' validation splits (data_config.val_fraction): correct counts, samples, loss sums
+VAL_GLOBAL, VAL_PERSONAL, VAL_COUNT, VAL_GLOBAL_LOSS, VAL_PERSONAL_LOSS = 4, 5, 6, 7, 8
+COLUMNS = 9
 
 
 @torch.no_grad()
@@ -70,6 +72,20 @@ def global_for_evaluation(sim, global_flat: torch.Tensor, personal_rows: torch.T
                        f"{len(trained)} trained clients' own")
 
 
+@torch.no_grad()
+def correct_and_loss(model, loader, indices: torch.Tensor, prepare=lambda batch: batch) -> torch.Tensor:
+    """(2,) float tensor: correct predictions and summed loss (``model.loss`` times batch size) of
+    ``model`` over samples ``indices`` (a validation split)."""
+    model.eval()
+    total = torch.zeros(2, device=indices.device)
+    for batch in loader.batches(indices):
+        batch = prepare(batch)
+        out = model.inference(batch)
+        total[0] += out["acc"] * out["batch_size"]
+        total[1] += model.loss(batch).detach().float() * out["batch_size"]
+    return total
+
+
 def eval_width(sim) -> int:
     """Floats per trained client in an evaluation broadcast (personal layers, or Ditto's model)."""
     return sim.personalization.model_state_numel(sim.layout) or sim.personal_numel
@@ -84,12 +100,14 @@ def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) 
     the global state (N,) followed by the personal vectors (len(trained), P) of ``trained`` in order.
     """
     n = sim.layout.numel
-    sizes = sim.test_clients.sizes
+    sizes = sim.test_clients.sizes + (sim.val_clients.sizes if sim.val_clients is not None else 0)
     result = torch.zeros(len(sizes), COLUMNS, device=sim.ctx.device)
     with_data = np.flatnonzero(sizes)
     mine = balance(with_data, sizes[with_data], len(sim.ctx.workers))[sim.ctx.workers.index(sim.ctx.rank)]
+    sizes = sim.test_clients.sizes
     global_flat = eval_buf[:n]
     sim.trainer.load(global_flat, None)
+    _validate(sim, mine, result, VAL_GLOBAL, VAL_GLOBAL_LOSS)
     correct = batched_correct(sim.model, sim.test_loader, mine, sim.test_clients, sim.trainer.prepare)
     if correct is None:
         correct = torch.stack([correct_count(sim.model, sim.test_loader, sim.test_clients.get(c), sim.trainer.prepare)
@@ -106,8 +124,21 @@ def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) 
                                              personal[row[cid]] if width else None)
             result[cid, PERSONAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid),
                                                   sim.trainer.prepare)
+            _validate(sim, [cid], result, VAL_PERSONAL, VAL_PERSONAL_LOSS)
     _new_clients(sim, round_idx, global_flat, [int(c) for c in mine if int(c) not in set(trained)], result)
     return result
+
+
+def _validate(sim, clients, result: torch.Tensor, correct_col: int, loss_col: int) -> None:
+    """Correct counts and loss sums of the replica's model on ``clients``' validation splits (none
+    without ``data_config.val_fraction``)."""
+    if sim.val_clients is None:
+        return
+    for cid in clients:
+        if sim.val_clients.sizes[cid]:
+            counts = correct_and_loss(sim.model, sim.val_loader, sim.val_clients.get(cid), sim.trainer.prepare)
+            result[cid, correct_col], result[cid, loss_col] = counts[0], counts[1]
+            result[cid, VAL_COUNT] = float(sim.val_clients.sizes[cid])
 
 
 def _new_clients(sim, round_idx: int, global_flat: torch.Tensor, clients: list[int], result: torch.Tensor) -> None:
@@ -167,11 +198,68 @@ def client_stats(acc: np.ndarray, weights: np.ndarray) -> dict:
             "clients": int(len(acc))}
 
 
+def _validation_stats(matrix: np.ndarray, trained: list[int], has_personal: bool) -> dict:
+    """Global (every client with a validation split) and personalized (trained clients) accuracy on
+    the validation splits, and their sample-weighted mean losses (``*_loss``)."""
+    counts = matrix[:, VAL_COUNT]
+    has = counts > 0
+    out = {"global": client_stats(matrix[has, VAL_GLOBAL] / counts[has], counts[has]),
+           "global_loss": float(matrix[has, VAL_GLOBAL_LOSS].sum() / counts[has].sum())}
+    sel = np.zeros(len(counts), bool)
+    sel[trained] = True
+    sel &= has
+    if has_personal and sel.any():
+        out["personalized"] = client_stats(matrix[sel, VAL_PERSONAL] / counts[sel], counts[sel])
+        out["personalized_loss"] = float(matrix[sel, VAL_PERSONAL_LOSS].sum() / counts[sel].sum())
+    return out
+
+
+# what chooses checkpoints/best.pt: server_config.best_metric -> (key path in a record, higher is better, words)
+BEST_METRICS = {
+    "val_global_acc": (("val", "global", "weighted_mean"), True, "validation accuracy of the global model"),
+    "val_personalized_acc": (("val", "personalized", "weighted_mean"), True,
+                             "validation accuracy of the personalized models"),
+    "val_global_loss": (("val", "global_loss"), False, "validation loss of the global model"),
+    "val_personalized_loss": (("val", "personalized_loss"), False, "validation loss of the personalized models"),
+    "global_test_acc": (("global_test_acc",), True, "global test accuracy (the test set: no validation split)"),
+}
+
+
+def best_metric(cfg) -> str:
+    """The metric that chooses best.pt: ``server_config.best_metric``, or ``global_test_acc`` when
+    there is no validation split (``data_config.val_fraction`` 0)."""
+    return cfg.server_config.best_metric if cfg.data_config.val_fraction > 0 else "global_test_acc"
+
+
+def metric_value(record: dict, metric: str) -> float | None:
+    """The record's value of ``metric`` (None when it has none, e.g. no personalized clients yet)."""
+    value = record
+    for key in BEST_METRICS[metric][0]:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def improves(record: dict, history: list[dict], metric: str) -> bool:
+    """Whether ``record`` is strictly better on ``metric`` than every earlier record of ``history``
+    (a record without a value never is; the first record with one always is)."""
+    value = metric_value(record, metric)
+    if value is None:
+        return False
+    higher = BEST_METRICS[metric][1]
+    earlier = [v for v in (metric_value(h, metric) for h in history) if v is not None]
+    return all(value > v if higher else value < v for v in earlier)
+
+
 def summarize(matrix: np.ndarray, trained: list[int], has_personal: bool) -> dict:
-    """Statistics of global (all clients) and personalized (trained clients) accuracy."""
+    """Statistics of global (all clients) and personalized (trained clients) accuracy; with
+    validation splits, ``val`` holds the same on them plus sample-weighted mean losses."""
     counts = matrix[:, COUNT]
     has = counts > 0
     out = {"global_local": client_stats(matrix[has, GLOBAL] / counts[has], counts[has])}
+    if matrix[:, VAL_COUNT].sum() > 0:
+        out["val"] = _validation_stats(matrix, trained, has_personal)
     if has_personal:
         sel = np.zeros(len(counts), bool)
         sel[trained] = True

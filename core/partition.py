@@ -252,3 +252,43 @@ def partition(train_labels: np.ndarray, test_labels: np.ndarray, method: str, nu
         raise UserError(f"data_config.partition: unknown method {method!r}; use iid, dirichlet, dirichlet_capped, "
                         f"shards or label_quantity")
     return ClientSplit(train=parts, test=matched_test_split(train_labels, parts, test_labels, seed))
+
+
+def carve_validation(parts: list[np.ndarray], labels: np.ndarray, fraction: float,
+                     seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split each client's train indices into (train, validation), keeping its label mix.
+
+    Client i keeps ``round(fraction * n_i)`` of its n_i samples for validation (at most n_i - 1,
+    so it keeps at least one to train on), apportioned over its classes in proportion to its own
+    class counts (largest remainder) and drawn at random within each class, from a generator
+    seeded with (seed, 2, i): the carve depends on the seed and the client only. ``labels`` (N,)
+    are the train split's labels; labels that are not whole numbers of one dimension (a task's
+    own targets) are carved without stratification.
+
+    Returns:
+        ``(train_parts, val_parts)``: two lists of int64 index arrays, one per client, disjoint,
+        whose union per client is ``parts[i]`` (each keeps the order of ``parts[i]``).
+    """
+    labels = np.asarray(labels)
+    stratify = labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer)
+    train, val = [], []
+    for i, part in enumerate(parts):
+        part = np.asarray(part, dtype=np.int64)
+        take = min(int(round(fraction * len(part))), max(len(part) - 1, 0))
+        rng = np.random.default_rng([seed, 2, i])
+        chosen = _stratified_pick(labels[part], take, rng) if stratify else rng.permutation(len(part))[:take]
+        mask = np.zeros(len(part), bool)
+        mask[chosen] = True
+        train.append(part[~mask])
+        val.append(part[mask])
+    return train, val
+
+
+def _stratified_pick(labels: np.ndarray, take: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions (into ``labels``) of ``take`` samples with the label proportions of ``labels``."""
+    if take == 0:
+        return np.zeros(0, np.int64)
+    classes, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    per_class = apportion(take, sizes, rng)
+    picks = [rng.permutation(np.flatnonzero(inverse == c))[:k] for c, k in enumerate(per_class)]
+    return np.concatenate(picks)

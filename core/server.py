@@ -11,15 +11,16 @@ import yaml
 from tqdm import tqdm
 
 from core.client_store import ClientStore
-from core.evaluation import COLUMNS, eval_share, eval_width, evaluation_record, global_for_evaluation
+from core.evaluation import (COLUMNS, best_metric, eval_share, eval_width, evaluation_record, global_for_evaluation,
+                             improves, metric_value)
 from core.optim import build_server_optimizer
 from core.errors import RunStopped
 from core.worker import GO, STOP, RoundLayout, eval_buffer_size, train_share
 from utils.checkpoint import load_checkpoint, save_atomic
 from utils.files import disk_guard, saved_size
 from utils.metrics_writer import MetricsWriter
-from utils.report import (format_line, plot_accuracy, plot_client_histogram, results_table, write_client_table,
-                          write_summary)
+from utils.report import (best_line, format_line, plot_accuracy, plot_client_histogram, results_table,
+                          write_client_table, write_summary)
 
 
 class Diverged(RunStopped):
@@ -225,7 +226,7 @@ class Server:
             record.update({key: list(values) for key, values in since_eval.items()})
             for values in since_eval.values():
                 values.clear()
-            is_best = all(record["global_test_acc"] > h["global_test_acc"] for h in self.history)
+            is_best = self._mark_best(record)
             self.history.append(record)
             self.writer.write(record)
             tqdm.write(format_line(record, self.sim.schedule.rounds))
@@ -234,6 +235,18 @@ class Server:
         if self.sim.schedule.is_ckpt_round(r):
             self._checkpoint(r, time.perf_counter() - t0, "latest")
             self.saved_round = r
+
+    def _mark_best(self, record: dict) -> bool:
+        """Set ``record["best"]``, the evaluation that chose best.pt so far (metric, round, value;
+        None until one has a value), and return whether ``record`` is it. The metric is
+        ``server_config.best_metric`` on the validation splits, or the global test accuracy without
+        them (see :func:`core.evaluation.best_metric`)."""
+        metric = best_metric(self.sim.cfg)
+        is_best = improves(record, self.history, metric)
+        earlier = self.history[-1].get("best") if self.history else None
+        record["best"] = ({"metric": metric, "round": record["round"], "value": metric_value(record, metric)}
+                          if is_best else earlier)
+        return is_best
 
     def _stop_workers(self, r: int) -> None:
         """After round ``r``'s reduce (or its evaluation), send the workers the broadcast they wait
@@ -272,6 +285,7 @@ class Server:
             return
         print(f"\nFinal results of {name} (accuracy %, round {self.history[-1]['round']}, {wall_s:.0f} s):")
         print(results_table(self.history[-1]))
+        print(best_line(self.history))
         print(f"Written to {self.run_dir}: metrics.jsonl, summary.md, clients.csv, plots/, checkpoints/, "
               f"TensorBoard events")
 

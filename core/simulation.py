@@ -11,6 +11,7 @@ from core.client import ClientTrainer
 from core.distributed import DistContext, Transport
 from core.errors import UserError
 from core.flat import StateLayout
+from core.partition import carve_validation
 from core.personalization import build_personalization
 from core.schedule import Schedule
 from core.strategy import build_strategy
@@ -56,6 +57,8 @@ class Simulation:
     strategy: object
     personalization: object
     vectorized: VectorizedTrainer | None = None
+    val_clients: ClientIndex | None = None  # the clients' validation splits (rows of the train split)
+    val_loader: object = None  # batches of the train split without augmentation, for validation
 
     @property
     def personal_numel(self) -> int:
@@ -99,6 +102,14 @@ def _check_labels(datasets, num_classes: int) -> None:
                             f"set num_classes to at least {top + 1}")
 
 
+def _check_best_metric(cfg) -> None:
+    """A personalized best_metric needs a method with personalized models."""
+    metric = cfg.server_config.best_metric
+    if "personalized" in metric and not build_personalization(cfg.personalization).evaluates_personalized:
+        raise UserError(f"server_config.best_metric {metric}: personalization.method {cfg.personalization.method} "
+                        f"has no personalized models; use val_global_acc or val_global_loss")
+
+
 def init_model(task, cfg, device: torch.device) -> torch.nn.Module:
     """The initial global model: ``model_config.model_type`` with weights seeded from ``cfg.seed``."""
     torch.manual_seed(derive_seed(cfg.seed, 0x5EED))
@@ -112,6 +123,7 @@ def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Tra
         UserError: missing data, impossible partition, unknown model or personal layer name.
     """
     data_cfg = cfg.data_config
+    _check_best_metric(cfg)
     train_ds = task.dataset_cls(data_path, data_cfg, split="train", seed=cfg.seed)
     test_ds = task.dataset_cls(data_path, data_cfg, split="test", seed=cfg.seed, split_plan=train_ds.split_plan)
     _check_labels((train_ds, test_ds), cfg.model.num_classes)
@@ -125,15 +137,22 @@ def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Tra
     train_loader = task.dataloader_cls(train_ds, client_cfg.batch_size, ctx.device, True, client_cfg.augment)
     test_loader = task.dataloader_cls(test_ds, cfg.server_config.eval_batch_size, ctx.device, False, False)
     strategy = build_strategy(cfg.strategy, cfg.strategy_config)
+    train_parts, val_parts = train_ds.split_plan.train, None
+    if data_cfg.val_fraction > 0:
+        train_parts, val_parts = carve_validation(train_parts, np.asarray(train_ds.labels), data_cfg.val_fraction,
+                                                  cfg.seed)
     trainer = ClientTrainer(model, layout, train_loader, client_cfg, personal_index, cfg.seed, strategy,
                             personalization, personalization.personal_names(layout, model))
     return Simulation(cfg=cfg, ctx=ctx, transport=transport,
                       schedule=Schedule(cfg.server_config, data_cfg.num_clients, cfg.seed),
                       model=model, layout=layout, personal_index=personal_index, trainer=trainer,
                       test_loader=test_loader,
-                      train_clients=ClientIndex(train_ds.split_plan.train, ctx.device),
+                      train_clients=ClientIndex(train_parts, ctx.device),
                       test_clients=ClientIndex(train_ds.split_plan.test, ctx.device),
                       strategy=strategy, personalization=personalization,
                       vectorized=VectorizedTrainer(model, layout, train_loader, client_cfg, cfg.seed, strategy,
                                                    personalization, trainer.shared_positions)
-                      if client_cfg.vectorize else None)
+                      if client_cfg.vectorize else None,
+                      val_clients=None if val_parts is None else ClientIndex(val_parts, ctx.device),
+                      val_loader=None if val_parts is None else task.dataloader_cls(
+                          train_ds, cfg.server_config.eval_batch_size, ctx.device, False, False))

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from core.errors import UserError
+from utils.report import best_record
 
 
 def load_run(run_dir: Path) -> dict:
@@ -36,17 +37,23 @@ def load_run(run_dir: Path) -> dict:
 
 
 def run_scores(history: list[dict]) -> dict:
-    """Final (last evaluation) and best (over evaluations) accuracy of one run, as fractions.
+    """Test accuracies of one run at its last evaluation and at the evaluation that chose best.pt,
+    as fractions.
 
     Keys ``final_global``, ``best_global`` (global model, full test set), ``final_personalized``,
     ``best_personalized`` (sample-weighted mean over the personalized clients; None when the run has
-    no personalized evaluation).
+    no personalized evaluation), ``best_round`` and ``best_metric`` (what chose it: a validation
+    metric, or ``global_test_acc`` when the run had no validation split, in which case the best
+    figures are chosen on the test set itself). Runs recorded before best was chosen this way carry
+    no ``best``; for them the best round is the highest global test accuracy.
     """
-    personal = [r.get("personalized", {}).get("weighted_mean") if r.get("personalized", {}).get("clients") else None
-                for r in history]
-    known = [p for p in personal if p is not None]
-    return {"final_global": history[-1]["global_test_acc"], "best_global": max(r["global_test_acc"] for r in history),
-            "final_personalized": personal[-1], "best_personalized": max(known) if known else None}
+    def personal(r):
+        return r["personalized"]["weighted_mean"] if r.get("personalized", {}).get("clients") else None
+    best = best_record(history) or max(history, key=lambda r: r["global_test_acc"])
+    chosen = history[-1].get("best") or {"metric": "global_test_acc"}
+    return {"final_global": history[-1]["global_test_acc"], "best_global": best["global_test_acc"],
+            "final_personalized": personal(history[-1]), "best_personalized": personal(best),
+            "best_round": best["round"], "best_metric": chosen["metric"]}
 
 
 def _pct(stats: dict | None, key: str) -> str:

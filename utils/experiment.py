@@ -292,8 +292,10 @@ class Experiment:
         Returns:
             ``(record, matrix, trained)``: ``record`` has the keys of a metrics.jsonl record
             (``round``, ``global_test_acc``, ``global_local``, ``personalized``, ``new_clients``...,
-            accuracies as fractions); ``matrix`` (num_clients, 4) float64 per client: correct global,
-            correct personalized, test samples, correct new-client model; ``trained``: the ids whose
+            accuracies as fractions); ``matrix`` (num_clients, 9) float64 per client: correct global,
+            correct personalized, test samples, correct new-client model, then on the validation
+            split correct global, correct personalized, samples, global and personalized loss sums
+            (columns named in core/evaluation.py); ``trained``: the ids whose
             personalized model was evaluated.
         """
         state, sim = self.checkpoint(reload), self.simulation()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.evaluation import BEST_METRICS
 from utils.files import write_text_atomic
 
 
@@ -55,24 +56,53 @@ def results_table(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def best_record(history: list[dict]) -> dict | None:
+    """The evaluation record that chose checkpoints/best.pt (the last record's ``best`` round)."""
+    chosen = history[-1].get("best") if history else None
+    return next((r for r in history if chosen and r["round"] == chosen["round"]), None)
+
+
+def best_line(history: list[dict]) -> str:
+    """One sentence: which round best.pt is and what chose it (the test set, when it was)."""
+    if best_record(history) is None:
+        return "No best.pt: no evaluation had a value of the best metric."
+    chosen = history[-1]["best"]
+    _, _, words = BEST_METRICS[chosen["metric"]]
+    value = chosen["value"]
+    shown = f"{_num(value)}" if "loss" in chosen["metric"] else f"{_pct(value)}%"
+    text = (f"checkpoints/best.pt is round {chosen['round']}, chosen by {words} ({chosen['metric']} = {shown}).")
+    if chosen["metric"] == "global_test_acc":
+        text += (" It was chosen on the test set itself, so its test figures are optimistic; set "
+                 "data_config.val_fraction to choose on validation splits.")
+    return text
+
+
+def best_section(history: list[dict]) -> str:
+    """What chose best.pt, and the test figures at that round."""
+    best = best_record(history)
+    table = f" Test figures at that round:\n\n{results_table(best)}" if best is not None else ""
+    return best_line(history) + table
+
+
 def write_summary(path: Path, run_name: str, history: list[dict], config_text: str, wall_s: float,
                   stopped: str | None = None) -> None:
     """summary.md: final results table, per-round accuracies, and the resolved config; ``stopped``,
     when the run ended early (divergence), is stated first."""
     last = history[-1]
-    best = max(history, key=lambda r: r["global_test_acc"])
-    per_round = ["| round | train loss | global test | global on clients | personalized | dropped updates |",
-                 "|---|---|---|---|---|---|"]
+    per_round = ["| round | train loss | global test | global on clients | personalized | val global | "
+                 "val personalized | dropped updates |", "|---|---|---|---|---|---|---|---|"]
     for r in history:
-        p = r.get("personalized", {})
+        p, v = r.get("personalized", {}), r.get("val", {})
         per_round.append(f"| {r['round']} | {_num(r['train_loss'])} | {_pct(r['global_test_acc'])} | "
                          f"{_pct(r['global_local']['weighted_mean'])} | {_pct(p.get('weighted_mean'))} | "
+                         f"{_pct(v.get('global', {}).get('weighted_mean'))} | "
+                         f"{_pct(v.get('personalized', {}).get('weighted_mean'))} | "
                          f"{sum(r.get('dropped_clients', []))} |")
     note = f"**Stopped early**: {stopped}.\n\n" if stopped else ""
     formed = f"The global model: {last['global_model']}.\n\n" if "global_model" in last else ""
     text = (f"# {run_name}\n\n{note}Final round {last['round']}, wall time {wall_s:.0f} s. Accuracies in percent; "
             f"weighted mean weights clients by test samples.\n\n{results_table(last)}\n\n{formed}"
-            f"Best global test accuracy: {_pct(best['global_test_acc'])}% at round {best['round']}.\n\n"
+            f"{best_section(history)}\n\n"
             f"## Per evaluation\n\n" + "\n".join(per_round) +
             f"\n\n## Config\n\n```yaml\n{config_text}```\n")
     write_text_atomic(path, text)

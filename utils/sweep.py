@@ -277,7 +277,7 @@ def write_report(sweep_dir: Path, rows: list[dict], axes: list[Axis]) -> str:
     """sweep.md, sweep.csv and plots/accuracy.png (mean over seeds per grid point); returns the table."""
     table = markdown_table(rows, axes)
     (sweep_dir / "sweep.md").write_text(f"# Sweep {sweep_dir.name}\n\nAccuracy in percent, mean ± sample std "
-                                        f"over seeds (final: last round; best: best evaluation).\n\n{table}\n")
+                                        f"over seeds (final: last round; best: at the evaluation that chose best.pt, by a validation metric, or by the highest global test accuracy when a run has no validation split).\n\n{table}\n")
     write_csv(sweep_dir / "sweep.csv", rows, axes)
     curves = [{"name": assignment_slug(row["point"]) or "runs", "history": mean_history(row["histories"])}
               for row in rows if row["histories"]]

@@ -313,6 +313,12 @@ CASES = [
     S("normalize-int", "data_config.normalize=0"),
     S("pad-mode", "data_config.pad_mode=edge"),
     S("data-unknown-key", "data_config.partitions=iid"),
+    S("val-fraction-negative", "data_config.val_fraction=-0.1"),
+    S("val-fraction-large", "data_config.val_fraction=0.9"),
+    S("val-fraction-bool", "data_config.val_fraction=true"),
+    S("best-metric-name", "server_config.best_metric=test_acc"),
+    S("best-metric-personalized-without-method", "personalization.method=none", "personalization.local_layers=[]",
+      "server_config.best_metric=val_personalized_acc", needle="server_config.best_metric"),
     # --- strategy ----------------------------------------------------------------------------------
     S("strategy-name", "strategy=fedsgd"),
     S("strategy-number", "strategy=5"),
