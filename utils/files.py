@@ -27,10 +27,23 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
+def _disk_was_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a full-disk OSError or was raised while handling one: torch.save's zip
+    writer, closing after the OSError, raises its own RuntimeError ("unexpected pos ...") whose
+    context is the OSError, depending on where in the file the disk filled."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in FULL:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 @contextmanager
 def disk_guard(target: str | Path, needed, partial: str | Path | None = None):
-    """Turn a full-disk ``OSError`` raised inside the block into :class:`DiskFull`, after removing
-    the ``partial`` file the block was writing (if any). Other errors pass through unchanged.
+    """Turn a full-disk ``OSError`` raised inside the block (or an error raised while handling one)
+    into :class:`DiskFull`, after removing the ``partial`` file the block was writing (if any).
+    Other errors pass through unchanged.
 
     Args:
         target: the file being written (named in the message).
@@ -40,8 +53,8 @@ def disk_guard(target: str | Path, needed, partial: str | Path | None = None):
     target = Path(target)
     try:
         yield
-    except OSError as exc:
-        if exc.errno not in FULL:
+    except Exception as exc:
+        if not _disk_was_full(exc):
             raise
         if partial is not None:
             Path(partial).unlink(missing_ok=True)

@@ -15,7 +15,7 @@ import yaml
 
 from core.errors import UserError
 from testing.conftest import REPO, load_ckpt
-from utils.files import DiskFull, append_line
+from utils.files import DiskFull, append_line, disk_guard
 from utils.run_lock import RunLock
 
 SYNTHETIC = ["-dataPath", "unused", "-config", "experiments/synthetic/config.yaml", "-task", "synthetic"]
@@ -145,3 +145,23 @@ def test_full_disk_at_start_leaves_no_partial_file(small_disk):
     assert proc.returncode == 1 and len(lines) == 1 and "no space left on the device" in lines[0], err[-2000:]
     left = [p for p in (small_disk / "out").rglob("*") if p.is_file()] if (small_disk / "out").exists() else []
     assert left == [], left
+
+
+def test_an_error_raised_while_handling_a_full_disk_is_a_full_disk(tmp_path):
+    """torch.save's zip writer replaces the ENOSPC OSError by its own RuntimeError when it closes
+    (depending on where in the file the disk filled): that is still a full disk, one line."""
+    import errno
+
+    target = tmp_path / "latest.pt"
+    partial = tmp_path / "latest.pt.tmp"
+    partial.write_bytes(b"half")
+    with pytest.raises(DiskFull, match="while writing latest.pt"):
+        with disk_guard(target, 100, partial):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 26880 vs 26808")
+    assert not partial.exists()
+    with pytest.raises(RuntimeError, match="unrelated"):
+        with disk_guard(target, 100, partial):
+            raise RuntimeError("unrelated")
