@@ -17,9 +17,9 @@ from core.config import load_config
 from core.distributed import PeerFailure, mpi_environment
 from core.errors import RunStopped, UserError
 from core.task import load_task
-from utils.checkpoint import check_resumable
+from core.checkpoint import check_resumable
 from utils.cli import OneLineParser
-from utils.files import FULL, DiskFull, free_bytes, write_text_atomic
+from core.files import FULL, DiskFull, free_bytes, write_text_atomic
 from utils.run_lock import RunLock
 from utils.experiment import write_run_info
 

@@ -5,7 +5,7 @@ import torch
 
 from core.model import training_loss
 from core.optim import build_optimizer
-from utils.seeding import client_generator
+from core.seeding import client_generator
 
 
 class ClientTrainer:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from utils.seeding import derive_seed
+from core.seeding import derive_seed
 
 
 def sample_cohort(seed: int, round_idx: int, num_clients: int, cohort_size: int) -> np.ndarray:

@@ -5,7 +5,7 @@ import numpy as np
 
 from core.cohort import sample_cohort
 from core.config import cohort_range
-from utils.seeding import derive_seed
+from core.seeding import derive_seed
 
 
 class Schedule:

@@ -16,8 +16,8 @@ from core.evaluation import (COLUMNS, best_metric, eval_share, eval_width, evalu
 from core.optim import build_server_optimizer
 from core.errors import RunStopped
 from core.worker import GO, STOP, RoundLayout, eval_buffer_size, train_share
-from utils.checkpoint import load_checkpoint, save_atomic
-from utils.files import disk_guard, saved_size
+from core.checkpoint import load_checkpoint, save_atomic
+from core.files import disk_guard, saved_size
 from utils.metrics_writer import MetricsWriter
 from utils.report import (best_line, format_line, plot_accuracy, plot_client_histogram, results_table,
                           write_client_table, write_summary)

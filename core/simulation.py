@@ -16,7 +16,7 @@ from core.personalization import build_personalization
 from core.schedule import Schedule
 from core.strategy import build_strategy
 from core.vectorized import VectorizedTrainer
-from utils.seeding import derive_seed
+from core.seeding import derive_seed
 
 
 class ClientIndex:

@@ -13,7 +13,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from core.distributed import host_to_device
 from core.errors import UserError
-from utils.seeding import client_generator
+from core.seeding import client_generator
 
 
 class LossCall(nn.Module):

@@ -709,7 +709,7 @@ def test_apfl_personalized_model_is_the_mixture(cifar_path, tmp_path):
 def test_scaffold_correction_stays_outside_the_momentum_buffer(cifar_path):
     """Two momentum-SGD steps with correction c: w1 = w - lr g1 - lr c, w2 = w1 - lr (0.9 g1 + g2) - lr c
     (inside the buffer, c would enter it and be amplified, which made the niid_bench row diverge)."""
-    from utils.seeding import client_generator
+    from core.seeding import client_generator
 
     size = int(_sim(cifar_path).train_clients.sizes[0])
     sim = _sim(cifar_path, client_config={"batch_size": -(-size // 2), "augment": False,

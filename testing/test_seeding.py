@@ -1,7 +1,7 @@
 """Seeds derived from (seed, round, client): the client's generator and the default generators."""
 import torch
 
-from utils.seeding import client_generator, derive_seed
+from core.seeding import client_generator, derive_seed
 
 
 def test_client_generator_seeds_dropout_per_client():

@@ -15,7 +15,7 @@ import core.server
 from core.config import OptimizerConfig, config_difference, validate_config, with_defaults
 from core.errors import UserError
 from core.optim import FedOpt, build_optimizer, build_server_optimizer
-from utils.checkpoint import load_checkpoint, save_atomic
+from core.checkpoint import load_checkpoint, save_atomic
 
 RULES = ("adam", "yogi", "adagrad")
 U = 2.0 ** -24  # unit roundoff of float32: one rounding moves a value by at most U times its size
@@ -251,7 +251,7 @@ def test_runs_made_before_server_form_resume_only_as_torch():
 
 def _checkpoint_round_trip(opt, tmp_path) -> dict:
     """The optimizer's state dict after save_atomic and load_checkpoint (checksum and structure
-    checks of utils/checkpoint.py), inside a minimal checkpoint."""
+    checks of core/checkpoint.py), inside a minimal checkpoint."""
     state = {"round": 2, "global": torch.zeros(3), "server_optimizer": opt.state_dict(),
              "client_store": {"entries": {}}, "strategy_state": torch.zeros(0), "history": [], "elapsed_s": 1.0,
              "config": {}, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),

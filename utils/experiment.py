@@ -29,9 +29,9 @@ from core.flat import StateLayout
 from core.personalization import build_personalization
 from core.simulation import build_simulation, init_model
 from core.task import EXPERIMENTS_DIR, load_task
-from utils.checkpoint import load_checkpoint
+from core.checkpoint import load_checkpoint
 from utils.compare import load_run
-from utils.files import write_text_atomic
+from core.files import write_text_atomic
 
 __all__ = ["Experiment", "ClientData", "Batches", "write_run_info", "read_run_info"]
 

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 from core.errors import UserError
-from utils.files import append_line, disk_guard, write_text_atomic
+from core.files import append_line, disk_guard, write_text_atomic
 
 
 def strict(value):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.evaluation import BEST_METRICS
-from utils.files import write_text_atomic
+from core.files import write_text_atomic
 
 
 def _pct(value) -> str:

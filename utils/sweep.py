@@ -22,7 +22,7 @@ import yaml
 
 from core.config import config_difference, load_config, with_defaults
 from core.errors import UserError
-from utils.checkpoint import load_checkpoint
+from core.checkpoint import load_checkpoint
 from utils.compare import compare_plot, load_run, run_scores
 
 SCORES = ("final_global", "best_global", "final_personalized", "best_personalized")

@@ -98,7 +98,7 @@ def make_model() -> torch.nn.Module:
     global torch RNG is left where that seed puts it."""
     from core.config import ModelSection
     from experiments.cv.model import PflCNN
-    from utils.seeding import derive_seed
+    from core.seeding import derive_seed
     torch.manual_seed(derive_seed(SEED, 0x5EED))
     return PflCNN(ModelSection(model_type="PflCNN"))
 

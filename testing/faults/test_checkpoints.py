@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import e2e_trainer
-from utils.checkpoint import check_resumable, check_structure, load_checkpoint, save_atomic
+from core.checkpoint import check_resumable, check_structure, load_checkpoint, save_atomic
 from core.errors import UserError
 from testing.conftest import run_trainer
 

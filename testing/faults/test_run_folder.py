@@ -15,7 +15,7 @@ import yaml
 
 from core.errors import UserError
 from testing.conftest import REPO, load_ckpt
-from utils.files import DiskFull, append_line, disk_guard
+from core.files import DiskFull, append_line, disk_guard
 from utils.run_lock import RunLock
 
 SYNTHETIC = ["-dataPath", "unused", "-config", "experiments/synthetic/config.yaml", "-task", "synthetic"]
