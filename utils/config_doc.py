@@ -1,6 +1,9 @@
-"""Generate README's config reference from the pydantic models, so the docs cannot drift.
+"""Generate the config reference (docs/config.md) from the pydantic models, so the docs cannot drift.
 
     python -m utils.config_doc        # prints the Markdown table
+
+Paste its output between the config-reference markers of docs/config.md; testing/test_docs.py
+checks that the table there is the one this prints.
 """
 from __future__ import annotations
 
