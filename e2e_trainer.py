@@ -145,9 +145,11 @@ def _train(args, argv: list[str]) -> None:
     resume = _resume_path(args, cfg, run_dir)
     lock = RunLock(run_dir, f"-outputPath {args.outputPath}")
     from core.runner import run_experiment
+    from utils.outputs import run_outputs
     try:
         run_experiment(cfg, task, args.dataPath, run_dir, args.backend, resume,
-                       on_start=lambda sim: _start_run(run_dir, sim, task, args, argv, resume, lock))
+                       on_start=lambda sim: _start_run(run_dir, sim, task, args, argv, resume, lock),
+                       observers=lambda: run_outputs(run_dir, cfg))
     finally:
         lock.release()
 

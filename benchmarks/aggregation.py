@@ -46,7 +46,7 @@ def main() -> None:
         server = Server(sim, Path(tmp), None)
         server._round(1)  # warm-up
         rounds = [t for r in range(2, 2 + args.rounds) for t in timed(lambda: server._round(r), sim.ctx.device, 1)]
-        server.writer.close()
+        server.close()
     cohort = sim.schedule.cohort_size(1)
     extra = cohort * (median(now) - median(before))
     result = {"benchmark": "aggregation", "date": time.strftime("%Y-%m-%d"), "machine": machine(),

@@ -41,7 +41,7 @@ def round_ops(args, overrides: list[str], plans: bool = True) -> OpCounter:
         server = Server(sim, Path(tmp), None)
         server._round(1)
         counter = count_ops(lambda: server._round(2))
-        server.writer.close()
+        server.close()
     return counter
 
 

@@ -35,7 +35,7 @@ def main() -> None:
             evaluation += timed(lambda: records.append(server._evaluate(args.rounds, 0.0, 0.0)), sim.ctx.device, 1)
             extra_pass += timed(lambda: accuracies.append(full_test_accuracy(sim, server.global_flat)),
                                 sim.ctx.device, 1)
-        server.writer.close()
+        server.close()
     derived = records[0]["global_test_acc"]
     if derived != accuracies[0]:  # same weights and images; on a GPU, batch-shape-dependent kernels can flip an argmax
         print(f"note: accuracy from the client splits {derived} vs its own pass {accuracies[0]}", file=sys.stderr)

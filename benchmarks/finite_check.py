@@ -46,7 +46,7 @@ def main() -> None:
                 off += timed(lambda: server._round(r), sim.ctx.device, 1)
             finally:
                 StateLayout.keep_if_finite_ = check
-        server.writer.close()
+        server.close()
     result = {"benchmark": "finite_check", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "device": args.device, "data": "synthetic" if args.data == "synthetic" else "cifar10",
               "config": args.config, "overrides": args.overrides, "cohort": sim.schedule.cohort_size(1),

@@ -110,7 +110,7 @@ def main() -> None:
         fl, central = fl[1:], central[1:]
         breakdown = outside_steps(server, sim, range(rounds[-1] + 1, rounds[-1] + 1 + args.breakdown)) \
             if args.breakdown else None
-        server.writer.close()
+        server.close()
     result = {"benchmark": "overhead", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "device": args.device, "data": "synthetic" if args.data == "synthetic" else "cifar10",
               "config": args.config, "overrides": args.overrides, "centralized_start": "round's global weights",

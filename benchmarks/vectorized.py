@@ -20,7 +20,7 @@ def round_seconds(config, data, device, overrides, repeats) -> tuple[float, obje
         server = Server(sim, Path(tmp), None)
         rounds = iter(range(1, 10_000))
         times = timed(lambda: server._round(next(rounds)), sim.ctx.device, repeats + 2)[2:]
-        server.writer.close()
+        server.close()
     return median(times), cfg, sim
 
 

@@ -221,7 +221,7 @@ BEST_METRICS = {
                              "validation accuracy of the personalized models"),
     "val_global_loss": (("val", "global_loss"), False, "validation loss of the global model"),
     "val_personalized_loss": (("val", "personalized_loss"), False, "validation loss of the personalized models"),
-    "global_test_acc": (("global_test_acc",), True, "global test accuracy (the test set: no validation split)"),
+    "global_test_acc": (("global_test_acc",), True, "global test accuracy"),
 }
 
 

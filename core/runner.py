@@ -206,8 +206,12 @@ class _Stops:
         return "no checkpoint was written yet (every server_config.ckpt_freq rounds): nothing to resume"
 
 
-def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resume: Path | None, on_start=None):
+def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resume: Path | None, on_start=None,
+                   observers=None):
     """Run the whole experiment; returns the evaluation records on rank 0, None elsewhere.
+
+    ``observers()``, when given, builds on rank 0 the run's observers (core/observers.py: what the
+    run writes besides its checkpoints); without it the run writes checkpoints only.
 
     ``on_start(sim)``, when given, runs on rank 0 once the simulation is built and before the server
     starts (e2e_trainer: refuse a checkpoint of another config or model, then record the run); a UserError
@@ -228,7 +232,8 @@ def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resum
             stops.rank = ctx.rank
             transport = stops.transport = Transport(ctx, stops.watch)
             sim = build_simulation(cfg, task, data_path, ctx, transport)
-            history = _serve(sim, run_dir, resume, on_start, stops) if ctx.rank == 0 else run_worker(sim)  # None on workers
+            history = (_serve(sim, run_dir, resume, on_start, stops, observers) if ctx.rank == 0
+                       else run_worker(sim))  # None on workers
         except BaseException as exc:  # SystemExit included: submitit exits this way on preemption
             _close(transport, exc, stops)
             stop = stops.stop_error(exc)
@@ -255,13 +260,13 @@ def _close(transport: Transport | None, error: BaseException | None, stops: _Sto
             continue
 
 
-def _serve(sim, run_dir: Path, resume: Path | None, on_start=None, stops: _Stops | None = None):
+def _serve(sim, run_dir: Path, resume: Path | None, on_start=None, stops: _Stops | None = None, observers=None):
     """Rank 0: build the server and run it; if building fails (a missing checkpoint, say), tell the
     workers to stop (start round -1) before raising, so they do not wait for the timeout."""
     try:
         if on_start is not None:
             on_start(sim)
-        server = Server(sim, run_dir, resume)
+        server = Server(sim, run_dir, resume, observers() if observers is not None else [])
     except UserError:
         sim.transport.broadcast(torch.tensor([-1.0], device=sim.ctx.device), "start broadcast")
         raise

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from tqdm import tqdm
 
 from core.client_store import ClientStore
 from core.evaluation import (COLUMNS, best_metric, eval_share, eval_width, evaluation_record, global_for_evaluation,
@@ -18,9 +16,7 @@ from core.errors import RunStopped
 from core.worker import GO, STOP, RoundLayout, eval_buffer_size, train_share
 from core.checkpoint import load_checkpoint, save_atomic
 from core.files import disk_guard, saved_size
-from utils.metrics_writer import MetricsWriter
-from utils.report import (best_line, format_line, plot_accuracy, plot_client_histogram, results_table,
-                          write_client_table, write_summary)
+from core.observers import RunObserver, RunOutcome
 
 
 class Diverged(RunStopped):
@@ -39,7 +35,7 @@ class Server:
     optimizer's weight decay).
     """
 
-    def __init__(self, sim, run_dir: Path, resume: Path | None):
+    def __init__(self, sim, run_dir: Path, resume: Path | None, observers: list[RunObserver] = ()):
         self.sim = sim
         self.run_dir = run_dir
         self.global_flat = sim.layout.flatten().clone()
@@ -51,7 +47,7 @@ class Server:
         self._pending_dropped: list[int] = []  # dropped counts of the rounds after the last evaluation
         self.start_round = 1
         self.elapsed_before = 0.0
-        self.writer = MetricsWriter(run_dir, sim.cfg.logging_config, sim.cfg.to_dict())
+        self.observers = list(observers)  # what the run writes besides checkpoints (core/observers.py)
         if resume is not None:
             self._restore(load_checkpoint(resume))
         self.trained = sim.schedule.trained_through(self.start_round - 1)  # clients sampled so far
@@ -86,7 +82,6 @@ class Server:
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
-        self.writer.rewrite(self.history)
 
     def _checkpoint(self, round_idx: int, elapsed: float, name: str) -> None:
         """Write checkpoints/<name>.pt atomically.
@@ -185,6 +180,10 @@ class Server:
         return global_for_evaluation(sim, self.global_flat, rows, trained)
 
     # ---- the loop -----------------------------------------------------------------------------
+    def _tell(self, event: str, *args) -> None:
+        for observer in self.observers:
+            getattr(observer, event)(*args)
+
     def run(self) -> list[dict]:
         """Run rounds ``start_round..max_iteration``; returns the evaluation records.
 
@@ -195,31 +194,27 @@ class Server:
         sim = self.sim
         sim.transport.broadcast(torch.tensor([float(self.start_round)], device=sim.ctx.device), "start broadcast")
         t0 = time.perf_counter() - self.elapsed_before
-        bar = tqdm(range(self.start_round, sim.schedule.rounds + 1), desc="rounds", unit="round", dynamic_ncols=True,
-                   initial=self.start_round - 1, total=sim.schedule.rounds, mininterval=2.0,
-                   disable=None)  # no bar when stderr is not a terminal (log files keep only the round lines)
+        self._tell("started", self.history, self.start_round, sim.schedule.rounds)
         try:
-            for r in bar:
+            for r in range(self.start_round, sim.schedule.rounds + 1):
                 self.round = r
-                self._step(r, t0, bar)
+                self._step(r, t0)
         except RunStopped as exc:  # diverged, or the disk is full: the workers wait for a broadcast
-            bar.close()
             self._stop_workers(self.round)
-            if isinstance(exc, Diverged):
-                self._finish(time.perf_counter() - t0, stopped=str(exc))
+            self._finish(time.perf_counter() - t0, str(exc) if isinstance(exc, Diverged) else None,
+                         tell=isinstance(exc, Diverged))
             raise
-        bar.close()
         self._finish(time.perf_counter() - t0)
         return self.history
 
-    def _step(self, r: int, t0: float, bar) -> None:
+    def _step(self, r: int, t0: float) -> None:
         """Round ``r``, then its evaluation and checkpoints when the schedule has them."""
         started = time.perf_counter()
         loss, dropped = self._round(r)
         since_eval = self.since_eval
         since_eval["round_s"].append(time.perf_counter() - started)
         since_eval["dropped_clients"].append(dropped)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        self._tell("round_done", r, loss)
         if self.sim.schedule.is_eval_round(r):
             record = self._evaluate(r, loss, time.perf_counter() - t0)
             record["sec_per_round"] = sum(since_eval["round_s"]) / len(since_eval["round_s"])
@@ -228,8 +223,7 @@ class Server:
                 values.clear()
             is_best = self._mark_best(record)
             self.history.append(record)
-            self.writer.write(record)
-            tqdm.write(format_line(record, self.sim.schedule.rounds))
+            self._tell("evaluated", record, self.sim.schedule.rounds)
             if is_best:
                 self._checkpoint(r, time.perf_counter() - t0, "best")
         if self.sim.schedule.is_ckpt_round(r):
@@ -265,27 +259,19 @@ class Server:
         buf[-1] = STOP
         sim.transport.broadcast(buf, f"round {r} stop broadcast")
 
-    def _finish(self, wall_s: float, stopped: str | None = None) -> None:
-        """Close the writers; write summary.md, plots and clients.csv; print the final table (not
-        when the run ``stopped`` early: the reason is then noted in summary.md)."""
-        self.writer.close()
+    def _finish(self, wall_s: float, stopped: str | None = None, tell: bool = True) -> None:
+        """Tell the observers how the run ended (``tell``: it reached its last round, or diverged and
+        ``stopped`` says why), then close them and the client store."""
+        try:
+            if tell:
+                self._tell("finished", RunOutcome(self.run_dir, self.history, getattr(self, "last_matrix", None),
+                                                  getattr(self, "last_trained", []), wall_s, stopped,
+                                                  self.sim.cfg.to_dict()))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the observers and the client store (the server is done with them)."""
+        self._tell("close")
         self.store.close()
-        if not self.history:
-            return
-        name = self.run_dir.name
-        config_text = yaml.safe_dump(self.sim.cfg.to_dict(), sort_keys=False)
-        with disk_guard(self.run_dir / "summary.md", len(config_text) + 10_000 * len(self.history)):
-            write_summary(self.run_dir / "summary.md", name, self.history, config_text, wall_s, stopped)
-            plot_accuracy(self.run_dir / "plots" / "accuracy.png", self.history, name)
-            if getattr(self, "last_matrix", None) is not None:
-                write_client_table(self.run_dir / "clients.csv", self.last_matrix, self.last_trained)
-                plot_client_histogram(self.run_dir / "plots" / "clients_hist.png", self.last_matrix,
-                                      self.last_trained, name)
-        if stopped:
-            return
-        print(f"\nFinal results of {name} (accuracy %, round {self.history[-1]['round']}, {wall_s:.0f} s):")
-        print(results_table(self.history[-1]))
-        print(best_line(self.history))
-        print(f"Written to {self.run_dir}: metrics.jsonl, summary.md, clients.csv, plots/, checkpoints/, "
-              f"TensorBoard events")
 

@@ -142,7 +142,7 @@ def _two_server_steps(cifar_path, tmp_path, optimizer_config):
     for r in (1, 2):
         server._round(r)
         weights.append(server.global_flat[:k].double().clone())
-    server.writer.close()
+    server.close()
     personal = sim.personal_index[sim.personal_index < k]
     return weights, [p[:k].double() for p in pseudo], personal
 
@@ -252,7 +252,7 @@ def _run_rounds(sim, tmp_path, rounds=2):
     start = server.global_flat.clone()
     for r in range(1, rounds + 1):
         server._round(r)
-    server.writer.close()
+    server.close()
     return start, server
 
 

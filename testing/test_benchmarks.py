@@ -23,7 +23,7 @@ def test_breakdown_clocks_the_client_loops_and_puts_them_back(vectorize, clocked
         server = Server(sim, Path(tmp), None)
         before = server.global_flat.clone()
         result = outside_steps(server, sim, range(1, 3))
-        server.writer.close()
+        server.close()
     assert result["clocked"] == clocked and result["rounds"] == [1, 2]
     for total, steps in zip(result["round_s"], result["steps_s"]):
         assert 0 < steps < total, "the clocked loops run inside the round and are not all of it"

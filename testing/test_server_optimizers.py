@@ -330,7 +330,7 @@ def test_server_rounds_follow_algorithm_2(rule, tmp_path):
     for r in (1, 2, 3):
         server._round(r)
         got.append(server.global_flat[:k].numpy().copy())
-    server.writer.close()
+    server.close()
     deltas = [-p[:k].numpy() for p in pseudo]  # personal positions zeroed by the server before its step
     assert_follows_algorithm2(got, algorithm2(rule, x0, deltas, 0.03, (0.9, 0.99), 1e-3), f"server {rule}")
     personal = sim.personal_index[sim.personal_index < k].numpy()

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 from core.errors import UserError
+from core.observers import RunObserver
 from core.files import append_line, disk_guard, write_text_atomic
 
 
@@ -84,7 +85,7 @@ def start_wandb(run_dir: Path, logging, config: dict | None):
                         f"or set logging_config.wandb_mode: offline or logging_config.wandb: false") from None
 
 
-class MetricsWriter:
+class MetricsWriter(RunObserver):
     """Appends evaluation records to ``metrics.jsonl`` and TensorBoard in ``run_dir``, and to W&B
     when ``logging.wandb`` is true (``logging``: a ``LoggingConfig`` or None; ``config``: the
     resolved experiment as plain data, logged as the W&B run's config).
@@ -99,6 +100,15 @@ class MetricsWriter:
         self.path = run_dir / "metrics.jsonl"
         self.tb = SummaryWriter(log_dir=str(run_dir))
         self.wandb_run = start_wandb(run_dir, logging, config) if logging is not None and logging.wandb else None
+
+    def started(self, history: list[dict], start_round: int, rounds: int) -> None:
+        """A resumed run's metrics.jsonl becomes the checkpoint's records (rows written after the
+        checkpoint are dropped); a new run's is created at its first evaluation."""
+        if start_round > 1:
+            self.rewrite(history)
+
+    def evaluated(self, record: dict, rounds: int) -> None:
+        self.write(record)
 
     def rewrite(self, history: list[dict]) -> None:
         """Replace metrics.jsonl by ``history`` (after a resume, the checkpoint's records win)."""
