@@ -102,7 +102,7 @@ class OptimizerConfig(_Section):
     server_form: Optional[Literal["fedopt", "torch"]] = Field(
         None, description="server_config only (null here in client_config): fedopt (default) steps adam/adamw/yogi/"
                           "adagrad as Reddi et al. 2021, Algorithm 2 (no bias correction, v from tau^2); torch: "
-                          "torch's Adam/AdamW/Adagrad as before issue 23 (yogi is the same either way; sgd ignores it)")
+                          "torch's Adam/AdamW/Adagrad (yogi is the same either way; sgd ignores it)")
 
     @model_validator(mode="before")
     @classmethod
@@ -214,11 +214,11 @@ class ClientConfig(_Section):
                                               description="client optimizer (state reset every round)")
     augment: bool = Field(True, description="task's train-time augmentation (cv: random crop + flip)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: client forward/backward under bfloat16 autocast")
-    channels_last: bool = Field(False, description="model and 4-D inputs in channels_last memory format (CPU: PflCNN rounds 11-14% shorter; H100: slower at batch 10)")
+    channels_last: bool = Field(False, description="model and 4-D inputs in channels_last memory format (whether it is faster depends on the model and device: benchmarks/RESULTS.md)")
     vectorize: bool = Field(False, description="train a worker's clients together with torch.func vmap (SGD, no BatchNorm; "
                                                "dropout masks are drawn per group, so with dropout results depend on "
                                                "the grouping and process count)")
-    vectorize_chunk: int = Field(64, ge=1, le=MAX_COUNT, description="clients per vectorized group (memory grows with it; on a CPU small groups, e.g. 5, run faster)")
+    vectorize_chunk: int = Field(64, ge=1, le=MAX_COUNT, description="clients per vectorized group (memory grows with it; the fastest size depends on the device: benchmarks/RESULTS.md)")
     compile: bool = Field(False, description="torch.compile the client's training loss (forward and backward; "
                                              "the first steps of a run compile it, which takes seconds to minutes)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
