@@ -66,7 +66,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
     assert load_config(empty_section).server_config == Config().server_config, "an empty section: its defaults"
     empty_section.write_text("server_config:\n  max_iteration: 3\n  optimizer_config:\n")
     assert load_config(empty_section).server_config.optimizer_config == Config().server_config.optimizer_config
-    # README: a written section's missing keys take the section's own defaults (server lr 0.05, not 1.0)
+    # docs/config.md: a written section's missing keys take the section's own defaults (server lr 0.05, not 1.0)
     written = load_config(write_config(tmp_path, {"server_config": {"optimizer_config": {"momentum": 0.9}},
                                                   "client_config": {"optimizer_config": {"lr": 0.1}}}))
     assert written.server_config.optimizer_config.lr == 0.05 and Config().server_config.optimizer_config.lr == 1.0

@@ -167,7 +167,7 @@ class Experiment:
 
     # ---- what the run wrote ------------------------------------------------------------------
     def metrics(self) -> list[dict]:
-        """The records of metrics.jsonl, one dict per evaluation, oldest first (see README).
+        """The records of metrics.jsonl, one dict per evaluation, oldest first (keys: docs/experiments.md).
 
         Raises:
             UserError: when the run has no evaluation in metrics.jsonl yet, or a line there is not JSON.
