@@ -236,6 +236,7 @@ def _check_store(store, width: int | None, bad) -> None:
     entries = store.get("entries") if isinstance(store, dict) else None
     if not isinstance(entries, dict):
         bad("client_store is not a client store state ({'entries': {client id: vector}})")
+        return
     widths = set()
     for cid, vec in entries.items():
         if type(cid) is not int or cid < 0:

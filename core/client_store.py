@@ -41,7 +41,10 @@ class ClientStore:
     def get(self, client_id: int, default: torch.Tensor | None) -> torch.Tensor | None:
         """The client's (W,) vector, or ``default`` when it has none."""
         row = self._row.get(int(client_id))
-        return default if row is None else self._table[row]
+        if row is None:
+            return default
+        assert self._table is not None  # a row exists only in a table
+        return self._table[row]
 
     def put(self, client_id: int, value: torch.Tensor) -> None:
         """Store a copy of the (W,) ``value`` (any device) as the client's vector."""
@@ -52,6 +55,7 @@ class ClientStore:
         if cid not in self._row:
             self._reserve(len(self._row) + 1, value.numel())
             self._row[cid] = len(self._row)
+        assert self._table is not None  # reserved above
         self._table[self._row[cid]].copy_(value)
 
     def _reserve(self, rows: int, width: int) -> None:
@@ -70,6 +74,7 @@ class ClientStore:
     def _grow_on_disk(self, capacity: int, width: int) -> None:
         """Map a file of ``capacity`` rows; rows already in memory are written to it once."""
         was_on_disk, old = self.on_disk, self._table
+        assert self.spill_path is not None  # only a store with a spill file grows on disk
         self.spill_path.parent.mkdir(parents=True, exist_ok=True)
         if not was_on_disk:
             open(self.spill_path, "wb").close()

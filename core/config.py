@@ -16,6 +16,7 @@ mapping.
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
@@ -53,7 +54,7 @@ class _Section(BaseModel):
     def _as_written(cls, value, info: ValidationInfo):
         """Refuse what pydantic would coerce: true/false or 2.0 or '2' for a count, true/false for a
         float, 1/0 or text for a flag (YAML reads ``true``, ``false``, ``yes``, ``no`` as booleans)."""
-        kind = _scalar_type(cls.model_fields[info.field_name].annotation)
+        kind = _scalar_type(cls.model_fields[str(info.field_name)].annotation)
         if value is None or kind is None:
             return value
         if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -385,7 +386,7 @@ def _check_unique_keys(node, prefix: str = "", seen_nodes=None) -> None:
         return
     seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        first_line = {}
+        first_line: dict[tuple, int] = {}
         for key_node, value_node in node.value:
             is_scalar = isinstance(key_node, yaml.ScalarNode)
             name = key_node.value if is_scalar else None
@@ -440,11 +441,11 @@ def validate_config(raw: dict, source: str) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        details = "; ".join(_describe(e) for e in exc.errors())
+        details = "; ".join(_describe(dict(e)) for e in exc.errors())
         raise UserError(f"config {source}: {details}") from None
 
 
-def load_config(path: str | Path, overrides: list[str] = (), seed: Optional[int] = None) -> Config:
+def load_config(path: str | Path, overrides: Sequence[str] = (), seed: Optional[int] = None) -> Config:
     """Read a YAML file, apply ``--set`` overrides and ``seed``, and validate.
 
     Raises:
@@ -501,8 +502,8 @@ def with_defaults(raw: dict) -> dict:
     """
     server = raw.get("server_config") if isinstance(raw, dict) else None
     optimizer = server.get("optimizer_config") if isinstance(server, dict) else None
-    if isinstance(optimizer, dict) and "server_form" not in optimizer and optimizer.get("type") in ("adam", "adamw",
-                                                                                                    "adagrad"):
+    if (isinstance(server, dict) and isinstance(optimizer, dict) and "server_form" not in optimizer
+            and optimizer.get("type") in ("adam", "adamw", "adagrad")):
         raw = {**raw, "server_config": {**server, "optimizer_config": {**optimizer, "server_form": "torch"}}}
     try:
         return validate_config(raw, "stored").to_dict()
@@ -514,7 +515,7 @@ def with_defaults(raw: dict) -> dict:
 REPORTED_FIRST = ("server_config.optimizer_config.server_form",)
 
 
-def config_difference(old: dict, new: dict, ignored=frozenset(), prefix: str = "") -> str | None:
+def config_difference(old: Any, new: Any, ignored=frozenset(), prefix: str = "") -> str | None:
     """The first dotted key where two resolved configs differ, outside the dotted keys or sections
     ``ignored``, as ``"key: OLD there, NEW now"``; None when they agree. The keys of
     :data:`REPORTED_FIRST` come first, then sorted order."""

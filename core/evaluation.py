@@ -1,6 +1,8 @@
 """Global vs personalized evaluation on clients' local test splits, and summary statistics."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -233,7 +235,7 @@ def best_metric(cfg) -> str:
 
 def metric_value(record: dict, metric: str) -> float | None:
     """The record's value of ``metric`` (None when it has none, e.g. no personalized clients yet)."""
-    value = record
+    value: Any = record
     for key in BEST_METRICS[metric][0]:
         if not isinstance(value, dict) or key not in value:
             return None

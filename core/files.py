@@ -121,5 +121,5 @@ def saved_size(obj) -> int:
     import torch
 
     counter = _Counter()
-    torch.save(obj, counter)
+    torch.save(obj, counter)  # type: ignore[arg-type]  # a writable file-like object, as torch.save accepts
     return counter.size

@@ -59,7 +59,7 @@ def training_loss(model: nn.Module, client_config):
     """
     if not client_config.compile:
         return model.loss
-    compiled = torch.compile(model.loss, mode=client_config.compile_mode)
+    compiled = torch.compile(model.loss, mode=client_config.compile_mode)  # type: ignore[arg-type]  # a bound method
     if client_config.compile_mode not in CUDA_GRAPH_MODES:
         return compiled
     return lambda batch: compiled(batch).clone()

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -81,7 +82,7 @@ class _Stops:
         self.reported = False  # a stop line is printed, or on its way (raised to the caller)
         self._lock = threading.Lock()
         self._nudged = False  # the pending SIGINT is the watch's interrupt_main, not a user's
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # signal number -> the handler it had
         self.watch: LauncherWatch | None = None  # under a launcher
 
     # ---- set up and take down ----------------------------------------------------------------
@@ -113,7 +114,7 @@ class _Stops:
         self.holding = True
 
     # ---- the events ---------------------------------------------------------------------------
-    def _handle(self, signum: int, frame) -> None:
+    def _handle(self, signum: int | None, frame) -> None:
         if self._nudged:
             self._nudged = False
             signum = None  # the launcher's death, not a user's Ctrl-C
@@ -168,6 +169,7 @@ class _Stops:
         launcher's death stopped it."""
         if not self.stopping(error):
             return None
+        stop: RunStopped
         if self.launcher_gone and self.signum is None:  # a signal came first: the launcher died of it too
             stop = LauncherDied(self.launcher_message())
         else:
@@ -232,8 +234,11 @@ def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resum
             stops.rank = ctx.rank
             transport = stops.transport = Transport(ctx, stops.watch)
             sim = build_simulation(cfg, task, data_path, ctx, transport)
-            history = (_serve(sim, run_dir, resume, on_start, stops, observers) if ctx.rank == 0
-                       else run_worker(sim))  # None on workers
+            history = None  # on workers
+            if ctx.rank == 0:
+                history = _serve(sim, run_dir, resume, on_start, stops, observers)
+            else:
+                run_worker(sim)
         except BaseException as exc:  # SystemExit included: submitit exits this way on preemption
             _close(transport, exc, stops)
             stop = stops.stop_error(exc)
