@@ -10,7 +10,9 @@ import torch
 from core.client import ClientTrainer
 from core.distributed import DistContext, Transport
 from core.errors import UserError
+from core.config import Config
 from core.flat import StateLayout
+from core.interfaces import DataLoader, Personalization, Strategy
 from core.partition import carve_validation
 from core.personalization import build_personalization
 from core.schedule import Schedule
@@ -43,7 +45,7 @@ class ClientIndex:
 class Simulation:
     """The pieces of one run on one rank (the model is this rank's single replica)."""
 
-    cfg: object
+    cfg: Config
     ctx: DistContext
     transport: Transport
     schedule: Schedule
@@ -51,14 +53,14 @@ class Simulation:
     layout: StateLayout
     personal_index: torch.Tensor
     trainer: ClientTrainer
-    test_loader: object
+    test_loader: DataLoader
     train_clients: ClientIndex
     test_clients: ClientIndex
-    strategy: object
-    personalization: object
+    strategy: Strategy
+    personalization: Personalization
     vectorized: VectorizedTrainer | None = None
     val_clients: ClientIndex | None = None  # the clients' validation splits (rows of the train split)
-    val_loader: object = None  # batches of the train split without augmentation, for validation
+    val_loader: DataLoader | None = None  # batches of the train split without augmentation, for validation
 
     @property
     def personal_numel(self) -> int:

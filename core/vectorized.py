@@ -24,7 +24,7 @@ class LossCall(nn.Module):
         self.model = model
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model.loss(batch)
+        return self.model.loss(batch)  # type: ignore[operator]  # the task model's loss (core.model.BaseModel)
 
 
 def check_vectorizable(model: nn.Module, client_config, personalization=None) -> None:
@@ -159,7 +159,7 @@ class VectorizedTrainer:
         """Per-parameter (C, *shape) views into the rows of a (C, P) stack."""
         return [v.view(stack.shape[0], *s) for v, s in zip(stack.split(self.numels, dim=1), self.shapes)]
 
-    def _update_all(self, stack, momentum, grads: list[torch.Tensor]) -> None:
+    def _update_all(self, stack, momentum, grads: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
         """The SGD step of :meth:`_update` in place on every row, without gathering or concatenating."""
         o = self.opt
         params = self._views(stack)
@@ -188,6 +188,7 @@ class VectorizedTrainer:
             steps.add_(1)
             return
         flat_grad = torch.cat([grads[n].reshape(len(rows), -1) for n in self.names], dim=1)
+        assert rows_t is not None  # set whenever not every row steps
         self._update(stack, momentum, rows, rows_t, flat_grad)
         loss_sum.index_add_(0, rows_t, losses.detach())
         steps.index_add_(0, rows_t, torch.ones_like(losses))
