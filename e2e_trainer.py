@@ -154,6 +154,13 @@ def _train(args, argv: list[str]) -> None:
         lock.release()
 
 
+def _say(message: str) -> None:
+    """Print ``pfedsim: error: <message>`` on stderr in one write, so that the lines of several ranks
+    sharing one stderr never run into each other (print() may write the newline separately)."""
+    sys.stderr.write(f"pfedsim: error: {message}\n")
+    sys.stderr.flush()
+
+
 def main(argv=None) -> int:
     """Run e2e_trainer with ``argv``; returns the exit status (see docs/reliability.md)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -162,20 +169,20 @@ def main(argv=None) -> int:
         _train(args, argv)
     except RunStopped as exc:  # UserError (2), divergence, interrupts: one line, no traceback
         if str(exc):
-            print(f"pfedsim: error: {exc}", file=sys.stderr)
+            _say(str(exc))
         return exc.exit_code
     except PeerFailure as exc:
-        print(f"pfedsim: error: {exc}", file=sys.stderr)
+        _say(str(exc))
         return 1
     except KeyboardInterrupt:  # before the run's own handlers were in place
-        print("pfedsim: error: interrupted while starting, before round 1", file=sys.stderr)
+        _say("interrupted while starting, before round 1")
         return 130
     except OSError as exc:
         if exc.errno not in FULL:
             raise
         where = Path(exc.filename or args.outputPath)
-        print(f"pfedsim: error: no space left on the device of {where} ({free_bytes(where.parent):,} bytes free); "
-              f"free space there, then continue the run with -resume", file=sys.stderr)
+        _say(f"no space left on the device of {where} ({free_bytes(where.parent):,} bytes free); "
+             f"free space there, then continue the run with -resume")
         return 1
     return 0
 

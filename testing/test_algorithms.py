@@ -252,8 +252,7 @@ def _run_rounds(sim, tmp_path, rounds=2):
     start = server.global_flat.clone()
     for r in range(1, rounds + 1):
         server._round(r)
-    server.close()
-    return start, server
+    return start, server  # not closed: the tests read its client store (no observers, no spill file)
 
 
 def test_fedbn_keeps_every_batchnorm_tensor_local(cifar_path, tmp_path):
