@@ -1,12 +1,14 @@
 """The data contract every task implements: a BaseDataset (clients' data) and a BaseDataLoader."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from typing import Optional
 
 import numpy as np
 import torch
 
+from core.errors import UserError
 from core.partition import ClientSplit, partition
 
 
@@ -40,14 +42,16 @@ class BaseDataset:
     - ``data_config``: the config section it was built with (loaders read their preprocessing there).
 
     Raises:
-        UserError: from :meth:`load_split` when the data is missing, or from the partitioner.
+        UserError: from :meth:`load_split` when the data is missing; when it returns inputs or labels
+            that are not tensors, or labels not of shape (N,) (:meth:`checked_split`); or from the
+            partitioner.
     """
 
     def __init__(self, data_path: str, data_config, split: str = "train", user_idx: int = -1, seed: int = 0,
                  split_plan: Optional[ClientSplit] = None):
         self.split = split
         self.data_config = data_config
-        self.inputs, self.labels = self.load_split(data_path, split, data_config)
+        self.inputs, self.labels = self.checked_split(data_path, split, data_config)
         self.split_plan = split_plan or self.make_split_plan(data_path, data_config, seed, {split: self.labels})
         parts = self.split_plan.train if split == "train" else self.split_plan.test
         self.client_indices = parts
@@ -64,6 +68,29 @@ class BaseDataset:
         raise NotImplementedError
 
     @classmethod
+    def checked_split(cls, data_path: str, split: str, data_config) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`load_split`, with its result checked: a pair of tensors, labels of shape (N,) with
+        one label per input row.
+
+        Raises:
+            UserError: one line naming the task file, when the result is anything else (e.g. numpy
+                arrays, which would otherwise fail later with an AttributeError deep in the engine).
+        """
+        result = cls.load_split(data_path, split, data_config)
+        where = f"task file {inspect.getsourcefile(cls) or cls.__module__}: {cls.__name__}.load_split({split!r})"
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise UserError(f"{where} returned {type(result).__name__}; return (inputs, labels), two torch tensors")
+        for name, value in zip(("inputs", "labels"), result):
+            if not isinstance(value, torch.Tensor):
+                raise UserError(f"{where} returned {name} as {type(value).__module__}.{type(value).__name__}; "
+                                f"return torch tensors (e.g. torch.from_numpy({name}))")
+        inputs, labels = result
+        if labels.dim() != 1 or len(inputs) != len(labels):
+            raise UserError(f"{where} returned labels of shape {tuple(labels.shape)} for {len(inputs)} inputs; "
+                            f"labels must have shape (N,), one per row of inputs")
+        return inputs, labels
+
+    @classmethod
     def make_split_plan(cls, data_path: str, data_config, seed: int, known: Optional[dict] = None) -> ClientSplit:
         """Partition the train split into clients and match local test splits (deterministic in seed).
 
@@ -71,7 +98,7 @@ class BaseDataset:
         """
         known = known or {}
         train_labels, test_labels = (
-            (known[s] if s in known else cls.load_split(data_path, s, data_config)[1]).numpy()
+            (known[s] if s in known else cls.checked_split(data_path, s, data_config)[1]).numpy()
             for s in ("train", "test"))
         return partition(train_labels, test_labels, data_config.partition, data_config.num_clients, seed,
                          alpha=data_config.alpha, classes_per_client=data_config.classes_per_client,

@@ -38,3 +38,20 @@ def test_readme_is_a_short_guide():
     """README.md stays a newcomer's guide (issue 24): history and references live in docs/ and benchmarks/."""
     lines = (REPO / "README.md").read_text().splitlines()
     assert len(lines) <= 150, f"README.md has {len(lines)} lines; move detail to docs/ (at most 150)"
+
+
+def test_adding_a_task_page_gives_the_contract_as_the_code_has_it():
+    """docs/adding_a_task.md (issue 26 point 3), linked from the README, names every parameter of the
+    task contract's methods, in the code's order."""
+    import inspect
+    import re
+
+    from core.dataset import BaseDataLoader, BaseDataset
+    page = (REPO / "docs" / "adding_a_task.md").read_text()
+    assert "](docs/adding_a_task.md)" in (REPO / "README.md").read_text()
+    for method in (BaseDataset.__init__, BaseDataset.load_split, BaseDataLoader.__init__, BaseDataLoader.batches):
+        names = [n for n in inspect.signature(method).parameters if n not in ("self", "cls")]
+        pattern = r"\([^)]*?" + r"[^)]*?".join(rf"\b{n}\b" for n in names)
+        assert re.search(pattern, page), f"{method.__qualname__}{names} not given in docs/adding_a_task.md"
+    for needed in ("inputs", "labels", "torch.from_numpy", "Without an official test split", "UserError"):
+        assert needed in page

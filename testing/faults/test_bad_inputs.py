@@ -479,6 +479,17 @@ CASES = [
     T("loader-no-class", "BaseDataLoader", loader="X = 1\n"),
     T("loader-import-error", "dataloader.py", loader="import no_such_module_abc\n" + LOADER_PY),
     T("dotted-name", "bad.name", name="bad.name"),
+    # load_split returning numpy arrays (issue 26 point 3): one line naming the task's dataset file
+    T("dataset-numpy-inputs", "dataset.py: GaussianClusters.load_split('train') returned inputs as numpy.ndarray",
+      dataset=DATASET_PY.replace("return means[labels] + 1.5 * torch.randn(SIZES[split], 32, generator=gen)",
+                                 "return (means[labels] + 1.5 * torch.randn(SIZES[split], 32, generator=gen)).numpy()")),
+    T("dataset-numpy-labels", "returned labels as numpy.ndarray; return torch tensors",
+      dataset=DATASET_PY.replace("generator=gen), labels", "generator=gen), labels.numpy()")),
+    T("dataset-labels-2d", "labels must have shape (N,)",
+      dataset=DATASET_PY.replace("generator=gen), labels", "generator=gen), labels[:, None]")),
+    T("dataset-one-value", "return (inputs, labels)",
+      dataset=DATASET_PY.replace("return means[labels] +", "return 0 * means[labels] +").replace(
+          "generator=gen), labels", "generator=gen)")),
     # --- data (CIFAR-10) ---------------------------------------------------------------------------
     D("labels-negative", "data_batch_1", data_batch_1=batch(labels=[-3] * 100)),
     D("labels-negative-process", "data_batch_1", proc=True, data_batch_1=batch(labels=[-3] * 100)),
