@@ -76,24 +76,53 @@ def compare_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare_plot(runs: list[dict], path: Path) -> None:
-    """PNG: global test accuracy (solid) and personalized accuracy (dashed) per round, per run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def compare_figure(runs: list[dict], title: str):
+    """Figure of global test accuracy (solid, circles) and personalized accuracy (dashed, triangles)
+    per round, one colour per run; markers on every point, whole-number round ticks.
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    A run's records may carry ``global_test_std`` / ``personalized_std`` and ``seeds`` (from
+    :func:`utils.sweep.mean_history`): its lines are then the mean over seeds, drawn with a band of
+    ± that sample std (error bars at a single evaluation), and the legend says so.
+    """
+    import numpy as np
+
+    from utils.report import integer_rounds, new_figure
+
+    fig, ax = new_figure(8, 5)
     for run in runs:
-        rounds = [r["round"] for r in run["history"]]
-        line, = ax.plot(rounds, [100 * r["global_test_acc"] for r in run["history"]], "-", label=f"{run['name']} global")
-        if any(r.get("personalized", {}).get("clients") for r in run["history"]):
-            ax.plot(rounds, [100 * r.get("personalized", {}).get("weighted_mean", float("nan")) for r in run["history"]],
-                    "--", color=line.get_color(), label=f"{run['name']} personalized")
+        history = run["history"]
+        rounds = np.array([r["round"] for r in history])
+        seeds = max((r.get("seeds", 1) for r in history), default=1)
+        what = f" (mean of {seeds} seeds, band ± std)" if seeds > 1 else ""
+        series = [("global test", "o-", [r.get("global_test_acc") for r in history],
+                   [r.get("global_test_std") for r in history])]
+        if any(r.get("personalized", {}).get("clients") for r in history):
+            series.append(("personalized", "^--", [r.get("personalized", {}).get("weighted_mean") for r in history],
+                           [r.get("personalized_std") for r in history]))
+        color = None
+        for words, style, values, stds in series:
+            mean = 100 * np.array([np.nan if v is None else v for v in values], dtype=float)
+            line, = ax.plot(rounds, mean, style, color=color, label=f"{run['name']} {words}{what}")
+            color = line.get_color()
+            if seeds > 1:
+                std = 100 * np.array([np.nan if v is None else v for v in stds], dtype=float)
+                if len(rounds) > 1:
+                    ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+                else:
+                    ax.errorbar(rounds, mean, yerr=std, fmt="none", ecolor=color, capsize=4)
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    integer_rounds(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def compare_plot(runs: list[dict], path: Path, title: str | None = None) -> None:
+    """PNG of :func:`compare_figure`; ``title`` defaults to what the lines measure."""
+    from utils.report import save_figure
+
+    title = title or ("Test accuracy per round\nsolid: global model, full test set; dashed: personalized models, "
+                      "trained clients' test splits (sample-weighted)")
+    save_figure(compare_figure(runs, title), path)

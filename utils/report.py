@@ -108,29 +108,69 @@ def write_summary(path: Path, run_name: str, history: list[dict], config_text: s
     write_text_atomic(path, text)
 
 
-def plot_accuracy(path: Path, history: list[dict], title: str) -> None:
-    """PNG of global (test set, clients' splits) vs personalized accuracy per round."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def integer_rounds(ax) -> None:
+    """Round ticks on whole numbers only (a run of 4 rounds is not drawn at 2.5)."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
-    rounds = [r["round"] for r in history]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(rounds, [100 * r["global_test_acc"] for r in history], "o-", label="global, full test set")
-    ax.plot(rounds, [100 * r["global_local"]["weighted_mean"] for r in history], "s--",
-            label="global, clients' test splits")
-    if any(r.get("personalized", {}).get("clients") for r in history):
-        ax.plot(rounds, [100 * r["personalized"].get("weighted_mean", float("nan")) for r in history], "^-",
-                label="personalized, clients' test splits")
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+
+def new_figure(width: float = 7, height: float = 4.5, columns: int = 1):
+    """A matplotlib Figure with ``columns`` axes side by side, outside pyplot (no global backend or
+    state: the figure is drawn to PNG by :func:`save_figure`). Returns (figure, axes)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots(1, columns)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out and write ``fig`` as a PNG (folders made as needed)."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+
+def global_series_equal(history: list[dict]) -> bool:
+    """Whether the global model's full-test accuracy equals its sample-weighted accuracy on the
+    clients' local test splits at every evaluation: so by construction when the splits hold each test
+    sample once (invariant 4), and then one line shows both."""
+    pairs = [(r.get("global_test_acc"), r["global_local"].get("weighted_mean")) for r in history]
+    return all(a is not None and b is not None and abs(a - b) <= 1e-9 for a, b in pairs)
+
+
+def accuracy_figure(history: list[dict], title: str):
+    """Figure of global (full test set, clients' splits) vs personalized accuracy per evaluation:
+    markers on every point (one evaluation is a point, not an invisible line), whole-number round
+    ticks, and one global line, said so in its label, when the two global series are equal."""
+    fig, ax = new_figure()
+    rounds = [r["round"] for r in history]
+    g = "global model (personal layers: clients' mean)" if history and _mean_personal(history[-1]) else "global model"
+    if global_series_equal(history):
+        ax.plot(rounds, [100 * r["global_test_acc"] for r in history], "o-",
+                label=f"{g}, full test set (= clients' test splits, sample-weighted)")
+    else:
+        ax.plot(rounds, [100 * _value(r.get("global_test_acc")) for r in history], "o-", label=f"{g}, full test set")
+        ax.plot(rounds, [100 * _value(r["global_local"].get("weighted_mean")) for r in history], "s--",
+                label=f"{g}, clients' test splits (sample-weighted)")
+    if any(r.get("personalized", {}).get("clients") for r in history):
+        ax.plot(rounds, [100 * _value(r.get("personalized", {}).get("weighted_mean")) for r in history], "^-",
+                label="personalized models, trained clients' test splits (sample-weighted)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{title}: test accuracy per evaluation")
+    integer_rounds(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _value(value) -> float:
+    """A fraction from a record, NaN (a gap in the line) for a missing one."""
+    return float("nan") if value is None else value
+
+
+def plot_accuracy(path: Path, history: list[dict], title: str) -> None:
+    """PNG of :func:`accuracy_figure`."""
+    save_figure(accuracy_figure(history, title), path)
 
 
 def _client_accuracies(matrix, trained: list[int]):
@@ -154,25 +194,39 @@ def write_client_table(path: Path, matrix, trained: list[int]) -> None:
     write_text_atomic(path, "\n".join(rows) + "\n")
 
 
-def plot_client_histogram(path: Path, matrix, trained: list[int], title: str) -> None:
-    """PNG histogram of per-client accuracy at the last evaluation: global vs personalized."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def clients_figure(matrix, trained: list[int], title: str):
+    """Figure of per-client accuracy at the last evaluation: left, histograms of the global and the
+    personalized models; right, each trained client's personalized against its global accuracy
+    (one point per client, the diagonal = no gain)."""
     import numpy as np
 
     _, global_acc, personal_acc = _client_accuracies(matrix, trained)
+    fig, (hist, pairs) = new_figure(width=12, columns=2)
     bins = np.linspace(0, 100, 21)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.hist(100 * global_acc, bins=bins, alpha=0.6, label=f"global model ({len(global_acc)} clients)")
-    personal = personal_acc[~np.isnan(personal_acc)]
-    if len(personal):
-        ax.hist(100 * personal, bins=bins, alpha=0.6, label=f"personalized ({len(personal)} clients)")
-    ax.set_xlabel("accuracy on the client's local test split (%)")
-    ax.set_ylabel("clients")
-    ax.set_title(f"{title}: per-client accuracy, last evaluation")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    hist.hist(100 * global_acc, bins=bins, alpha=0.6, label=f"global model ({len(global_acc)} clients)")
+    both = ~np.isnan(personal_acc)
+    if both.any():
+        hist.hist(100 * personal_acc[both], bins=bins, alpha=0.6, label=f"personalized ({int(both.sum())} clients)")
+    hist.set_xlabel("accuracy on the client's local test split (%)")
+    hist.set_ylabel("clients")
+    hist.set_title("per-client accuracy")
+    hist.legend(fontsize=8)
+    pairs.plot([0, 100], [0, 100], ":", color="gray", label="no gain (personalized = global)")
+    if both.any():
+        gain = 100 * (personal_acc[both] - global_acc[both])
+        pairs.plot(100 * global_acc[both], 100 * personal_acc[both], "o", alpha=0.7,
+                   label=f"trained clients, one point each ({int(both.sum())}; above the line: {int((gain > 0).sum())})")
+    pairs.set_xlabel("global model (%)")
+    pairs.set_ylabel("personalized model (%)")
+    pairs.set_xlim(0, 100)
+    pairs.set_ylim(0, 100)
+    pairs.set_aspect("equal")
+    pairs.set_title("the same client: personalized vs global")
+    pairs.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{title}: clients at the last evaluation")
+    return fig
+
+
+def plot_client_histogram(path: Path, matrix, trained: list[int], title: str) -> None:
+    """PNG of :func:`clients_figure`: the histogram, and beside it the paired per-client plot."""
+    save_figure(clients_figure(matrix, trained, title), path)

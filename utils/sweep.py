@@ -216,14 +216,20 @@ def mean_std(values) -> tuple[float, float, int] | None:
 
 
 def mean_history(histories: list[list[dict]]) -> list[dict]:
-    """Per round of the first history, the mean global test and personalized accuracy over histories."""
+    """Per round of the first history, over the histories that reached it: the mean global test and
+    personalized accuracy, their sample std (n - 1; None for one value) as ``global_test_std`` and
+    ``personalized_std``, and ``seeds``, the number of histories (what
+    :func:`utils.compare.compare_figure` draws as a mean with a band)."""
     out = []
     for rec in histories[0]:
         same = [r for h in histories for r in h if r["round"] == rec["round"]]
-        pers = [r.get("personalized", {}).get("weighted_mean") for r in same]
-        pers = [p for p in pers if p is not None]
-        out.append({"round": rec["round"], "global_test_acc": float(np.mean([r["global_test_acc"] for r in same])),
-                    "personalized": {"weighted_mean": float(np.mean(pers)), "clients": 1} if pers else {}})
+        glob = mean_std([r.get("global_test_acc") for r in same])
+        pers = mean_std([r.get("personalized", {}).get("weighted_mean") for r in same])
+        out.append({"round": rec["round"], "seeds": len(same),
+                    "global_test_acc": glob[0] if glob else None,
+                    "global_test_std": glob[1] if glob and glob[2] > 1 else None,
+                    "personalized": {"weighted_mean": pers[0], "clients": 1} if pers else {},
+                    "personalized_std": pers[1] if pers and pers[2] > 1 else None})
     return out
 
 
@@ -282,7 +288,9 @@ def write_report(sweep_dir: Path, rows: list[dict], axes: list[Axis]) -> str:
     curves = [{"name": assignment_slug(row["point"]) or "runs", "history": mean_history(row["histories"])}
               for row in rows if row["histories"]]
     if curves:
-        compare_plot(curves, sweep_dir / "plots" / "accuracy.png")
+        compare_plot(curves, sweep_dir / "plots" / "accuracy.png",
+                     f"Sweep {sweep_dir.name}: test accuracy per round, mean over seeds (band: ± sample std)\n"
+                     f"solid: global model, full test set; dashed: personalized models (sample-weighted)")
     return table
 
 
