@@ -97,3 +97,54 @@ def test_clients_plot_pairs_each_clients_global_and_personalized_accuracy():
     assert np.allclose(xy, sorted([(50.0, 80.0), (50.0, 45.0), (20.0, 90.0)])), "clients 0, 1, 2: (global, personalized)"
     assert "3" in points[0].get_label() and "above the line: 2" in points[0].get_label()
     assert "run" in fig._suptitle.get_text()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A real 4-round FedPer run of the synthetic task, evaluated at rounds 2 and 4, with validation splits."""
+    import e2e_trainer
+
+    out = tmp_path_factory.mktemp("report")
+    argv = ["-dataPath", "unused", "-config", "experiments/synthetic/config.yaml", "-task", "synthetic",
+            "-outputPath", str(out), "-run_name", "small", "-seed", "3", "--set", "server_config.max_iteration=4",
+            "--set", "server_config.val_freq=2", "--set", "data_config.val_fraction=0.2"]
+    assert e2e_trainer.main(argv) == 0
+    return out / "small"
+
+
+def test_summary_opens_with_task_method_seed_gain_and_how_best_was_chosen(small_run):
+    import csv
+
+    from testing.conftest import read_metrics
+
+    text = (small_run / "summary.md").read_text()
+    head = text.split("## Final results")[0]
+    assert head.startswith("# small\n\nTask synthetic, method fedper (personal layers: linear), strategy fedavg, "
+                           "seed 3; round 4 of 4")
+    rows = [r for r in csv.DictReader(open(small_run / "clients.csv")) if r["personalized_acc"]]
+    gain = np.array([float(r["personalized_acc"]) - float(r["global_acc"]) for r in rows])
+    weights = np.array([float(r["test_samples"]) for r in rows])
+    assert (f"Personalization gain at round 4 (personalized minus global model (personal layers: clients' mean), "
+            f"on the same {len(rows)} trained clients' local test splits, percentage points): "
+            f"mean {100 * gain.mean():+.2f}, p10 {100 * np.percentile(gain, 10):+.2f}, "
+            f"sample-weighted {100 * np.average(gain, weights=weights):+.2f}.") in head
+    best = read_metrics(small_run)[-1]["best"]
+    assert best["metric"] == "val_global_acc"
+    assert (f"best.pt: round {best['round']}, chosen by server_config.best_metric = val_global_acc (validation "
+            f"accuracy of the global model, {100 * best['value']:.2f}%) on the clients' validation splits "
+            f"(data_config.val_fraction 0.2).") in head
+
+
+def test_summary_opening_says_when_best_rests_on_the_test_set_and_when_no_gain_is_measured():
+    from utils.report import summary_opening
+
+    history = [_record(2, 0.4, 0.4)]
+    history[-1]["best"] = {"metric": "global_test_acc", "round": 2, "value": 0.4}
+    config = {"strategy": "fedavg", "seed": 0, "personalization": {"method": "none", "local_layers": []},
+              "server_config": {"best_metric": "val_global_acc", "max_iteration": 2}, "data_config": {"val_fraction": 0}}
+    opening = summary_opening("r", history, config, None, 1.0)
+    assert opening.startswith("# r\n\nTask not recorded (no run.json), method none, strategy fedavg, seed 0;")
+    assert "Personalization gain: none measured (method none evaluates no personalized model" in opening
+    assert ("best.pt: round 2, chosen by global test accuracy on the test set itself (40.00%): "
+            "data_config.val_fraction is 0, so server_config.best_metric (val_global_acc) had no validation split "
+            "and the test figures at best.pt are optimistic.") in opening

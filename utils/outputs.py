@@ -3,13 +3,14 @@ W&B, the console (progress bar, a line per evaluation, the final table) and the 
 summary.md, plots and clients.csv."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 from tqdm import tqdm
 
 from core.files import disk_guard
-from core.observers import RunObserver, RunOutcome
+from core.observers import RunObserver, RunOutcome, RunStart
 from utils.metrics_writer import MetricsWriter
 from utils.report import (best_line, format_line, plot_accuracy, plot_client_histogram, results_table,
                           write_client_table, write_summary)
@@ -64,11 +65,21 @@ class RunFiles(RunObserver):
         run_dir, name = outcome.run_dir, outcome.run_dir.name
         config_text = yaml.safe_dump(outcome.config, sort_keys=False)
         with disk_guard(run_dir / "summary.md", len(config_text) + 10_000 * len(outcome.history)):
-            write_summary(run_dir / "summary.md", name, outcome.history, config_text, outcome.wall_s, outcome.stopped)
+            write_summary(run_dir / "summary.md", name, outcome.history, config_text, outcome.wall_s, outcome.stopped,
+                          recorded_task(run_dir), outcome.matrix, outcome.trained)
             plot_accuracy(run_dir / "plots" / "accuracy.png", outcome.history, name)
             if outcome.matrix is not None:
                 write_client_table(run_dir / "clients.csv", outcome.matrix, outcome.trained)
                 plot_client_histogram(run_dir / "plots" / "clients_hist.png", outcome.matrix, outcome.trained, name)
+
+
+def recorded_task(run_dir: Path) -> str | None:
+    """The task named in the run's run.json (written when the run started), or None without one."""
+    path = run_dir / "run.json"
+    try:
+        return json.loads(path.read_text()).get("task") if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def run_outputs(run_dir: Path, cfg) -> list[RunObserver]:
@@ -80,3 +91,40 @@ def run_outputs(run_dir: Path, cfg) -> list[RunObserver]:
         UserError: W&B switched on but the wandb package is missing.
     """
     return [MetricsWriter(run_dir, cfg.logging_config, cfg.to_dict()), RunFiles(), Console()]
+
+
+class OpenedLater(RunObserver):
+    """The observers ``build()`` returns, built when the run opens: after the observers before this
+    one heard :meth:`opening` (the run folder's lock and checks), so a refused run writes none of their
+    files (TensorBoard's, W&B's). Every later event goes to them in order.
+
+    Raises (from :meth:`opening`):
+        UserError: from ``build()`` (W&B switched on but missing, or failing to start).
+    """
+
+    def __init__(self, build):
+        self.build = build
+        self.parts: list[RunObserver] = []
+
+    def _tell(self, event: str, *args) -> None:
+        for part in self.parts:
+            getattr(part, event)(*args)
+
+    def opening(self, start: RunStart):
+        self.parts = list(self.build())
+        self._tell("opening", start)
+
+    def started(self, history, start_round, rounds):
+        self._tell("started", history, start_round, rounds)
+
+    def round_done(self, round_idx, train_loss):
+        self._tell("round_done", round_idx, train_loss)
+
+    def evaluated(self, record, rounds):
+        self._tell("evaluated", record, rounds)
+
+    def finished(self, outcome: RunOutcome):
+        self._tell("finished", outcome)
+
+    def close(self):
+        self._tell("close")

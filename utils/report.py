@@ -62,14 +62,20 @@ def best_record(history: list[dict]) -> dict | None:
     return next((r for r in history if chosen and r["round"] == chosen["round"]), None)
 
 
+def _best_value(chosen: dict) -> tuple[str, str]:
+    """(words for the metric, its value as shown: a loss with 3 decimals, an accuracy in percent) of a
+    record's ``best``."""
+    words = BEST_METRICS[chosen["metric"]][2]
+    value = chosen["value"]
+    return words, _num(value) if "loss" in chosen["metric"] else f"{_pct(value)}%"
+
+
 def best_line(history: list[dict]) -> str:
     """One sentence: which round best.pt is and what chose it (the test set, when it was)."""
     if best_record(history) is None:
         return "No best.pt: no evaluation had a value of the best metric."
     chosen = history[-1]["best"]
-    _, _, words = BEST_METRICS[chosen["metric"]]
-    value = chosen["value"]
-    shown = f"{_num(value)}" if "loss" in chosen["metric"] else f"{_pct(value)}%"
+    words, shown = _best_value(chosen)
     text = (f"checkpoints/best.pt is round {chosen['round']}, chosen by {words} ({chosen['metric']} = {shown}).")
     if chosen["metric"] == "global_test_acc":
         text += (" It was chosen on the test set itself, so its test figures are optimistic; set "
@@ -84,10 +90,91 @@ def best_section(history: list[dict]) -> str:
     return best_line(history) + table
 
 
+def personalization_gain(rec: dict, matrix=None, trained: list[int] | None = None) -> dict | None:
+    """Personalized minus global accuracy on the same clients (the trained clients with a local test
+    split) at the evaluation ``rec``, as fractions: ``mean`` over clients, ``p10`` (10th percentile
+    of the per-client gains: the clients it helps least), ``weighted_mean`` (by test samples) and
+    ``clients``. ``p10`` needs ``matrix`` ((num_clients, COLUMNS), that evaluation's, with
+    ``trained``); without it ``p10`` is None and the means come from the record. None when the
+    record has no personalized clients."""
+    import numpy as np
+
+    from core.evaluation import COUNT, GLOBAL, PERSONAL
+
+    pers, glob = rec.get("personalized", {}), rec.get("global_on_personalized_clients", {})
+    if not pers.get("clients") or not glob.get("clients"):
+        return None
+    if matrix is None:
+        return {"mean": pers["mean"] - glob["mean"], "p10": None,
+                "weighted_mean": pers["weighted_mean"] - glob["weighted_mean"], "clients": pers["clients"]}
+    ids = np.array([c for c in trained or [] if matrix[c, COUNT] > 0], dtype=int)
+    counts = matrix[ids, COUNT]
+    gain = (matrix[ids, PERSONAL] - matrix[ids, GLOBAL]) / counts
+    return {"mean": float(gain.mean()), "p10": float(np.percentile(gain, 10)),
+            "weighted_mean": float(np.average(gain, weights=counts)), "clients": int(len(ids))}
+
+
+def _points(value) -> str:
+    """A difference of fractions in signed percentage points; ``-`` for None."""
+    return "-" if value is None else f"{100 * value:+.2f}"
+
+
+def gain_line(rec: dict, method: str, matrix=None, trained: list[int] | None = None) -> str:
+    """One sentence: the personalization gain (:func:`personalization_gain`) at ``rec``, saying
+    against which global model and on which clients it is measured."""
+    gain = personalization_gain(rec, matrix, trained)
+    if gain is None:
+        return (f"Personalization gain: none measured (method {method} evaluates no personalized model, "
+                f"or no client had trained by round {rec['round']}).")
+    g = "global model (personal layers: clients' mean)" if _mean_personal(rec) else "global model"
+    p10 = (f"p10 {_points(gain['p10'])}" if gain["p10"] is not None
+           else "p10 - (no per-client figures for this round)")
+    return (f"Personalization gain at round {rec['round']} (personalized minus {g}, on the same "
+            f"{gain['clients']} trained clients' local test splits, percentage points): mean "
+            f"{_points(gain['mean'])}, {p10}, sample-weighted {_points(gain['weighted_mean'])}.")
+
+
+def best_choice_line(history: list[dict], config: dict) -> str:
+    """One sentence: what chose checkpoints/best.pt (``server_config.best_metric`` on the clients'
+    validation splits, or the test set itself when ``data_config.val_fraction`` is 0) and the round."""
+    chosen = history[-1].get("best") if history else None
+    asked = config.get("server_config", {}).get("best_metric", "?")
+    fraction = config.get("data_config", {}).get("val_fraction", 0)
+    if chosen is None or best_record(history) is None:
+        return f"best.pt: none (no evaluation had a value of server_config.best_metric = {asked})."
+    words, value = _best_value(chosen)
+    if chosen["metric"] == "global_test_acc":
+        return (f"best.pt: round {chosen['round']}, chosen by {words} on the test set itself "
+                f"({value}): data_config.val_fraction is 0, so server_config.best_metric ({asked}) had no "
+                f"validation split and the test figures at best.pt are optimistic.")
+    return (f"best.pt: round {chosen['round']}, chosen by server_config.best_metric = {chosen['metric']} "
+            f"({words}, {value}) on the clients' validation splits (data_config.val_fraction {fraction}).")
+
+
+def summary_opening(run_name: str, history: list[dict], config: dict, task: str | None, wall_s: float,
+                    matrix=None, trained: list[int] | None = None, stopped: str | None = None) -> str:
+    """The first lines of summary.md: task, method, strategy and seed (then ``stopped``, why the run
+    ended early, when it did); the personalization gain at the last evaluation; what chose best.pt."""
+    last, pers = history[-1], config.get("personalization", {})
+    method = pers.get("method", "?")
+    layers = f" (personal layers: {', '.join(pers['local_layers'])})" if pers.get("local_layers") else ""
+    rounds = config.get("server_config", {}).get("max_iteration", "?")
+    note = f"**Stopped early**: {stopped}.\n\n" if stopped else ""
+    return (f"# {run_name}\n\nTask {task or 'not recorded (no run.json)'}, method {method}{layers}, strategy "
+            f"{config.get('strategy', '?')}, seed {config.get('seed', '?')}; round {last['round']} of {rounds}, "
+            f"wall time {wall_s:.0f} s.\n\n{note}{gain_line(last, method, matrix, trained)}\n\n"
+            f"{best_choice_line(history, config)}\n\n")
+
+
 def write_summary(path: Path, run_name: str, history: list[dict], config_text: str, wall_s: float,
-                  stopped: str | None = None) -> None:
-    """summary.md: final results table, per-round accuracies, and the resolved config; ``stopped``,
-    when the run ended early (divergence), is stated first."""
+                  stopped: str | None = None, task: str | None = None, matrix=None,
+                  trained: list[int] | None = None) -> None:
+    """summary.md: first task, method, seed, the personalization gain and what chose best.pt
+    (:func:`summary_opening`; ``matrix`` and ``trained``: the last evaluation's, for the gain's
+    p10), then the final results table, per-round accuracies, and the resolved config
+    (``config_text``, YAML); ``stopped``, when the run ended early (divergence), is stated first."""
+    import yaml
+
     last = history[-1]
     per_round = ["| round | train loss | global test | global on clients | personalized | val global | "
                  "val personalized | dropped updates |", "|---|---|---|---|---|---|---|---|"]
@@ -98,10 +185,11 @@ def write_summary(path: Path, run_name: str, history: list[dict], config_text: s
                          f"{_pct(v.get('global', {}).get('weighted_mean'))} | "
                          f"{_pct(v.get('personalized', {}).get('weighted_mean'))} | "
                          f"{sum(r.get('dropped_clients', []))} |")
-    note = f"**Stopped early**: {stopped}.\n\n" if stopped else ""
     formed = f"The global model: {last['global_model']}.\n\n" if "global_model" in last else ""
-    text = (f"# {run_name}\n\n{note}Final round {last['round']}, wall time {wall_s:.0f} s. Accuracies in percent; "
-            f"weighted mean weights clients by test samples.\n\n{results_table(last)}\n\n{formed}"
+    opening = summary_opening(run_name, history, yaml.safe_load(config_text) or {}, task, wall_s, matrix, trained,
+                              stopped)
+    text = (f"{opening}## Final results\n\nAccuracies in percent; weighted mean weights clients by "
+            f"test samples.\n\n{results_table(last)}\n\n{formed}"
             f"{best_section(history)}\n\n"
             f"## Per evaluation\n\n" + "\n".join(per_round) +
             f"\n\n## Config\n\n```yaml\n{config_text}```\n")
