@@ -20,7 +20,8 @@ from pathlib import Path
 from core.errors import UserError
 from core.personalization import build_personalization
 from utils.cli import OneLineParser, check_writable, make_folder
-from utils.experiment import CHECKPOINTS, Experiment
+from utils.run_folder import CHECKPOINTS, RunFolder
+from utils.experiment import Experiment
 from utils.report import results_table, write_client_table
 from utils.sweep import assignment_slug
 
@@ -40,12 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def output_path(run_dir: Path, reload: str, overrides: list[str], out: str | None) -> Path:
-    """Where the JSON goes: ``out``, else ``run_dir/eval_<reload>[_<slug of the overrides>].json``."""
+def output_path(folder: RunFolder, reload: str, overrides: list[str], out: str | None) -> Path:
+    """Where the JSON goes: ``out``, else ``<run folder>/eval_<reload>[_<slug of the overrides>].json``."""
     if out:
         return Path(out)
     slug = assignment_slug([a.split("=", 1) for a in overrides])
-    return run_dir / f"eval_{reload}{'_' + slug if slug else ''}.json"
+    return folder.path / f"eval_{reload}{'_' + slug if slug else ''}.json"
 
 
 def evaluate(args) -> dict:
@@ -55,12 +56,12 @@ def evaluate(args) -> dict:
         UserError: any mistake of the user (run folder, checkpoint, override, data).
     """
     exp = Experiment(args.run, task=args.task, data_path=args.dataPath, overrides=args.overrides, device=args.device)
-    path = output_path(exp.run_dir, args.reload, args.overrides, args.out)
+    path = output_path(exp.folder, args.reload, args.overrides, args.out)
     check_writable(path.parent, f"-out {path}")  # before the evaluation, creating nothing yet
     started = time.perf_counter()
     record, matrix, trained = exp.evaluate(args.reload)
     doc = {"run": str(exp.run_dir), "reload": args.reload,
-           "checkpoint": str(exp.run_dir / "checkpoints" / CHECKPOINTS[args.reload]), "round": record["round"],
+           "checkpoint": str(exp.folder.checkpoint(args.reload)), "round": record["round"],
            "task": exp.task.name, "dataPath": exp.data_path, "overrides": args.overrides,
            "partition_changed": exp.partition_changed, "results": record,
            "recorded": None if exp.partition_changed else exp.recorded(record["round"]),

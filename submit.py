@@ -16,11 +16,11 @@ import contextlib
 import io
 import os
 import sys
-import time
 from pathlib import Path
 
 from core.errors import UserError
 from utils.cli import OneLineParser, check_writable
+from utils.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parent
 
@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_timeouts", type=int, default=20,
                    help="requeues after a time-out before giving up (preemptions do not count; default 20)")
     p.add_argument("--wait", action="store_true", help="block until the job ends; exit status 1 if it failed")
-    for name in ("-config", "-task", "-dataPath", "-outputPath"):
+    for name in ("-config", "-task", "-outputPath"):
         p.add_argument(name, required=True, help=f"as e2e_trainer.py {name}")
+    p.add_argument("-dataPath", default=None, help="as e2e_trainer.py -dataPath (a task that reads no files needs none)")
     p.add_argument("-run_name", default=None,
                    help="run folder name (default: <config name>_<task>_<date-time>, fixed at submission)")
     return p
@@ -82,13 +83,14 @@ class TrainerJob:
         """``-resume`` when ``latest.pt`` exists; on a requeue (by submitit or by SLURM itself)
         without one, rank 0 drops the interrupted attempt's metrics.jsonl so the run starts over
         instead of refusing the folder."""
-        latest = self.run_dir / "checkpoints" / "latest.pt"
+        folder = RunFolder(self.run_dir)
+        latest = folder.latest
         if latest.is_file():
             print(f"pfedsim submit: attempt {self.attempt}: resuming from {latest}", flush=True)
             return ["-resume", str(latest)]
         requeued = self.attempt > 0 or int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0  # or SLURM requeued it
         if requeued and rank == 0:
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            folder.metrics.unlink(missing_ok=True)
         print(f"pfedsim submit: attempt {self.attempt}: starting from round 1", flush=True)
         return []
 
@@ -119,8 +121,9 @@ def trainer_argv(args, extra: list[str]) -> list[str]:
         raise UserError("submit.py resumes from OUT/<run_name>/checkpoints/latest.pt by itself; drop -resume "
                         "and pass the run's -run_name")
     task = args.task if (REPO / "experiments" / args.task).is_dir() else _absolute(args.task)
-    name = args.run_name or f"{Path(args.config).stem}_{Path(args.task).name}_{time.strftime('%Y%m%d-%H%M%S')}"
-    argv = ["-config", _absolute(args.config), "-task", task, "-dataPath", _absolute(args.dataPath),
+    name = args.run_name or RunFolder.default_name(args.config, args.task)
+    data = [] if args.dataPath is None else ["-dataPath", _absolute(args.dataPath)]
+    argv = ["-config", _absolute(args.config), "-task", task, *data,
             "-outputPath", _absolute(args.outputPath), "-run_name", name] + extra
     if args.gpus > 0 and "-backend" not in extra:
         argv += ["-backend", "nccl"]
@@ -181,11 +184,11 @@ def submit(argv: list[str] | None = None):
         raise UserError("--partition is required with --executor slurm (sinfo lists them)")
     targv = trainer_argv(args, extra)
     _check_trainer_args(targv)
-    run_dir = Path(targv[targv.index("-outputPath") + 1]) / targv[targv.index("-run_name") + 1]
-    check_writable(run_dir / "submitit", f"-outputPath {targv[targv.index('-outputPath') + 1]}")
-    executor = make_executor(args, run_dir / "submitit")
-    job = executor.submit(TrainerJob(targv, run_dir))
-    print(f"pfedsim submit: job {job.job_id} -> {run_dir} (logs: {run_dir / 'submitit'})", flush=True)
+    folder = RunFolder(Path(targv[targv.index("-outputPath") + 1]) / targv[targv.index("-run_name") + 1])
+    check_writable(folder.submitit, f"-outputPath {targv[targv.index('-outputPath') + 1]}")
+    executor = make_executor(args, folder.submitit)
+    job = executor.submit(TrainerJob(targv, folder.path))
+    print(f"pfedsim submit: job {job.job_id} -> {folder.path} (logs: {folder.submitit})", flush=True)
     return job, args
 
 

@@ -41,13 +41,18 @@ class BaseDataset:
     - ``inputs`` (N, ...) and ``labels`` (N,): the whole split; ``client_indices[i]``: client i's rows.
     - ``data_config``: the config section it was built with (loaders read their preprocessing there).
 
+    A task whose data is generated, not read from files, sets ``READS_FILES = False``: it then runs
+    without -dataPath (``data_path`` None).
+
     Raises:
         UserError: from :meth:`load_split` when the data is missing; when it returns inputs or labels
             that are not tensors, or labels not of shape (N,) (:meth:`checked_split`); or from the
             partitioner.
     """
 
-    def __init__(self, data_path: str, data_config, split: str = "train", user_idx: int = -1, seed: int = 0,
+    READS_FILES = True
+
+    def __init__(self, data_path: str | None, data_config, split: str = "train", user_idx: int = -1, seed: int = 0,
                  split_plan: Optional[ClientSplit] = None):
         self.split = split
         self.data_config = data_config
@@ -63,12 +68,12 @@ class BaseDataset:
         self.user_data_labels = _ClientView(self.user_list, self.labels, chosen)
 
     @classmethod
-    def load_split(cls, data_path: str, split: str, data_config) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_split(cls, data_path: str | None, split: str, data_config) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(inputs, labels)`` of the whole split as CPU tensors; labels int64 of shape (N,)."""
         raise NotImplementedError
 
     @classmethod
-    def checked_split(cls, data_path: str, split: str, data_config) -> tuple[torch.Tensor, torch.Tensor]:
+    def checked_split(cls, data_path: str | None, split: str, data_config) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`load_split`, with its result checked: a pair of tensors, labels of shape (N,) with
         one label per input row.
 
@@ -91,7 +96,7 @@ class BaseDataset:
         return inputs, labels
 
     @classmethod
-    def make_split_plan(cls, data_path: str, data_config, seed: int, known: Optional[dict] = None) -> ClientSplit:
+    def make_split_plan(cls, data_path: str | None, data_config, seed: int, known: Optional[dict] = None) -> ClientSplit:
         """Partition the train split into clients and match local test splits (deterministic in seed).
 
         ``known`` maps a split name to its labels already in memory, so that split is not read again.

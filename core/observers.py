@@ -2,8 +2,9 @@
 writes them wherever it likes (metrics.jsonl, TensorBoard, W&B, the console, summary.md, plots).
 
 The engine writes nothing itself but its checkpoints (they are what a resume restarts from). The
-observers of a command-line run are built by ``utils.outputs.run_outputs``; a run built in code
-(tests, benchmarks) may pass none.
+observers of a command-line run are the run folder's (``utils.run_folder.RunFolder.opener``: its
+lock, checks, config.resolved.yaml and run.json, at :meth:`RunObserver.opening`) and those of
+``utils.outputs.run_outputs``; a run built in code (tests, benchmarks) may pass none.
 """
 from __future__ import annotations
 
@@ -34,12 +35,32 @@ class RunOutcome:
     config: dict
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """What a run built on every rank is, for :meth:`RunObserver.opening`.
+
+    ``state_numel``: floats of the flat global state (parameters, then buffers); ``store_width``:
+    floats of a client-store row (personal layers, strategy state, separate personal model);
+    ``world_size``: the processes of the run; ``resume``: the checkpoint it continues (None: a new run).
+    """
+
+    state_numel: int
+    store_width: int
+    world_size: int
+    resume: Path | None
+
+
 class RunObserver:
-    """Receives the server's events in order: :meth:`started` once, then per round
+    """Receives the run's events in order: :meth:`opening` once, :meth:`started` once, then per round
     :meth:`round_done` and, on evaluation rounds, :meth:`evaluated`; :meth:`finished` when the run
     reached its end or diverged (not after a full disk, an interrupt or a dead peer); :meth:`close`
-    always last. Every method does nothing by default.
+    always last once the server is built (not when an :meth:`opening` failed). Every method does
+    nothing by default.
     """
+
+    def opening(self, start: RunStart) -> None:
+        """Once every rank has built the run, before the server reads a checkpoint or writes anything,
+        observer after observer in order. A UserError raised here stops every rank at once."""
 
     def started(self, history: list[dict], start_round: int, rounds: int) -> None:
         """Before round ``start_round`` of ``rounds``; ``history`` holds the records a resume restored."""

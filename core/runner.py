@@ -15,6 +15,7 @@ import torch
 
 from core.distributed import LauncherWatch, PeerFailure, Transport, init_distributed, launcher_name
 from core.errors import RunStopped, UserError
+from core.observers import RunStart
 from core.server import Server
 from core.simulation import build_simulation
 from core.worker import run_worker
@@ -208,19 +209,18 @@ class _Stops:
         return "no checkpoint was written yet (every server_config.ckpt_freq rounds): nothing to resume"
 
 
-def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resume: Path | None, on_start=None,
+def run_experiment(cfg, task, data_path: str | None, run_dir: Path, backend: str, resume: Path | None,
                    observers=None):
     """Run the whole experiment; returns the evaluation records on rank 0, None elsewhere.
 
     ``observers()``, when given, builds on rank 0 the run's observers (core/observers.py: what the
-    run writes besides its checkpoints); without it the run writes checkpoints only.
-
-    ``on_start(sim)``, when given, runs on rank 0 once the simulation is built and before the server
-    starts (e2e_trainer: refuse a checkpoint of another config or model, then record the run); a UserError
-    from it stops every rank at once, as a server start error does.
+    run writes besides its checkpoints); without it the run writes checkpoints only. Once every rank
+    has built the run, each hears :meth:`~core.observers.RunObserver.opening` in turn (e2e_trainer:
+    the run folder's lock, checks and run.json), before the server reads a checkpoint; a UserError
+    there stops every rank at once, as a server start error does.
 
     Raises:
-        UserError: data, partition or model mistakes (before any round starts).
+        UserError: data, partition or model mistakes, or a refusal at ``opening`` (before any round starts).
         PeerFailure: a peer process died or timed out during a collective.
         Interrupted: SIGINT (exit status 130) or SIGTERM (143); rank 0's message says the round and
             the ``-resume`` that continues the run, the other ranks' is empty.
@@ -236,7 +236,7 @@ def run_experiment(cfg, task, data_path: str, run_dir: Path, backend: str, resum
             sim = build_simulation(cfg, task, data_path, ctx, transport)
             history = None  # on workers
             if ctx.rank == 0:
-                history = _serve(sim, run_dir, resume, on_start, stops, observers)
+                history = _serve(sim, run_dir, resume, stops, observers)
             else:
                 run_worker(sim)
         except BaseException as exc:  # SystemExit included: submitit exits this way on preemption
@@ -265,13 +265,16 @@ def _close(transport: Transport | None, error: BaseException | None, stops: _Sto
             continue
 
 
-def _serve(sim, run_dir: Path, resume: Path | None, on_start=None, stops: _Stops | None = None, observers=None):
-    """Rank 0: build the server and run it; if building fails (a missing checkpoint, say), tell the
-    workers to stop (start round -1) before raising, so they do not wait for the timeout."""
+def _serve(sim, run_dir: Path, resume: Path | None, stops: _Stops | None = None, observers=None):
+    """Rank 0: build the observers, open the run to them (:class:`RunStart`), then build the server
+    and run it; if opening or building fails (a refused run folder, a missing checkpoint, say), tell
+    the workers to stop (start round -1) before raising, so they do not wait for the timeout."""
     try:
-        if on_start is not None:
-            on_start(sim)
-        server = Server(sim, run_dir, resume, observers() if observers is not None else [])
+        told = list(observers()) if observers is not None else []
+        start = RunStart(sim.layout.numel, sim.store_width, sim.ctx.world_size, resume)
+        for observer in told:
+            observer.opening(start)
+        server = Server(sim, run_dir, resume, told)
     except UserError:
         sim.transport.broadcast(torch.tensor([-1.0], device=sim.ctx.device), "start broadcast")
         raise

@@ -67,6 +67,12 @@ class Simulation:
         """Floats of the personal layers (P) in the flat state; 0 without personal layers."""
         return int(self.personal_index.numel())
 
+    @property
+    def store_width(self) -> int:
+        """Floats of a client-store row: personal layers (P), strategy state (C), separate personal model (M)."""
+        return (self.personal_numel + self.strategy.client_state_numel(self.layout)
+                + self.personalization.model_state_numel(self.layout))
+
     @cached_property
     def personal_params(self) -> torch.Tensor:
         """Positions of the personal parameters among the first ``layout.num_params`` entries of the
@@ -118,7 +124,7 @@ def init_model(task, cfg, device: torch.device) -> torch.nn.Module:
     return task.build_model(cfg.model).to(device)
 
 
-def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Transport) -> Simulation:
+def build_simulation(cfg, task, data_path: str | None, ctx: DistContext, transport: Transport) -> Simulation:
     """Load data, partition it, build the model replica, trainer and loaders for this rank.
 
     Raises:
@@ -126,6 +132,7 @@ def build_simulation(cfg, task, data_path: str, ctx: DistContext, transport: Tra
     """
     data_cfg = cfg.data_config
     _check_best_metric(cfg)
+    task.check_data_path(data_path)
     train_ds = task.dataset_cls(data_path, data_cfg, split="train", seed=cfg.seed)
     test_ds = task.dataset_cls(data_path, data_cfg, split="test", seed=cfg.seed, split_plan=train_ds.split_plan)
     _check_labels((train_ds, test_ds), cfg.model.num_classes)

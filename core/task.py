@@ -43,6 +43,16 @@ class Task:
                             f"remove it, or declare it in {cls.__name__}.OPTIONS if the model reads it")
         return cls
 
+    def check_data_path(self, data_path: str | None) -> None:
+        """A task whose dataset reads files (``BaseDataset.READS_FILES``) needs a data folder.
+
+        Raises:
+            UserError: ``data_path`` is None and the task reads files.
+        """
+        if data_path is None and self.dataset_cls.READS_FILES:
+            raise UserError(f"-task {self.name} reads its data from files, and no data folder was given; pass "
+                            f"-dataPath FOLDER (Experiment(..., data_path=FOLDER))")
+
     def build_model(self, model_config) -> BaseModel:
         """Instantiate ``model_config.model_type`` (checked as :meth:`model_class` does)."""
         return self.model_class(model_config)(model_config)

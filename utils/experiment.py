@@ -5,16 +5,13 @@
     data = exp.dataloaders(client=7)                      # data.test: batches of client 7's local test split
     record, matrix, trained = exp.evaluate("best")        # the engine's evaluation, run again
 
-A run folder holds ``run.json`` (written by e2e_trainer.py): the task, the data path and the command
-lines that made it. Older folders lack it; pass ``task`` and ``data_path`` then.
+A run folder (:class:`utils.run_folder.RunFolder`) holds ``run.json`` (written by e2e_trainer.py): the
+task, the data path (null for a task that reads no files) and the command lines that made it. Older
+folders lack it; pass ``task`` and ``data_path`` then.
 """
 from __future__ import annotations
 
-import json
-import shlex
-import subprocess
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -28,63 +25,17 @@ from core.evaluation import eval_share, eval_width, evaluation_record, fine_tune
 from core.flat import StateLayout
 from core.personalization import build_personalization
 from core.simulation import build_simulation, init_model
-from core.task import EXPERIMENTS_DIR, load_task
+from core.task import load_task
 from core.checkpoint import load_checkpoint
 from utils.compare import load_run
-from core.files import write_text_atomic
+from utils.run_folder import CHECKPOINTS, RunFolder
 
-__all__ = ["Experiment", "ClientData", "Batches", "write_run_info", "read_run_info"]
+__all__ = ["Experiment", "ClientData", "Batches"]
 
-RUN_INFO = "run.json"
-CHECKPOINTS = {"last": "latest.pt", "best": "best.pt"}
 # Keys an evaluation may change: the data section (another partition), how never-trained clients are
 # fine-tuned, evaluation batch size, device and seed (the seed also draws the partition).
 EVAL_KEYS = ("data_config.", "personalization.new_client_epochs", "server_config.eval_batch_size", "device", "seed")
 PARTITION_KEYS = ("data_config.", "seed")
-
-
-def _version() -> dict:
-    """pfedsim's installed version and the git commit of this checkout (None when unknown)."""
-    try:
-        version = metadata.version("pfedsim")
-    except metadata.PackageNotFoundError:
-        version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                                capture_output=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"pfedsim_version": version, "git_commit": commit}
-
-
-def write_run_info(run_dir: Path, task, data_path: str, argv: list[str], world_size: int = 1) -> None:
-    """Write ``run_dir/run.json``: what rebuilding the run needs besides its config.
-
-    Keys: ``task`` (a name under experiments/ or an absolute task folder), ``dataPath`` (absolute),
-    ``commands`` (every command line that started or resumed the run, oldest first), ``world_sizes``
-    (the number of processes of each of those commands), the pfedsim version and git commit.
-    """
-    path = Path(run_dir) / RUN_INFO
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    commands = old.get("commands", [])
-    info = {"task": task.name if task.folder.parent == EXPERIMENTS_DIR else str(task.folder),
-            "dataPath": str(Path(data_path).resolve()),
-            "commands": commands + [shlex.join(["e2e_trainer.py"] + list(argv))],
-            "world_sizes": old.get("world_sizes", [None] * len(commands)) + [world_size], **_version()}
-    write_text_atomic(path, json.dumps(info, indent=1) + "\n")
-
-
-def read_run_info(run_dir: Path) -> dict:
-    """The run's ``run.json`` as a dict.
-
-    Raises:
-        UserError: when the file is missing (a run made before pfedsim wrote it).
-    """
-    path = Path(run_dir) / RUN_INFO
-    if not path.is_file():
-        raise UserError(f"{path} not found (run made before pfedsim recorded its task and data); "
-                        f"pass -task T and -dataPath D (Experiment(..., task=, data_path=))")
-    return json.loads(path.read_text())
 
 
 def _check_eval_override(assignment: str) -> str:
@@ -141,13 +92,14 @@ class Experiment:
 
     def __init__(self, run_dir, task: str | None = None, data_path: str | None = None, overrides=(),
                  device: str | None = None):
-        self.run_dir = Path(run_dir)
-        config_path = self.run_dir / "config.resolved.yaml"
+        self.folder = RunFolder(run_dir)
+        self.run_dir = self.folder.path
+        config_path = self.folder.config
         if not config_path.is_file():
             what = "run folder" if not self.run_dir.is_dir() else "config.resolved.yaml in"
             raise UserError(f"{what} {self.run_dir if what == 'run folder' else config_path} not found; "
                             f"pass a run folder OUT/<run name> written by e2e_trainer.py")
-        info = read_run_info(self.run_dir) if task is None or data_path is None else {}
+        info = self.folder.read_info() if task is None or data_path is None else {}
         self.task = load_task(task or info["task"])
         self.data_path = data_path or info["dataPath"]
         raw = yaml.safe_load(config_path.read_text())
@@ -183,7 +135,7 @@ class Experiment:
         if reload not in CHECKPOINTS:
             raise UserError(f"--reload {reload!r}: choose one of {', '.join(CHECKPOINTS)}")
         if reload not in self._states:
-            path = self.run_dir / "checkpoints" / CHECKPOINTS[reload]
+            path = self.folder.checkpoint(reload)
             if not path.is_file():
                 others = [name for name, file in CHECKPOINTS.items() if (path.parent / file).is_file()]
                 hint = f"try --reload {others[0]}" if others else "resume the run until it checkpoints"
@@ -198,7 +150,7 @@ class Experiment:
         once; built on first use).
 
         Raises:
-            UserError: missing data, impossible partition.
+            UserError: missing data (or no data folder for a task that reads files), impossible partition.
         """
         if self._sim is None:
             ctx = DistContext(0, 1, self.device, "gloo")
@@ -322,6 +274,6 @@ class Experiment:
 
     def recorded(self, round_idx: int) -> dict | None:
         """The metrics.jsonl record of ``round_idx`` (None when that round was not evaluated)."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.folder.metrics
         records = self.metrics() if path.is_file() and path.read_text().strip() else []
         return next((r for r in records if r["round"] == round_idx), None)

@@ -405,8 +405,7 @@ CASES = [
          "-task"),
     Case("cli-missing-output", lambda env: ["-dataPath", "x", "-config", str(env.base), "-task", "synthetic"],
          "-outputPath"),
-    Case("cli-missing-data", lambda env: ["-config", str(env.base), "-task", "synthetic", "-outputPath",
-                                          str(env.out)], "-dataPath"),
+    Case("cli-missing-data", lambda env: cv_argv(env, env.tmp / "unused")[2:], "-dataPath"),  # cv reads files
     C("empty-output", lambda env: ["-outputPath", ""], "-outputPath",
       setup=lambda env: setattr(env, "watch", env.tmp)),
     C("blank-output", lambda env: ["-outputPath", "  "], "-outputPath",

@@ -11,8 +11,11 @@ SIZES = {"train": 5000, "test": 1000}
 class GaussianClusters(BaseDataset):
     """Class ``c`` samples are ``mean_c + noise``; the means are fixed by a constant seed.
 
-    ``data_path`` is ignored, so this task runs anywhere; the partition follows ``data_config``.
+    ``data_path`` is ignored (-dataPath may be left out), so this task runs anywhere; the partition
+    follows ``data_config``.
     """
+
+    READS_FILES = False
 
     @classmethod
     def load_split(cls, data_path, split, data_config) -> tuple[torch.Tensor, torch.Tensor]:
