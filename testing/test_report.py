@@ -148,3 +148,32 @@ def test_summary_opening_says_when_best_rests_on_the_test_set_and_when_no_gain_i
     assert ("best.pt: round 2, chosen by global test accuracy on the test set itself (40.00%): "
             "data_config.val_fraction is 0, so server_config.best_metric (val_global_acc) had no validation split "
             "and the test figures at best.pt are optimistic.") in opening
+
+
+def test_tensorboard_tags_are_the_words_of_the_round_line_and_summary(small_run):
+    """Each TensorBoard tag's words (before any /mean, /p10 ...) appear in the round line or in
+    summary.md, and its value is the one printed there (accuracies in percent)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from testing.conftest import read_metrics
+    from utils.report import format_line
+
+    events = EventAccumulator(str(small_run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train loss", "global test", "global on clients", "personalized", "val global", "val personalized",
+            "dropped updates", "s/round", "global on clients/p10", "personalized/mean", "best.pt/round"} <= tags
+    last = read_metrics(small_run)[-1]
+    printed = format_line(last, 4) + (small_run / "summary.md").read_text()
+    for tag in tags:
+        words = tag.split("/")[0] if not tag.startswith("s/") else tag
+        assert words in printed, f"tag {tag!r}: {words!r} is shown nowhere"
+    at_4 = {tag: events.Scalars(tag)[-1] for tag in tags}
+    assert all(e.step == 4 for e in at_4.values())
+    assert at_4["global test"].value == pytest.approx(100 * last["global_test_acc"], abs=1e-4)
+    assert at_4["personalized"].value == pytest.approx(100 * last["personalized"]["weighted_mean"], abs=1e-4)
+    assert at_4["personalized/p10"].value == pytest.approx(100 * last["personalized"]["p10"], abs=1e-4)
+    assert at_4["train loss"].value == pytest.approx(last["train_loss"], abs=1e-6)
+    assert f"global test {100 * last['global_test_acc']:.2f}%" in format_line(last, 4).replace(
+        " (personal layers: clients' mean) test", " test")
+    assert "| train loss " in format_line(last, 4)

@@ -94,7 +94,7 @@ def test_tensorboard_shows_every_run(swept):
     mux.Reload()
     assert sorted(mux.Runs()) == RUNS
     for name in RUNS:
-        steps = [e.step for e in mux.Scalars(name, "global_test_acc")]
+        steps = [e.step for e in mux.Scalars(name, "global test")]
         assert steps[-1] == 4 and 2 in steps
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from core.errors import UserError
 from core.observers import RunObserver
 from core.files import append_line, disk_guard, write_text_atomic
+from utils.report import record_scalars
 
 
 def strict(value):
@@ -27,17 +28,6 @@ def strict(value):
 def to_json(record: dict) -> str:
     """One strict-JSON line (no NaN or Infinity tokens: those become null)."""
     return json.dumps(strict(record), allow_nan=False)
-
-
-def _flatten(record: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "/"))
-        elif isinstance(value, (int, float)) and key != "round":
-            out[name] = value
-    return out
 
 
 def _import_wandb():
@@ -115,10 +105,11 @@ class MetricsWriter(RunObserver):
         write_text_atomic(self.path, "".join(to_json(r) + "\n" for r in history))
 
     def write(self, record: dict) -> None:
-        """Append one evaluation ``record`` (has ``round``); its numeric leaves become scalars
-        named by their key path (``personalized/weighted``) at step ``round``."""
+        """Append one evaluation ``record`` (has ``round``); its figures become scalars at step
+        ``round``, tagged with the words of the console line and summary.md (``global test``,
+        ``personalized``, ...: :func:`utils.report.record_scalars`)."""
         append_line(self.path, to_json(record))
-        scalars = _flatten(strict(record))
+        scalars = record_scalars(strict(record))
         with disk_guard(Path(self.tb.get_logdir()) / "events.out.tfevents", 100 * len(scalars)):
             for name, value in scalars.items():
                 self.tb.add_scalar(name, value, record["round"])

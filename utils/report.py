@@ -7,6 +7,49 @@ from core.evaluation import BEST_METRICS
 from core.files import write_text_atomic
 
 
+# The words a record's figures go by, the same in the console line, summary.md and the TensorBoard /
+# W&B scalar tags (record key -> words).
+WORDS = {"train_loss": "train loss", "global_test_acc": "global test", "global_local": "global on clients",
+         "personalized": "personalized", "global_on_personalized_clients": "global on personalized clients",
+         "new_clients": "new clients", "global_on_new_clients": "global on new clients",
+         "sec_per_round": "s/round", "elapsed_s": "wall time", "dropped_clients": "dropped updates"}
+VAL_WORDS = {"global": "val global", "personalized": "val personalized", "global_loss": "val global loss",
+             "personalized_loss": "val personalized loss"}
+PERCENT = frozenset({"global_test_acc", "weighted_mean", "mean", "std", "p10", "p50", "p90"})  # shown as %
+
+
+def record_scalars(record: dict) -> dict[str, float]:
+    """The scalars of an evaluation record (as in metrics.jsonl) under the words of :data:`WORDS`:
+    ``global test``, ``global on clients`` (its sample-weighted mean; ``global on clients/mean``,
+    ``/std``, ``/p10`` ... ``/clients`` beside it), ``personalized``, ``val global``, ``train loss``,
+    ``dropped updates``, ``best.pt/round`` and ``best.pt/value``, ...; accuracies in percent, as the
+    console and summary.md show them. A key without words keeps its key path. None values and
+    non-numbers (texts, lists) are left out."""
+    out: dict[str, float] = {}
+
+    def add(words: str, key: str, value) -> None:
+        if isinstance(value, dict):
+            for stat, v in value.items():
+                add(words if stat == "weighted_mean" else f"{words}/{stat}", stat, v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[words] = 100 * value if key in PERCENT else value
+
+    for key, value in record.items():
+        if key == "round":
+            continue
+        if key == "val" and isinstance(value, dict):
+            for part, v in value.items():
+                add(VAL_WORDS.get(part, f"val {part}"), part, v)
+        elif key == "dropped_clients" and isinstance(value, list):
+            out[WORDS[key]] = sum(value)
+        elif key == "best" and isinstance(value, dict):
+            add("best.pt/round", "round", value.get("round"))
+            add("best.pt/value", "value" if "loss" in str(value.get("metric")) else "mean", value.get("value"))
+        else:
+            add(WORDS.get(key, key), key, value)
+    return out
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
@@ -25,34 +68,37 @@ def format_line(rec: dict, rounds: int) -> str:
     """One compact console line for an evaluation record."""
     g = rec["global_local"]
     head = " (personal layers: clients' mean)" if _mean_personal(rec) else ""
-    text = (f"round {rec['round']}/{rounds} | loss {_num(rec['train_loss'])} | global{head} test "
+    text = (f"round {rec['round']}/{rounds} | {WORDS['train_loss']} {_num(rec['train_loss'])} | global{head} test "
             f"{_pct(rec['global_test_acc'])}%"
-            f" | global on clients {_pct(g['weighted_mean'])}% (mean {_pct(g['mean'])} ± {_pct(g['std'])})")
+            f" | {WORDS['global_local']} {_pct(g['weighted_mean'])}% (mean {_pct(g['mean'])} ± {_pct(g['std'])})")
     p = rec.get("personalized")
     if p and p.get("clients"):
-        text += (f" | personalized {_pct(p['weighted_mean'])}% (mean {_pct(p['mean'])} ± {_pct(p['std'])},"
-                 f" {p['clients']} clients)")
+        text += (f" | {WORDS['personalized']} {_pct(p['weighted_mean'])}% (mean {_pct(p['mean'])} ± "
+                 f"{_pct(p['std'])}, {p['clients']} clients)")
     dropped = sum(rec.get("dropped_clients", []))
     if dropped:
         text += f" | {dropped} non-finite client updates dropped since the last evaluation"
-    return text + f" | {rec.get('sec_per_round', float('nan')):.2f}s/round | {rec['elapsed_s']:.0f}s"
+    return text + f" | {rec.get('sec_per_round', float('nan')):.2f} {WORDS['sec_per_round']} | {rec['elapsed_s']:.0f}s"
 
 
 def results_table(rec: dict) -> str:
-    """Markdown table of the accuracies (percent) of one evaluation record."""
+    """Markdown table of the accuracies (percent) of one evaluation record, one row per figure, named
+    first by its words (:data:`WORDS`, as in the round line and TensorBoard), then described."""
     g = "global model (personal layers: clients' mean)" if _mean_personal(rec) else "global model"
-    rows = [(f"{g}, full test set", {"weighted_mean": rec["global_test_acc"]}),
-            (f"{g}, clients' local test splits", rec["global_local"])]
+    rows = [("global_test_acc", f"{g}, full test set", {"weighted_mean": rec["global_test_acc"]}),
+            ("global_local", f"{g}, clients' local test splits", rec["global_local"])]
     if rec.get("personalized", {}).get("clients"):
-        rows.append((f"{g}, trained clients only", rec["global_on_personalized_clients"]))
-        rows.append(("personalized models, trained clients", rec["personalized"]))
+        rows.append(("global_on_personalized_clients", f"{g}, trained clients only",
+                     rec["global_on_personalized_clients"]))
+        rows.append(("personalized", "personalized models, trained clients", rec["personalized"]))
     if rec.get("new_clients", {}).get("clients"):
-        rows.append((f"{g}, never-trained clients", rec["global_on_new_clients"]))
-        rows.append(("new-client models (personal layers fine-tuned)", rec["new_clients"]))
-    lines = ["| model | weighted mean | mean | std | p10 | p50 | p90 | clients |", "|---|---|---|---|---|---|---|---|"]
-    for name, s in rows:
+        rows.append(("global_on_new_clients", f"{g}, never-trained clients", rec["global_on_new_clients"]))
+        rows.append(("new_clients", "new-client models (personal layers fine-tuned)", rec["new_clients"]))
+    lines = ["| figure | model, clients | weighted mean | mean | std | p10 | p50 | p90 | clients |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, name, s in rows:
         cells = [_pct(s.get(k)) for k in ("weighted_mean", "mean", "std", "p10", "p50", "p90")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s.get('clients', '-')} |")
+        lines.append(f"| {WORDS[key]} | {name} | " + " | ".join(cells) + f" | {s.get('clients', '-')} |")
     return "\n".join(lines)
 
 
@@ -176,14 +222,16 @@ def write_summary(path: Path, run_name: str, history: list[dict], config_text: s
     import yaml
 
     last = history[-1]
-    per_round = ["| round | train loss | global test | global on clients | personalized | val global | "
-                 "val personalized | dropped updates |", "|---|---|---|---|---|---|---|---|"]
+    columns = [WORDS[k] for k in ("train_loss", "global_test_acc", "global_local", "personalized")] + \
+        [VAL_WORDS[k] for k in ("global", "personalized", "global_loss", "personalized_loss")] + [WORDS["dropped_clients"]]
+    per_round = ["| round | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for r in history:
         p, v = r.get("personalized", {}), r.get("val", {})
         per_round.append(f"| {r['round']} | {_num(r['train_loss'])} | {_pct(r['global_test_acc'])} | "
                          f"{_pct(r['global_local']['weighted_mean'])} | {_pct(p.get('weighted_mean'))} | "
                          f"{_pct(v.get('global', {}).get('weighted_mean'))} | "
                          f"{_pct(v.get('personalized', {}).get('weighted_mean'))} | "
+                         f"{_num(v.get('global_loss'))} | {_num(v.get('personalized_loss'))} | "
                          f"{sum(r.get('dropped_clients', []))} |")
     formed = f"The global model: {last['global_model']}.\n\n" if "global_model" in last else ""
     opening = summary_opening(run_name, history, yaml.safe_load(config_text) or {}, task, wall_s, matrix, trained,
