@@ -6,9 +6,11 @@
 
 Every grid point x seed is one e2e_trainer.py run (a subprocess, ``--jobs`` at a time) in
 OUT/<sweep name>/<run name>/, with run names from the grid point and seed
-(``lr=0.01_alpha=0.1_seed=0``). Writes sweep.md, sweep.csv (mean and std over seeds of final and
-best global and personalized accuracy per grid point), plots/accuracy.png and logs/<run>.log into
-the sweep folder; ``tensorboard --logdir OUT/<sweep name>`` shows every run.
+(``lr=0.01_alpha=0.1_seed=0``). ``--grid personalization.method=none,fedper,finetune`` compares
+methods: each keeps the config's personalization.local_layers if it reads them, [] if it chooses
+its own (utils.sweep.method_layers). Writes sweep.md, sweep.csv (mean and std over seeds of final
+and best global and personalized accuracy per grid point), plots/accuracy.png and logs/<run>.log
+into the sweep folder; ``tensorboard --logdir OUT/<sweep name>`` shows every run.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from pathlib import Path
 from core.errors import UserError
 from core.task import load_task
 from utils.cli import OneLineParser, make_folder
-from utils.sweep import aggregate, clear_incomplete, launch, parse_axis, plan, run_status, trainer_command, write_report
+from utils.sweep import (aggregate, clear_incomplete, launch, parse_axis, plan, run_status, trainer_command,
+                         with_existing_names, write_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +63,8 @@ def prepare(args):
     if args.jobs < 1 or args.nproc < 1:
         raise UserError(f"--jobs {args.jobs}, --nproc {args.nproc}: expected at least 1 each")
     axes = [parse_axis(text) for text in args.grid]
-    runs = plan(args.config, args.overrides, axes, args.seeds, task)
     sweep_dir = Path(args.outputPath) / (args.name or f"{Path(args.config).stem}_{Path(args.task).name}_sweep")
+    runs = with_existing_names(sweep_dir, plan(args.config, args.overrides, axes, args.seeds, task))
     status = {run.name: run_status(sweep_dir / run.name, run.config) for run in runs}
     make_folder(sweep_dir, f"-outputPath {args.outputPath}")
     return sweep_dir, axes, runs, status

@@ -162,3 +162,61 @@ def test_runs_with_several_processes_match_the_single_process_run(swept):
     assert json.loads((folder / RUNS[0] / "run.json").read_text())["world_sizes"] == [1, 1], "started, then resumed"
     assert np.allclose(load_ckpt(run)["global"], load_ckpt(folder / RUNS[0])["global"], atol=1e-5)
     assert [r["round"] for r in read_metrics(run)] == [2, 4]
+
+
+def test_method_grid_gives_each_method_its_own_personal_layers(tmp_path, capsys):
+    """--grid personalization.method=none,fedper,finetune on a FedPer config (issue 26 point 4): the
+    config's local_layers stay with fedper, the methods that choose their own get [], the runs have
+    short names, and sweep.md says what the sweep set besides the grid."""
+    import yaml
+    write_config(tmp_path, {**CONFIG, "server_config": {**CONFIG["server_config"], "max_iteration": 2}})
+    assert sweep.main(_args(tmp_path, "--grid", "personalization.method=none,fedper,finetune")) == 0
+    folder = tmp_path / "sw"
+    names = ["method=none_seed=0", "method=fedper_seed=0", "method=finetune_seed=0"]
+    assert sorted(p.name for p in folder.iterdir() if (p / "metrics.jsonl").is_file()) == sorted(names)
+    for name, method, layers in zip(names, ("none", "fedper", "finetune"), ([], ["linear"], [])):
+        resolved = yaml.safe_load((folder / name / "config.resolved.yaml").read_text())["personalization"]
+        assert (resolved["method"], resolved["local_layers"]) == (method, layers)
+        assert [r["round"] for r in read_metrics(folder / name)] == [2]
+    report = (folder / "sweep.md").read_text()
+    assert ("Set by the sweep besides the grid (a method that chooses its own personal parameters ignores the "
+            "config's personalization.local_layers): method=none: personalization.local_layers=[]; "
+            "method=finetune: personalization.local_layers=[].") in report
+    assert [row.split(" | ")[0] for row in report.splitlines() if row.startswith("| ")][1:] == [
+        "| none", "| fedper", "| finetune"]
+    capsys.readouterr()
+    assert sweep.main(_args(tmp_path, "--grid", "personalization.method=none,fedper,finetune")) == 0
+    assert "3 finished (skipped)" in capsys.readouterr().out
+
+
+def test_method_grid_refuses_layers_read_the_other_way_round(tmp_path, capsys):
+    write_config(tmp_path, CONFIG)
+    assert sweep.main(_args(tmp_path, "--grid", "personalization.method=fedper,lgfedavg")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pfedsim: error: grid point method=lgfedavg: method lgfedavg: "
+                                                   "the config's personalization.local_layers ['linear'] name method "
+                                                   "fedper's personal head")
+    assert "--grid 'personalization=[{method: fedper, local_layers: [linear]}" in lines[0]
+    none = {**CONFIG, "personalization": {"method": "none"}}
+    assert sweep.main(_args(tmp_path, "-config", str(write_config(tmp_path, none, "none.yaml")),
+                            "--grid", "personalization.method=none,fedper")) == 2
+    assert "grid point method=fedper: method fedper needs personalization.local_layers" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists(), "nothing was launched"
+
+
+def test_section_grid_names_are_short_and_old_sweep_folders_are_found_again(tmp_path):
+    from utils.sweep import with_existing_names
+    axis = parse_axis("personalization=[{method: fedper, local_layers: [linear]}, {method: lgfedavg, "
+                      "local_layers: [hidden]}, {method: none}, {method: fedrep}]")
+    runs = plan(str(write_config(tmp_path, CONFIG)), [], [axis], 1)
+    assert [r.name for r in runs] == ["local_layers=linear_method=fedper_seed=0",
+                                      "local_layers=hidden_method=lgfedavg_seed=0", "method=none_seed=0",
+                                      "method=fedrep_seed=0"]
+    assert [r.config.personalization.local_layers for r in runs] == [["linear"], ["hidden"], [], ["linear"]]
+    assert runs[3].overrides == ["personalization={method: fedrep}", "personalization.local_layers=[linear]"]
+    old = tmp_path / "sw" / "personalization=-local_layers---linear---method--fedper-_seed=0"
+    old.mkdir(parents=True)
+    renamed = with_existing_names(tmp_path / "sw", runs)
+    assert [r.name for r in renamed] == [old.name] + [r.name for r in runs[1:]]
+    assert assignment_slug([("personalization.local_layers", "[hidden, linear]"), ("seed", 1)]) == \
+        "local_layers=hidden+linear_seed=1"

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,27 +65,113 @@ def parse_axis(text: str) -> Axis:
     return Axis(key, tuple(values))
 
 
+def _expand(key: str, text: str) -> list[tuple[str, str]]:
+    """A (key, YAML value text) pair, with a mapping value (a whole section, e.g. ``personalization={method:
+    fedper, local_layers: [linear]}``) opened into one pair per entry (``personalization.method``, ...)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return [(key, text)]
+    if not isinstance(value, dict) or not value:
+        return [(key, text)]
+    return [pair for k, v in value.items()
+            for pair in _expand(f"{key}.{k}", yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip())]
+
+
+def _value_slug(text: str) -> str:
+    """A value's text for a name: a list's items joined by ``+`` (``[hidden, linear]`` -> ``hidden+linear``,
+    ``[]`` -> ``none``); any other value as written."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, list):
+        return "+".join(_value_slug(yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip())
+                        for v in value) or "none"
+    return text
+
+
 def assignment_slug(pairs) -> str:
-    """``[(key, value), ...]`` -> ``leaf=value_leaf=value`` (the full key where leaf names repeat),
-    with characters outside ``[A-Za-z0-9._=+-]`` replaced by ``-``: a folder or file name part."""
-    pairs = [(k.strip(), str(v).strip()) for k, v in pairs]
+    """``[(key, value), ...]`` -> ``leaf=value_leaf=value`` (the full key where leaf names repeat), a
+    short readable folder or file name part: a mapping value names each of its entries
+    (``personalization={method: fedper}`` -> ``method=fedper``), a list its items joined by ``+``
+    (``local_layers=[hidden, linear]`` -> ``local_layers=hidden+linear``); characters outside
+    ``[A-Za-z0-9._=+-]`` are replaced by ``-``."""
+    return _join([pair for k, v in pairs for pair in _expand(k.strip(), str(v).strip())], _value_slug)
+
+
+def legacy_slug(pairs) -> str:
+    """The run names of sweeps made before names were made readable (values written out whole, e.g.
+    ``personalization=-local_layers---linear---method--fedper-``), to find their folders again."""
+    return _join([(k.strip(), str(v).strip()) for k, v in pairs], str)
+
+
+def _join(pairs: list[tuple[str, str]], render) -> str:
+    """``leaf=render(value)`` parts (the full key where leaf names repeat) joined by ``_``, with
+    characters outside ``[A-Za-z0-9._=+-]`` replaced by ``-``."""
     leaves = [k.split(".")[-1] for k, _ in pairs]
-    parts = [f"{leaf if leaves.count(leaf) == 1 else key}={value}" for (key, value), leaf in zip(pairs, leaves)]
+    parts = [f"{leaf if leaves.count(leaf) == 1 else key}={render(value)}" for (key, value), leaf in zip(pairs, leaves)]
     return "_".join(re.sub(r"[^A-Za-z0-9._=+-]", "-", part) for part in parts)
 
 
 @dataclass(frozen=True)
 class SweepRun:
-    """One run of the sweep: its grid point ((key, value text) pairs), seed and validated config."""
+    """One run of the sweep: its grid point ((key, value text) pairs), seed and validated config, and
+    ``implied``: the assignments the sweep added to the grid point ((key, value text) pairs, e.g. a
+    method grid's ``personalization.local_layers=[]`` for the methods that choose their own layers)."""
 
     name: str
     point: tuple[tuple[str, str], ...]
     seed: int
     config: object
+    implied: tuple[tuple[str, str], ...] = ()
 
     @property
     def overrides(self) -> list[str]:
-        return [f"{k}={v}" for k, v in self.point]
+        return [f"{k}={v}" for k, v in self.point + self.implied]
+
+
+def method_layers(point: tuple[tuple[str, str], ...], base) -> tuple[tuple[str, str], ...]:
+    """What a grid point over ``personalization.method`` implies for ``personalization.local_layers``
+    when it does not set them itself (``base``: the sweep's config after ``--set``, without the point).
+
+    The config's local_layers are kept for a method that reads them (fedper and fedrep: the personal
+    head; lgfedavg: the local body) and cleared (``[]``) for a method that chooses its own personal
+    parameters (none, local, finetune, fedbn, ditto, apfl), so that one grid compares them all. A
+    grid over the whole section (``personalization={method: fedper}``) replaces the section, so
+    there the config's local_layers are given back to a method that reads them.
+
+    Raises:
+        UserError: the method reads local_layers and the config has none, or the config's name a head
+            (fedper / fedrep) and the method wants a body (lgfedavg) or the other way round.
+    """
+    from core.personalization import METHODS, FedPer, LGFedAvg
+
+    pairs = dict(pair for k, v in point for pair in _expand(k, v))
+    if "personalization.method" not in pairs or "personalization.local_layers" in pairs:
+        return ()
+    method = yaml.safe_load(pairs["personalization.method"])
+    cls = METHODS.get(method)
+    if cls is None:
+        return ()  # the config check names the unknown method
+    layers = list(base.personalization.local_layers)
+    section = any(key == "personalization" for key, _ in point)  # the section replaced: local_layers default []
+    if not issubclass(cls, FedPer):
+        return (("personalization.local_layers", "[]"),) if layers and not section else ()
+    example = "{method: lgfedavg, local_layers: [hidden]}"
+    if not layers:
+        raise UserError(f"method {method} needs personalization.local_layers and the config sets none; give them "
+                        f"to every run with --set personalization.method={method} --set 'personalization.local_layers=[linear]' "
+                        f"(the methods that choose their own layers get [] in a method grid), or per method: "
+                        f"--grid 'personalization=[{{method: {method}, local_layers: [linear]}}, {{method: none}}]'")
+    base_cls = METHODS.get(base.personalization.method)
+    if base_cls is not None and issubclass(base_cls, FedPer) and issubclass(base_cls, LGFedAvg) != issubclass(cls, LGFedAvg):
+        meant = "local body" if issubclass(base_cls, LGFedAvg) else "personal head"
+        raise UserError(f"method {method}: the config's personalization.local_layers {layers} name method "
+                        f"{base.personalization.method}'s {meant}, which {method} reads the other way round; give "
+                        f"each method its own: --grid 'personalization=[{{method: fedper, local_layers: [linear]}}, "
+                        f"{example}]'")
+    return (("personalization.local_layers", yaml.safe_dump(layers, default_flow_style=True).strip()),) if section else ()
 
 
 def plan(config_path: str, sets: list[str], axes: list[Axis], seeds: int, task=None) -> list[SweepRun]:
@@ -101,20 +187,33 @@ def plan(config_path: str, sets: list[str], axes: list[Axis], seeds: int, task=N
                         f"list all its values in one --grid")
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: expected a number of seeds >= 1")
-    base = load_config(config_path, sets).seed
+    base = load_config(config_path, sets)
     runs = []
     for values in itertools.product(*(a.values for a in axes)):
         point = tuple(zip(keys, values))
-        for seed in range(base, base + seeds):
+        for seed in range(base.seed, base.seed + seeds):
             name = assignment_slug(list(point) + [("seed", seed)])
             try:
-                cfg = load_config(config_path, list(sets) + [f"{k}={v}" for k, v in point], seed)
+                implied = method_layers(point, base)
+                cfg = load_config(config_path, list(sets) + [f"{k}={v}" for k, v in point + implied], seed)
                 if task is not None:
                     task.model_class(cfg.model)
             except UserError as exc:
                 raise UserError(f"grid point {assignment_slug(point) or '(none)'}: {exc}") from None
-            runs.append(SweepRun(name, point, seed, cfg))
+            runs.append(SweepRun(name, point, seed, cfg, implied))
     return runs
+
+
+def with_existing_names(sweep_dir: Path, runs: list[SweepRun]) -> list[SweepRun]:
+    """``runs``, each renamed to its :func:`legacy_slug` name when the sweep folder holds a run there
+    and none under the new name: a sweep made before readable names goes on in its own folders."""
+    out = []
+    for run in runs:
+        old = legacy_slug(list(run.point) + [("seed", run.seed)])
+        if old != run.name and (sweep_dir / old).is_dir() and not (sweep_dir / run.name).exists():
+            run = replace(run, name=old)
+        out.append(run)
+    return out
 
 
 def checkpoint_round(path: Path) -> int:
@@ -238,7 +337,7 @@ def aggregate(sweep_dir: Path, runs: list[SweepRun]) -> list[dict]:
     :func:`utils.compare.run_scores` its (mean, std, n) over seeds (None without data)."""
     rows: dict[tuple, dict] = {}
     for run in runs:
-        row = rows.setdefault(run.point, {"point": run.point, "runs": [], "histories": []})
+        row = rows.setdefault(run.point, {"point": run.point, "implied": run.implied, "runs": [], "histories": []})
         if run_status(sweep_dir / run.name, run.config) == "done":
             row["runs"].append(run.name)
             row["histories"].append(load_run(sweep_dir / run.name)["history"])
@@ -282,8 +381,12 @@ def write_csv(path: Path, rows: list[dict], axes: list[Axis]) -> None:
 def write_report(sweep_dir: Path, rows: list[dict], axes: list[Axis]) -> str:
     """sweep.md, sweep.csv and plots/accuracy.png (mean over seeds per grid point); returns the table."""
     table = markdown_table(rows, axes)
+    implied = [f"{assignment_slug(row['point'])}: " + ", ".join(f"{k}={v}" for k, v in row["implied"])
+               for row in rows if row.get("implied")]
+    note = ("\n\nSet by the sweep besides the grid (a method that chooses its own personal parameters ignores "
+            "the config's personalization.local_layers): " + "; ".join(implied) + ".") if implied else ""
     (sweep_dir / "sweep.md").write_text(f"# Sweep {sweep_dir.name}\n\nAccuracy in percent, mean ± sample std "
-                                        f"over seeds (final: last round; best: at the evaluation that chose best.pt, by a validation metric, or by the highest global test accuracy when a run has no validation split).\n\n{table}\n")
+                                        f"over seeds (final: last round; best: at the evaluation that chose best.pt, by a validation metric, or by the highest global test accuracy when a run has no validation split).{note}\n\n{table}\n")
     write_csv(sweep_dir / "sweep.csv", rows, axes)
     curves = [{"name": assignment_slug(row["point"]) or "runs", "history": mean_history(row["histories"])}
               for row in rows if row["histories"]]
