@@ -174,6 +174,7 @@ def test_tensorboard_tags_are_the_words_of_the_round_line_and_summary(small_run)
     assert at_4["personalized"].value == pytest.approx(100 * last["personalized"]["weighted_mean"], abs=1e-4)
     assert at_4["personalized/p10"].value == pytest.approx(100 * last["personalized"]["p10"], abs=1e-4)
     assert at_4["train loss"].value == pytest.approx(last["train_loss"], abs=1e-6)
+    assert at_4["best.pt/value"].value == pytest.approx(100 * last["best"]["value"], abs=1e-4)
     assert f"global test {100 * last['global_test_acc']:.2f}%" in format_line(last, 4).replace(
         " (personal layers: clients' mean) test", " test")
     assert "| train loss " in format_line(last, 4)

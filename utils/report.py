@@ -1,4 +1,5 @@
-"""What a run shows a person: the line per evaluation, the final table, summary.md and the plot."""
+"""What a run shows a person: the line per evaluation, the final table, summary.md, the plots, and
+the words of its TensorBoard tags."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,7 +45,8 @@ def record_scalars(record: dict) -> dict[str, float]:
             out[WORDS[key]] = sum(value)
         elif key == "best" and isinstance(value, dict):
             add("best.pt/round", "round", value.get("round"))
-            add("best.pt/value", "value" if "loss" in str(value.get("metric")) else "mean", value.get("value"))
+            accuracy = str(value.get("metric")).endswith("_acc")  # an accuracy in percent, a loss as it is
+            add("best.pt/value", "global_test_acc" if accuracy else "value", value.get("value"))
         else:
             add(WORDS.get(key, key), key, value)
     return out
