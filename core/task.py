@@ -22,7 +22,7 @@ class Task:
     name: str
     folder: Path
     models: dict
-    dataset_cls: type
+    dataset_cls: type[BaseDataset]
     dataloader_cls: type
 
     def model_class(self, model_config) -> type:
