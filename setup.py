@@ -21,7 +21,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "mpi4py>=3.1", "mpich>=4.1", "submitit>=1.5", "wandb>=0.16"],
+        "test": ["pytest>=7.4", "mypy>=1.8", "pytest-timeout>=2.2", "mpi4py>=3.1", "mpich>=4.1", "submitit>=1.5", "wandb>=0.16"],
         "mpi": ["mpi4py>=3.1", "mpich>=4.1"],
         "slurm": ["submitit>=1.5"],
         "wandb": ["wandb>=0.16"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -38,13 +39,26 @@ class ClientStore:
         """True once the table has moved to the memory-mapped spill file."""
         return self._map is not None
 
-    def get(self, client_id: int, default: torch.Tensor | None) -> torch.Tensor | None:
+    @overload
+    def get(self, client_id: int, default: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def get(self, client_id: int, default: None) -> torch.Tensor | None: ...
+
+    def get(self, client_id, default):
         """The client's (W,) vector, or ``default`` when it has none."""
         row = self._row.get(int(client_id))
         if row is None:
             return default
         assert self._table is not None  # a row exists only in a table
         return self._table[row]
+
+    def __getitem__(self, client_id: int) -> torch.Tensor:
+        """The client's (W,) vector. Raises KeyError when the client has none."""
+        vector = self.get(client_id, None)
+        if vector is None:
+            raise KeyError(f"client {client_id} has no row in the client store")
+        return vector
 
     def put(self, client_id: int, value: torch.Tensor) -> None:
         """Store a copy of the (W,) ``value`` (any device) as the client's vector."""

@@ -50,7 +50,7 @@ def batched_correct(model, loader, clients: np.ndarray, index, prepare) -> torch
     return torch.zeros(len(clients), device=indices.device).index_add_(0, owner, torch.cat(parts))
 
 
-def global_for_evaluation(sim, global_flat: torch.Tensor, personal_rows: torch.Tensor,
+def global_for_evaluation(sim, global_flat: torch.Tensor, personal_rows: torch.Tensor | None,
                           trained: list[int]) -> tuple[torch.Tensor, str]:
     """The global model that evaluation reports, (N,), and a phrase saying how it was formed.
 
@@ -58,13 +58,13 @@ def global_for_evaluation(sim, global_flat: torch.Tensor, personal_rows: torch.T
     the global copy of a personal layer never trains, so it still holds its initial weights. The
     evaluated global model therefore takes, at the personal positions, the mean of the trained
     clients' own personal layers weighted by their train samples; ``personal_rows`` is (T, P), the
-    personal layers of the clients ``trained`` (T of them), in that order. This is for evaluation
+    personal layers of the clients ``trained`` (T of them), in that order (None when none trained). This is for evaluation
     only: clients keep their own layers, and the aggregated global model (checkpoints' ``global``)
     is unchanged. Without personal layers, or before any client trained, ``global_flat`` itself.
     """
     if not sim.personal_numel:
         return global_flat, "as aggregated"
-    if not trained:
+    if not trained or personal_rows is None:
         return global_flat, "shared layers as aggregated, personal layers at their initial values (no client trained)"
     sizes = torch.as_tensor(sim.train_clients.sizes[trained], dtype=torch.float64, device=personal_rows.device)
     mean = (sizes @ personal_rows.double()) / sizes.sum()

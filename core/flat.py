@@ -69,6 +69,18 @@ class StateLayout:
                 if not t.is_floating_point():
                     v.add_((t.view(-1).float() - o) * alpha)
 
+    def delta_(self, out: torch.Tensor, origin: torch.Tensor, state: torch.Tensor | None = None) -> None:
+        """``out = state - origin`` in float32 for (numel,) ``out`` and ``origin``: the module's state
+        (or ``state``, a flat copy of it already made) minus the global one, entry for entry the
+        difference :meth:`accumulate_delta_` forms (exact for a trained weight near its global value;
+        integer buffers as float32). The input of a fixed-point sum (:mod:`core.exact`)."""
+        with torch.no_grad():
+            if state is None:
+                torch.cat([t.detach().reshape(-1) for t in self.tensors], out=out)
+                out.sub_(origin)
+            else:
+                torch.sub(state, origin, out=out)
+
     def keep_if_finite_(self, *extra: torch.Tensor, sync_free: bool | None = None) -> torch.Tensor:
         """Check that the module's state and the ``extra`` tensors (a loss, a personal model) are
         finite; if not, zero the module's floating-point state in place, so that adding it to a sum

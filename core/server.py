@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from core.evaluation import (COLUMNS, best_metric, eval_share, eval_width, evalu
                              improves, metric_value)
 from core.optim import build_server_optimizer
 from core.errors import RunStopped
+from core.exact import RANGE
 from core.worker import GO, STOP, RoundLayout, eval_buffer_size, train_share
 from core.checkpoint import load_checkpoint, save_atomic
 from core.files import disk_guard, saved_size
@@ -35,7 +37,7 @@ class Server:
     optimizer's weight decay).
     """
 
-    def __init__(self, sim, run_dir: Path, resume: Path | None, observers: list[RunObserver] = ()):
+    def __init__(self, sim, run_dir: Path, resume: Path | None, observers: Sequence[RunObserver] = ()):
         self.sim = sim
         self.run_dir = run_dir
         self.global_flat = sim.layout.flatten().clone()
@@ -56,7 +58,7 @@ class Server:
         self.evaluated = self.start_round - 1  # the last round whose evaluation ran
         # per round since the last evaluation; the dropped counts travel in checkpoints (a resume
         # reports them as the uninterrupted run would), the seconds restart at a resume
-        self.since_eval = {"round_s": [], "dropped_clients": list(self._pending_dropped)}
+        self.since_eval: dict[str, list[float]] = {"round_s": [], "dropped_clients": list(self._pending_dropped)}
 
     # ---- checkpoint -------------------------------------------------------------------------
     def _state(self, round_idx: int, elapsed: float) -> dict:
@@ -116,8 +118,9 @@ class Server:
         delta_sum, weight_sum, loss_sum, state_change, new_slots = lay.reduce_parts(total)
         dropped = lay.dropped(total).cpu() > 0
         if bool(dropped.all()):
+            beyond = f" or beyond the exact sum's range (an entry of {RANGE:.0f} or more)" if lay.exact else ""
             raise Diverged(f"round {round_idx}: the updates of all {len(cohort)} clients of the round were not "
-                           f"finite (NaN or inf), so the global model cannot move{self._hint()}")
+                           f"finite (NaN or inf){beyond}, so the global model cannot move{self._hint()}")
         if lay.width:  # a dropped client keeps what it was sent: its row, or the default it started from
             for cid, vec, sent, lost in zip(cohort, new_slots, slots, dropped.tolist()):
                 self.store.put(int(cid), sent if lost else vec)
@@ -139,10 +142,14 @@ class Server:
                 f"{cfg.client_config.optimizer_config.lr:g}, server_config.optimizer_config.lr "
                 f"{cfg.server_config.optimizer_config.lr:g}); {kept}")
 
-    def _apply(self, delta_sum: torch.Tensor, weight_sum: torch.Tensor) -> None:
+    def _apply(self, delta_sum: torch.Tensor, weight_sum) -> None:
+        """Step the global model with the pseudo-gradient of the round's (N,) ``delta_sum`` and
+        ``weight_sum`` (float32, or float64 from an exact sum: divided in float64, then rounded once
+        to float32)."""
         sim = self.sim
         pseudo = sim.strategy.pseudo_gradient(delta_sum, weight_sum)
         pseudo[sim.personal_index] = 0.0
+        pseudo = pseudo.to(self.global_flat.dtype)
         k = sim.layout.num_params
         self.weights.grad = pseudo[:k].clone()
         personal = sim.personal_params
@@ -176,7 +183,7 @@ class Server:
         """The global model evaluation reports (see :func:`core.evaluation.global_for_evaluation`)."""
         sim, p = self.sim, self.sim.personal_numel
         trained = sorted(self.trained) if p else []
-        rows = torch.stack([self.store.get(i, None)[:p] for i in trained]).to(sim.ctx.device) if trained else None
+        rows = torch.stack([self.store[i][:p] for i in trained]).to(sim.ctx.device) if trained else None
         return global_for_evaluation(sim, self.global_flat, rows, trained)
 
     # ---- the loop -----------------------------------------------------------------------------

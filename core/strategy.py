@@ -2,6 +2,7 @@
 deltas become a pseudo-gradient for the server optimizer."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from core.distributed import host_to_device
@@ -26,9 +27,21 @@ class FedAvg:
     name = "fedavg"
     has_local_penalty = False
     relative_weights = False  # True: weights are exp(log_weight), meaningful only up to a common factor
+    # True: the weights are known before training (cohort_weights), so the workers sum the clients'
+    # terms in fixed point, the same bit for bit however the cohort is split (core/exact.py);
+    # False: float32 sums, which depend on the split and order at the level of float rounding
+    exact_sum = True
 
     def __init__(self, strategy_config):
         self.weighting = strategy_config.client_weighting
+
+    def cohort_weights(self, num_samples) -> np.ndarray:
+        """(K,) float64 weights of a cohort's clients before training, from their (K,) train sample
+        counts: the counts (``client_weighting: samples``) or 1 (``uniform``), as :meth:`client_weight`.
+        Every rank computes the same values, so each client's share ``w_i / sum(w)`` of the
+        fixed-point sum is known up front."""
+        counts = np.asarray(num_samples, dtype=np.float64)
+        return counts if self.weighting == "samples" else np.ones_like(counts)
 
     def client_weight(self, num_samples, train_loss: torch.Tensor):
         """Weight of clients in the aggregate: their train sample counts (``samples``) or 1 (``uniform``).
@@ -149,6 +162,13 @@ class DGA(FedAvg):
     the loss level (an unshifted ``exp`` underflows once ``softmax_beta * loss`` passes about 87 in
     float32). See ``core.worker.RelativeWeights``.
 
+    DGA's sum is not order-independent: a client's weight relative to the cohort's best is known
+    only once every client has trained, after its delta was added, so the deltas are summed in
+    float32 with the running shift, and the sum depends on which rank trained which client and in
+    what order at the level of float rounding (1 and 3 processes agree to about 1e-7, not bit for
+    bit). An exact fixed-point form would need the shift before the first client is added, or the
+    deltas kept until the end (memory per rank growing with the cohort).
+
     FLUTE's ``train_loss`` weighting divides the sum of the step losses by the samples processed,
     which is about the mean loss divided by the batch size; so FLUTE's ``softmax_beta`` b matches
     b / batch_size here.
@@ -156,6 +176,7 @@ class DGA(FedAvg):
 
     name = "dga"
     relative_weights = True
+    exact_sum = False  # the weights need the cohort's best loss, known only after training (see below)
 
     def __init__(self, strategy_config):
         super().__init__(strategy_config)

@@ -1,11 +1,14 @@
 """A worker rank: trains its share of each cohort and evaluates its share of clients."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from core.cohort import balance
 from core.distributed import host_to_device
 from core.evaluation import eval_share, eval_width
+from core.exact import FixedPointSums, decode, state_change_bits
 from core.flat import keep_rows_if_finite_
 
 
@@ -15,13 +18,24 @@ GO, STOP = 1.0, 0.0  # the control value that ends every broadcast of a round or
 class RoundLayout:
     """Offsets of one round's two messages.
 
-    Broadcast: global state (N) | server strategy state (S) | K cohort slots of width P + C + M |
-    control (1: GO, or STOP when the server ends the run early). Reduce: weighted delta sum (N) |
-    weight sum | weighted loss sum | summed change of the client strategy states (C, only when
-    S > 0) | K slots | K dropped flags. A slot holds a client's personal layers (P), its strategy
-    state (C) and its separate personal model (M, Ditto); the rank that trains a client fills its
-    slot, and sets its dropped flag to 1 when the client's update was not finite (it is then left
-    out of every sum, and its slot is not stored).
+    Broadcast (float32): global state (N) | server strategy state (S) | K cohort slots of width
+    P + C + M | control (1: GO, or STOP when the server ends the run early). A slot holds a client's
+    personal layers (P), its strategy state (C) and its separate personal model (M, Ditto).
+
+    Reduce, for a strategy with ``exact_sum`` (weights known before training: FedAvg, FedProx,
+    SCAFFOLD), int64: the fixed-point delta sum (N) | the fixed-point strategy-state change sum (S,
+    only when S > 0) | float32 pairs, two per int64: K clients' mean training losses | K slots | K
+    dropped flags (| one float of padding when their count is odd). Integer sums do not depend on
+    the order of addition, so any split of the cohort over ranks gives the same bits
+    (:mod:`core.exact`); the float32 parts are each written by one rank only (the others leave
+    zero bits), so the int64 sum carries them bit for bit.
+
+    Reduce, otherwise (DGA), float32: weighted delta sum (N) | weight sum | weighted loss sum |
+    summed change of the client strategy states (C, only when S > 0) | K slots | K dropped flags.
+
+    The rank that trains a client fills its slot, and sets its dropped flag to 1 when the client's
+    update was not finite or (fixed point) out of range: it is then left out of every sum, and its
+    slot is not stored. Read a reduce buffer with :meth:`reduce_parts` and :meth:`dropped`.
     """
 
     def __init__(self, sim, round_idx: int):
@@ -32,21 +46,73 @@ class RoundLayout:
         self.k = sim.schedule.cohort_size(round_idx)
         self.width = self.p + self.c + self.m
         self.broadcast_size = self.n + self.s + self.k * self.width + 1
-        self.reduce_size = self.n + 2 + self.s + self.k * self.width + self.k
+        self.exact = bool(sim.strategy.exact_sum) and not sim.strategy.relative_weights
+        if self.exact:
+            self.floats = self.k + self.k * self.width + self.k  # losses, slots, dropped flags
+            self.reduce_size = self.n + self.s + (self.floats + 1) // 2
+            self.reduce_dtype = torch.int64
+            cohort = sim.schedule.cohort(round_idx)
+            self.weights = sim.strategy.cohort_weights(sim.train_clients.sizes[cohort])  # (K,) float64
+            self.weight_total = math.fsum(self.weights)
+            self.shares = self.weights / self.weight_total  # p_i, the same on every rank
+        else:
+            self.reduce_size = self.n + 2 + self.s + self.k * self.width + self.k
+            self.reduce_dtype = torch.float32
 
     def broadcast_parts(self, buf: torch.Tensor):
         """(global state, server state, slots (K, P + C + M)) views of a broadcast buffer."""
         n, s = self.n, self.s
         return buf[:n], buf[n:n + s], buf[n + s:n + s + self.k * self.width].view(self.k, self.width)
 
+    def new_reduce_buffer(self, device) -> torch.Tensor:
+        """A zeroed reduce buffer (int64 for an exact sum, float32 otherwise)."""
+        return torch.zeros(self.reduce_size, dtype=self.reduce_dtype, device=device)
+
+    def _floats(self, buf: torch.Tensor):
+        """(losses (K,), slots (K, W), dropped (K,)) float32 views of an exact-sum reduce buffer."""
+        k, w = self.k, self.width
+        f = buf[self.n + self.s:].view(torch.float32)
+        return f[:k], f[k:k + k * w].view(k, w), f[k + k * w:k + k * w + k]
+
+    def exact_parts(self, buf: torch.Tensor):
+        """(delta sum (N) int64, state change sum (S) int64, losses (K) float32) writable views of an
+        exact-sum reduce buffer (the slots and dropped flags: :meth:`slots`, :meth:`dropped`)."""
+        return buf[:self.n], buf[self.n:self.n + self.s], self._floats(buf)[0]
+
     def reduce_parts(self, buf: torch.Tensor):
-        """(delta sum, weight sum, loss sum, state change sum, slots) views of a reduce buffer."""
-        n, s = self.n, self.s
-        slots = buf[n + 2 + s:n + 2 + s + self.k * self.width].view(self.k, self.width)
-        return buf[:n], buf[n], buf[n + 1], buf[n + 2:n + 2 + s], slots
+        """(delta sum (N), weight sum, loss sum, state change sum (S), slots (K, P + C + M)) of a
+        reduce buffer.
+
+        Float32 layout: views. Exact-sum layout: decoded values, read once on the host (the
+        server's, at the end of a round): the delta sum ``sum_kept w_i * delta_i`` as float64 on the
+        buffer's device (the fixed-point sum times the cohort's total weight), the weight sum
+        ``sum_kept w_i`` and the loss sum ``sum_kept w_i * loss_i`` as host floats (``math.fsum`` in
+        cohort order: correctly rounded, so the reported training loss does not depend on the split
+        either), the state change sum as float32; the slots a float32 view.
+        """
+        n, s, slots = self.n, self.s, self.slots(buf)
+        if not self.exact:
+            return buf[:n], buf[n], buf[n + 1], buf[n + 2:n + 2 + s], slots
+        delta, state, losses = self.exact_parts(buf)
+        dropped = self.dropped(buf)
+        kept = [(w, l) for w, l, d in zip(self.weights.tolist(), losses.tolist(), dropped.tolist()) if d == 0]
+        weight_sum = math.fsum(w for w, _ in kept)
+        loss_sum = math.fsum(w * l for w, l in kept)
+        delta_sum = decode(delta) * self.weight_total
+        return delta_sum, weight_sum, loss_sum, decode(state, state_change_bits(self.k)).float(), slots
+
+    def slots(self, buf: torch.Tensor) -> torch.Tensor:
+        """(K, P + C + M) float32 view of a reduce buffer's slots."""
+        if self.exact:
+            return self._floats(buf)[1]
+        start = self.n + 2 + self.s
+        return buf[start:start + self.k * self.width].view(self.k, self.width)
 
     def dropped(self, buf: torch.Tensor) -> torch.Tensor:
-        """(K,) view of a reduce buffer's dropped flags (1.0: that cohort client's update was not finite)."""
+        """(K,) float32 view of a reduce buffer's dropped flags (1.0: that cohort client was dropped:
+        its update was not finite, or out of the fixed-point range)."""
+        if self.exact:
+            return self._floats(buf)[2]
         return buf[self.reduce_size - self.k:]
 
 
@@ -87,7 +153,7 @@ class RelativeWeights:
 
 
 def _relative(sim, lay, out) -> RelativeWeights | None:
-    if not sim.strategy.relative_weights:
+    if lay.exact or not sim.strategy.relative_weights:
         return None
     delta_sum, weight_sum, loss_sum, _, _ = lay.reduce_parts(out)
     return RelativeWeights([delta_sum, weight_sum.view(1), loss_sum.view(1)], out.device)
@@ -100,25 +166,34 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
     sizes = sim.train_clients.sizes
     mine = balance(cohort, sizes[cohort], len(sim.ctx.workers))[sim.ctx.workers.index(sim.ctx.rank)]
     global_flat, _, slots = lay.broadcast_parts(round_buf)
-    out = torch.zeros(lay.reduce_size, device=sim.ctx.device)
+    out = lay.new_reduce_buffer(sim.ctx.device)
     slot_of = {int(c): i for i, c in enumerate(cohort)}
     relative = _relative(sim, lay, out)
+    fixed = None
+    if lay.exact:
+        delta_fixed, state_fixed, _ = lay.exact_parts(out)
+        fixed = FixedPointSums(delta_fixed, state_fixed, lay.k)
     if sim.vectorized is not None:
         _train_vectorized(sim, round_idx, mine, [slot_of[int(c)] for c in mine], global_flat, slots, out, lay,
-                          relative)
+                          relative, fixed)
     else:
-        _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relative)
+        _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relative, fixed)
     if relative is not None:
         relative.align(sim.transport, f"round {round_idx} weight shift")
     return out
 
 
-def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relative) -> None:
-    """The client loop: each client of ``mine`` trained in turn, its terms added to ``out``."""
+def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relative, fixed) -> None:
+    """The client loop: each client of ``mine`` trained in turn, its terms added to ``out`` (to the
+    fixed-point sums of ``fixed`` when the layout is exact)."""
     p, k = lay.p, sim.layout.num_params
     sizes = sim.train_clients.sizes
     global_flat, server_state, slots = lay.broadcast_parts(round_buf)
-    delta_sum, _, _, state_change, out_slots = lay.reduce_parts(out)
+    out_slots = lay.slots(out)
+    if lay.exact:
+        losses_out = lay.exact_parts(out)[2]
+    else:
+        delta_sum, _, _, state_change, _ = lay.reduce_parts(out)
     lr = sim.cfg.client_config.optimizer_config.lr
     weights, losses, finite = [], [], []
     dropped = lay.dropped(out)
@@ -131,31 +206,40 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
         loss = sim.trainer.train(round_idx, int(cid), sim.train_clients.get(cid), global_flat,
                                  slots[slot, :p] if p else None, correction=correction,
                                  step_hook=getattr(hook, "step", None))
-        model = hook.result() if lay.m else None
+        model = hook.result() if hook is not None else None
         ok = sim.layout.keep_if_finite_(loss, *([model] if lay.m else []))  # not finite: state zeroed
-        dropped[slot] = (~ok).to(dropped.dtype)
-        if relative is None:
-            weight = sim.strategy.client_weight(int(sizes[cid]), loss)
-        else:  # weighted terms go straight into the sums that the shift rescales
-            weight = relative.weights(sim.strategy.log_weight(loss), ok)
-            out[lay.n] += weight
-            out[lay.n + 1] += weight * torch.where(ok, loss, 0.0)
-        sim.layout.accumulate_delta_(delta_sum, torch.where(ok, weight, 0.0), global_flat)  # dropped: adds nothing
-        weights.append(weight)
-        losses.append(loss)
-        finite.append(ok)
+        state: torch.Tensor | None = None
+        change: torch.Tensor | None = None
         if p or lay.c:
             state = sim.layout.flatten()
             out_slots[slot, :p] = state[sim.personal_index]
-        if lay.c:
-            new = sim.strategy.new_client_state(server_state, client_state, global_flat[:k], state[:k],
-                                                sim.trainer.shared_steps, lr)
-            new[sim.personal_params] = 0.0  # controls of the shared parameters only: personal ones are never averaged
-            out_slots[slot, p:p + lay.c] = new
-            state_change.add_((new - client_state) * ok)
+            if lay.c:
+                new = sim.strategy.new_client_state(server_state, client_state, global_flat[:k], state[:k],
+                                                    sim.trainer.shared_steps, lr)
+                new[sim.personal_params] = 0.0  # controls of the shared parameters only: never averaged
+                out_slots[slot, p:p + lay.c] = new
+                change = new - client_state
         if lay.m:
             out_slots[slot, p + lay.c:] = model
-    if mine.size and relative is None:
+        if lay.exact:
+            sim.layout.delta_(fixed.delta, global_flat, state)
+            ok = fixed.add_(ok, float(lay.shares[slot]), change)  # out of range: dropped too
+            losses_out[slot] = loss
+        else:
+            if relative is None:
+                weight = sim.strategy.client_weight(int(sizes[cid]), loss)
+            else:  # weighted terms go straight into the sums that the shift rescales
+                weight = relative.weights(sim.strategy.log_weight(loss), ok)
+                out[lay.n] += weight
+                out[lay.n + 1] += weight * torch.where(ok, loss, 0.0)
+            sim.layout.accumulate_delta_(delta_sum, torch.where(ok, weight, 0.0), global_flat)  # dropped: adds nothing
+            weights.append(weight)
+            losses.append(loss)
+            finite.append(ok)
+            if lay.c:
+                state_change.add_(change * ok)
+        dropped[slot] = (~ok).to(dropped.dtype)
+    if mine.size and relative is None and not lay.exact:
         out[lay.n], out[lay.n + 1] = _weighted_sums(weights, losses, finite, out.device)
 
 
@@ -170,29 +254,34 @@ def _weighted_sums(weights: list, losses: list[torch.Tensor], finite: list[torch
     return w.sum(), torch.dot(w, torch.where(ok, torch.stack(losses).to(w.dtype), 0.0))
 
 
-def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out, lay, relative) -> None:
+def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out, lay, relative, fixed) -> None:
     """Vectorized variant of the client loop: groups of ``vectorize_chunk`` clients at once."""
     n, p, k = sim.layout.numel, sim.personal_numel, sim.layout.num_params
     chunk = sim.cfg.client_config.vectorize_chunk
-    delta_sum, _, _, _, out_slots = lay.reduce_parts(out)
+    out_slots = lay.slots(out)
     for start in range(0, len(mine), chunk):
         ids = mine[start:start + chunk]
-        personal = rows = None
-        if p:  # personal layers: the group's slot rows (a list index would copy blocking)
-            rows = host_to_device(mine_slots[start:start + chunk], out.device)
-            personal = slots[rows]
+        rows = host_to_device(mine_slots[start:start + chunk], out.device)  # a list index would copy blocking
+        personal = slots[rows] if p else None  # personal layers: the group's slot rows
         stack, losses = sim.vectorized.train_group(round_idx, ids, [sim.train_clients.get(c) for c in ids],
                                                    global_flat, personal, sim.personal_index)
         ok = keep_rows_if_finite_(stack, losses)  # rows not finite: zeroed, and weighted 0 below
-        lay.dropped(out)[host_to_device(mine_slots[start:start + chunk], out.device)] = (~ok).to(out.dtype)
-        losses = torch.where(ok, losses, 0.0)
-        if relative is None:
-            weights = torch.where(ok, sim.strategy.client_weight(sim.train_clients.sizes[ids], losses), 0.0)
+        if lay.exact:  # the same integers per client as the sequential loop's
+            deltas = stack - global_flat[:k]
+            shares = host_to_device(lay.shares[mine_slots[start:start + chunk]], out.device, torch.float64)
+            ok = fixed.add_rows_(deltas, ok, shares)  # out of range: dropped too
+            lay.exact_parts(out)[2][rows] = losses
         else:
-            weights = relative.weights(sim.strategy.log_weight(losses), ok)
-        delta_sum[:k] += weights @ (stack - global_flat[:k])  # deltas first: see StateLayout.accumulate_delta_
-        out[n] += weights.sum()
-        out[n + 1] += (weights * losses).sum()
+            losses = torch.where(ok, losses, 0.0)
+            if relative is None:
+                weights = torch.where(ok, sim.strategy.client_weight(sim.train_clients.sizes[ids], losses), 0.0)
+            else:
+                weights = relative.weights(sim.strategy.log_weight(losses), ok)
+            delta_sum = lay.reduce_parts(out)[0]
+            delta_sum[:k] += weights @ (stack - global_flat[:k])  # deltas first: see StateLayout.accumulate_delta_
+            out[n] += weights.sum()
+            out[n + 1] += (weights * losses).sum()
+        lay.dropped(out)[rows] = (~ok).to(torch.float32)
         if p:
             full = torch.cat([stack, global_flat[k:].expand(len(ids), -1)], dim=1)
             out_slots[rows] = full[:, sim.personal_index]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from core.worker import train_share
+from core.worker import RoundLayout, train_share
 from testing.test_vectorized import _simulation
 
 PLAIN_SGD = {"optimizer_config": {"type": "sgd", "lr": 0.05}}
@@ -13,8 +13,8 @@ def _averaged_delta(sim) -> torch.Tensor:
     start = sim.layout.flatten()
     buf = torch.cat([start, start[sim.personal_index].repeat(6), torch.ones(1)])  # ends with GO
     out = train_share(sim, 1, buf)
-    n = sim.layout.numel
-    return out[:n] / out[n]
+    delta_sum, weight_sum = RoundLayout(sim, 1).reduce_parts(out)[:2]
+    return (delta_sum / weight_sum).float()
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ from core.distributed import DistContext, Transport
 from core.errors import UserError
 from core.simulation import build_simulation
 from core.task import load_task
-from core.worker import train_share
+from core.worker import RoundLayout, train_share
 from testing.conftest import SMALL_CV
 
 
@@ -25,6 +25,12 @@ def _simulation(cifar_path, vectorize: bool, strategy: dict | None = None, **cli
     cfg = validate_config(config, "test")
     ctx = DistContext(0, 1, torch.device("cpu"), "gloo")
     return build_simulation(cfg, load_task("cv"), str(cifar_path), ctx, Transport(ctx))
+
+
+def _mean_delta(lay, out) -> torch.Tensor:
+    """The weighted mean delta of a reduce buffer (float32)."""
+    delta_sum, weight_sum = lay.reduce_parts(out)[:2]
+    return (delta_sum / weight_sum).float()
 
 
 ROUNDING_MULTIPLE = 4  # vectorized vs sequential: at most this many times the round's measured rounding scale
@@ -66,14 +72,15 @@ def test_vectorized_round_equals_sequential(cifar_path):
     state = torch.cat([start, heads.reshape(-1)])
     go = torch.ones(1)  # the control value GO ends the broadcast
     a, b = train_share(seq, 1, torch.cat([state, go])), train_share(vec, 1, torch.cat([state, go]))
-    n = seq.layout.numel
-    assert a[n] == b[n] == float(sizes.sum())
-    assert a[:n].abs().max() > 1.0, "clients really trained"
-    assert a[n + 2:].numel() == 6 * p + 6 > 6, "6 slots of p, then 6 dropped flags"
-    assert not a[n + 2 + 6 * p:].any() and not b[n + 2 + 6 * p:].any(), "no client dropped"
+    lay = RoundLayout(seq, 1)
+    assert lay.reduce_parts(a)[1] == lay.reduce_parts(b)[1] == float(sizes.sum())
+    assert lay.reduce_parts(a)[0].abs().max() > 1.0, "clients really trained"
+    assert lay.slots(a).shape == (6, p), "6 slots of p"
+    assert not lay.dropped(a).any() and not lay.dropped(b).any(), "no client dropped"
 
     def parts(out):
-        return {"averaged delta": out[:n] / out[n], "personal layers": out[n + 2:n + 2 + 6 * p]}
+        delta_sum, weight_sum, _, _, slots = lay.reduce_parts(out)
+        return {"averaged delta": (delta_sum / weight_sum).float(), "personal layers": slots}
 
     def distances(x, y):
         return {name: float((u - parts(y)[name]).abs().max()) for name, u in parts(x).items()}
@@ -90,8 +97,8 @@ def test_vectorized_round_equals_sequential(cifar_path):
     assert bound < 0.2 * delta_max, f"{how} is not small next to the averaged delta (max |.| {delta_max:.2g})"
     for name, d in distances(b, a).items():
         assert d <= bound, f"max |vectorized - sequential| over the {name} = {d:.2g} > {how}"
-    assert torch.allclose(a[n + 1], b[n + 1], rtol=1e-4), \
-        f"weighted loss sum: vectorized {float(b[n + 1]):.7g}, sequential {float(a[n + 1]):.7g}"
+    loss_a, loss_b = lay.reduce_parts(a)[2], lay.reduce_parts(b)[2]
+    assert loss_b == pytest.approx(loss_a, rel=1e-4), f"weighted loss sum: vectorized {loss_b:.7g}, sequential {loss_a:.7g}"
 
 
 def test_vectorized_fedprox_equals_sequential(cifar_path):
@@ -101,13 +108,15 @@ def test_vectorized_fedprox_equals_sequential(cifar_path):
     prox = {"strategy": "fedprox", "strategy_config": {"mu": 1.0}}
     sgd = {"type": "sgd", "lr": 0.05}
     seq, vec = (_simulation(cifar_path, v, prox, optimizer_config=sgd) for v in (False, True))
-    start, p, n = seq.layout.flatten(), seq.personal_numel, seq.layout.numel
+    start, p = seq.layout.flatten(), seq.personal_numel
     heads = start[seq.personal_index] + 0.1 * torch.randn(6, p, generator=torch.Generator().manual_seed(2))
     buf = torch.cat([start, heads.reshape(-1), torch.ones(1)])
     a, b = train_share(seq, 1, buf.clone()), train_share(vec, 1, buf.clone())
     plain = train_share(_simulation(cifar_path, False, optimizer_config=sgd), 1, buf.clone())
-    assert (a[:n] / a[n] - b[:n] / b[n]).abs().max() < 1e-4 and (a[n + 2:] - b[n + 2:]).abs().max() < 1e-4
-    assert (a[:n] / a[n] - plain[:n] / plain[n]).abs().max() > 1e-3, "the penalty changes the training (4.7e-3)"
+    lay = RoundLayout(seq, 1)
+    mean_a, mean_b, mean_plain = (_mean_delta(lay, out) for out in (a, b, plain))
+    assert (mean_a - mean_b).abs().max() < 1e-4 and (lay.slots(a) - lay.slots(b)).abs().max() < 1e-4
+    assert (mean_a - mean_plain).abs().max() > 1e-3, "the penalty changes the training (4.7e-3)"
 
 
 def test_vectorize_refuses_batchnorm_and_adam(cifar_path):
@@ -138,5 +147,5 @@ def test_vectorized_loaders_with_and_without_batch_plans_train_alike(cifar_path)
     vec.vectorized.loader = PerClientBatches(loader)
     assert not vec.vectorized.loader.has_batch_plans
     stacked = train_share(vec, 1, buf.clone())
-    assert planned[:vec.layout.numel].abs().max() > 1.0, "clients really trained"
+    assert RoundLayout(vec, 1).reduce_parts(planned)[0].abs().max() > 1.0, "clients really trained"
     assert torch.equal(planned, stacked)

@@ -13,7 +13,7 @@ from core.errors import UserError
 from core.simulation import build_simulation
 from core.task import load_task
 from core.vectorized import check_vectorizable
-from core.worker import train_share
+from core.worker import RoundLayout, train_share
 from experiments.cv import zoo_bench
 from testing.conftest import SMALL_CV, read_metrics
 
@@ -126,11 +126,12 @@ def test_resnet18gn_vectorized_round_equals_sequential(cifar_path):
     start = seq.layout.flatten()
     buf = torch.cat([start, start[seq.personal_index].repeat(2), torch.ones(1)])  # ends with GO
     a, b = train_share(seq, 1, buf.clone()), train_share(vec, 1, buf.clone())
-    n = seq.layout.numel
-    assert a[n] == b[n] == 20.0, "two clients of 10 samples"
-    assert a[:n].abs().max() > 0.1, "clients really trained"
-    assert (a[:n] / a[n] - b[:n] / b[n]).abs().max() < 1e-4
-    assert (a[n + 2:] - b[n + 2:]).abs().max() < 1e-4, "same personal layers"
+    lay = RoundLayout(seq, 1)
+    (delta_a, weight_a, _, _, slots_a), (delta_b, weight_b, _, _, slots_b) = lay.reduce_parts(a), lay.reduce_parts(b)
+    assert weight_a == weight_b == 20.0, "two clients of 10 samples"
+    assert delta_a.abs().max() > 0.1, "clients really trained"
+    assert (delta_a / weight_a - delta_b / weight_b).abs().max() < 1e-4
+    assert (slots_a - slots_b).abs().max() < 1e-4, "same personal layers"
 
 
 def test_unknown_model_type_is_one_line_user_error():

@@ -1,1 +1,2 @@
-"""Helpers any layer may use: seeding, logging, metric writers, plots, checkpoint I/O."""
+"""User tools above the engine: run outputs (metrics, console, summary, plots), reloading, sweeps,
+comparisons, the command line's helpers. ``core/`` imports nothing from here."""

@@ -16,10 +16,19 @@ class PoisonedMLP(MLP):
 
 
 class HugeStepMLP(MLP):
-    """Every step pushes the hidden layer's biases by ``-lr * 1e30`` (a gradient hook; the loss stays
-    finite): client updates stay finite (about 1e30 at lr 0.1), so a large server learning rate takes
-    the global model past float32's range."""
+    """Every step pushes the hidden layer's biases by ``-lr * PUSH`` (a gradient hook; the loss stays
+    finite): client updates stay finite and within the exact sum's range (about 1e4 at lr 0.1 and
+    PUSH 1e4), so a large server learning rate (1e36) takes the global model past float32's range."""
+
+    PUSH = 1e4
 
     def __init__(self, model_config):
         super().__init__(model_config)
-        self.hidden.bias.register_hook(lambda grad: grad + 1e30)
+        self.hidden.bias.register_hook(lambda grad: grad + self.PUSH)
+
+
+class OutOfRangeMLP(HugeStepMLP):
+    """Pushes by 1e30 a step: finite client updates (about 1e30), far beyond the exact sum's range
+    (2**22), so every client is dropped."""
+
+    PUSH = 1e30
