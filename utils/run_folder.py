@@ -216,8 +216,12 @@ class RunFolder:
 
 class _Opener(RunObserver):
     """Rank 0's first observer of a command-line run: once every rank has built the run (before the
-    server reads a checkpoint or writes anything), claim the folder and record the run; a UserError
-    here stops every rank at once."""
+    server reads a checkpoint or writes anything), claim the folder and record the run.
+
+    Raises (from :meth:`opening`):
+        UserError: the claim is refused (:meth:`RunFolder.claim`); the engine then stops every rank at once.
+        DiskFull: no room for config.resolved.yaml or run.json (:meth:`RunFolder.record`).
+    """
 
     def __init__(self, folder: RunFolder, cfg, task, data_path: str | None, argv: list[str]):
         self.folder, self.cfg, self.task, self.data_path, self.argv = folder, cfg, task, data_path, list(argv)
