@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-config", required=True, help="experiment YAML shared by every run")
     p.add_argument("-task", required=True, help="task folder name under experiments/ or a path to one")
-    p.add_argument("-dataPath", required=True, help="folder holding the task's data")
+    p.add_argument("-dataPath", help="folder holding the task's data (a task that reads no files needs none)")
     p.add_argument("-outputPath", required=True, help="the sweep folder is OUT/<sweep name>/")
     p.add_argument("-name", default=None, help="sweep name (default <config name>_<task>_sweep)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY.PATH=V1,V2",

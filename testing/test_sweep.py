@@ -21,8 +21,8 @@ GRID = "client_config.optimizer_config.lr=0.05,0.2"
 RUNS = ["lr=0.05_seed=0", "lr=0.05_seed=1", "lr=0.2_seed=0", "lr=0.2_seed=1"]
 
 
-def _args(tmp, *extra):
-    return ["-config", str(tmp / "config.yaml"), "-task", "synthetic", "-dataPath", "unused", "-outputPath", str(tmp),
+def _args(tmp, *extra):  # no -dataPath: the synthetic task reads no files
+    return ["-config", str(tmp / "config.yaml"), "-task", "synthetic", "-outputPath", str(tmp),
             "-name", "sw", *extra]
 
 

@@ -24,6 +24,7 @@ from core.config import config_difference, load_config, with_defaults
 from core.errors import UserError
 from core.checkpoint import load_checkpoint
 from utils.compare import compare_plot, load_run, run_scores
+from utils.run_folder import RunFolder
 
 SCORES = ("final_global", "best_global", "final_personalized", "best_personalized")
 IGNORED_KEYS = frozenset({"server_config.max_iteration", "server_config.resume_from_checkpoint"})
@@ -227,14 +228,15 @@ def run_status(run_dir: Path, cfg) -> str:
     Raises:
         UserError: the folder holds a run of another config, or one with more rounds than asked.
     """
-    resolved = run_dir / "config.resolved.yaml"
+    folder = RunFolder(run_dir)
+    resolved = folder.config
     if not resolved.is_file():
         return "new"
     difference = config_difference(with_defaults(yaml.safe_load(resolved.read_text())), cfg.to_dict(), IGNORED_KEYS)
     if difference:
         raise UserError(f"{run_dir} holds a run of another config ({difference}); "
                         f"choose another -name or remove that folder")
-    latest = run_dir / "checkpoints" / "latest.pt"
+    latest = folder.latest
     if not latest.is_file():
         return "new"
     done = checkpoint_round(latest)
@@ -259,8 +261,9 @@ def trainer_command(run: SweepRun, sweep_dir: Path, args, resume: bool) -> list[
     ``args.nproc`` processes on ``args.backend`` (both optional: 1 process by default)."""
     script = importlib.util.find_spec("e2e_trainer").origin
     nproc = getattr(args, "nproc", 1)
-    cmd = launcher(nproc) + [script, "-dataPath", args.dataPath, "-outputPath", str(sweep_dir), "-config",
-                             args.config, "-task", args.task, "-run_name", run.name, "-seed", str(run.seed)]
+    data = ["-dataPath", args.dataPath] if getattr(args, "dataPath", None) else []  # a task reading no files needs none
+    cmd = launcher(nproc) + [script] + data + ["-outputPath", str(sweep_dir), "-config", args.config, "-task",
+                                               args.task, "-run_name", run.name, "-seed", str(run.seed)]
     if nproc > 1:
         cmd += ["-backend", getattr(args, "backend", "gloo")]
     for assignment in list(args.overrides) + run.overrides:
