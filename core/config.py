@@ -236,7 +236,8 @@ class ClientConfig(_Section):
 
 
 class DataConfig(_Section):
-    """How CIFAR-style data is split into clients (see :mod:`core.partition`)."""
+    """How a task's data is split into clients (see :mod:`core.partition`), unless the task's dataset
+    supplies its own split (``make_split_plan``); ``options`` are the dataset's own."""
 
     num_clients: int = Field(100, ge=1, le=MAX_COUNT, description="total number of clients")
     partition: Literal["iid", "dirichlet", "dirichlet_capped", "shards", "label_quantity"] = Field(
@@ -254,6 +255,9 @@ class DataConfig(_Section):
                                               "and std (false: raw pixels in [0, 1], as NIID-Bench feeds them)")
     pad_mode: Literal["zeros", "reflect"] = Field("zeros", description="image tasks: how the 4-pixel border of "
                                                                         "random crops is filled (NIID-Bench: reflect)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="options the task's dataset reads (keys its class lists in OPTIONS; any "
+                                          "other key is an error)")
 
 
 class StrategyConfig(_Section):

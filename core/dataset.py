@@ -44,6 +44,10 @@ class BaseDataset:
     A task whose data is generated, not read from files, sets ``READS_FILES = False``: it then runs
     without -dataPath (``data_path`` None).
 
+    ``OPTIONS`` names the keys of ``data_config.options`` the dataset reads (any other key is a config
+    error). A task with natural clients overrides :meth:`make_split_plan`; it must then return
+    ``data_config.num_clients`` clients.
+
     Raises:
         UserError: from :meth:`load_split` when the data is missing; when it returns inputs or labels
             that are not tensors, or labels not of shape (N,) (:meth:`checked_split`); or from the
@@ -51,6 +55,7 @@ class BaseDataset:
     """
 
     READS_FILES = True
+    OPTIONS: tuple[str, ...] = ()  # keys of data_config.options the dataset reads (others are refused)
 
     def __init__(self, data_path: str | None, data_config, split: str = "train", user_idx: int = -1, seed: int = 0,
                  split_plan: Optional[ClientSplit] = None):

@@ -11,7 +11,10 @@ from core.cohort import balance
 GLOBAL, PERSONAL, COUNT, NEW = 0, 1, 2, 3  # on the clients' local test splits
 # on the clients' validation splits (data_config.val_fraction): correct counts, samples, loss sums
 VAL_GLOBAL, VAL_PERSONAL, VAL_COUNT, VAL_GLOBAL_LOSS, VAL_PERSONAL_LOSS = 4, 5, 6, 7, 8
-COLUMNS = 9
+# on the local test splits, when the model's inference returns a per-sample ``loss``: summed losses of the
+# global and the personalized model, and the test samples whose loss was measured (0: the model reports none)
+GLOBAL_LOSS, PERSONAL_LOSS, LOSS_COUNT = 9, 10, 11
+COLUMNS = 12
 
 
 @torch.no_grad()
@@ -20,11 +23,21 @@ def correct_count(model, loader, indices: torch.Tensor, prepare=lambda batch: ba
 
     ``prepare`` adapts each batch (memory format) before ``model.inference``; evaluation is fp32.
     """
+    return test_counts(model, loader, indices, prepare)[0]
+
+
+@torch.no_grad()
+def test_counts(model, loader, indices: torch.Tensor, prepare=lambda batch: batch) -> torch.Tensor:
+    """(3,) float tensor over samples ``indices``: correct predictions, the summed per-sample loss
+    and the samples whose loss was measured (both 0 when ``inference`` returns no ``loss``)."""
     model.eval()
-    total = torch.zeros((), device=indices.device)
+    total = torch.zeros(3, device=indices.device)
     for batch in loader.batches(indices):
         out = model.inference(prepare(batch))
-        total += out["acc"] * out["batch_size"]
+        total[0] += out["acc"] * out["batch_size"]
+        if "loss" in out:
+            total[1] += out["loss"].detach().float().sum()
+            total[2] += out["loss"].numel()
     return total
 
 
@@ -35,8 +48,18 @@ def batched_correct(model, loader, clients: np.ndarray, index, prepare) -> torch
     Needs ``inference`` to return the optional per-sample ``correct`` (B,) tensor; returns None
     otherwise (callers then evaluate client by client).
     """
+    counts = batched_counts(model, loader, clients, index, prepare)
+    return None if counts is None else counts[:, 0]
+
+
+@torch.no_grad()
+def batched_counts(model, loader, clients: np.ndarray, index, prepare) -> torch.Tensor | None:
+    """:func:`test_counts` per client, (len(clients), 3), from ONE pass over their concatenated
+    samples. Needs ``inference`` to return the optional per-sample ``correct`` (B,) tensor (and
+    ``loss`` (B,) for the loss columns); returns None without ``correct`` (callers then evaluate
+    client by client)."""
     if len(clients) == 0:
-        return torch.zeros(0, device=index.flat.device)
+        return torch.zeros(0, 3, device=index.flat.device)
     indices = torch.cat([index.get(c) for c in clients])
     owner = torch.repeat_interleave(torch.arange(len(clients), device=indices.device),
                                     torch.as_tensor(index.sizes[clients], device=indices.device))
@@ -46,8 +69,10 @@ def batched_correct(model, loader, clients: np.ndarray, index, prepare) -> torch
         out = model.inference(prepare(batch))
         if "correct" not in out:
             return None
-        parts.append(out["correct"].float())
-    return torch.zeros(len(clients), device=indices.device).index_add_(0, owner, torch.cat(parts))
+        correct = out["correct"].float()
+        loss = out["loss"].detach().float() if "loss" in out else torch.zeros_like(correct)
+        parts.append(torch.stack([correct, loss, torch.full_like(correct, float("loss" in out))], 1))
+    return torch.zeros(len(clients), 3, device=indices.device).index_add_(0, owner, torch.cat(parts))
 
 
 def global_for_evaluation(sim, global_flat: torch.Tensor, personal_rows: torch.Tensor | None,
@@ -98,7 +123,9 @@ def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) 
 
     Columns: correct predictions of the global model; of the personalized model (clients in
     ``trained`` only, prepared by the personalization method); test samples; and of the new-client
-    model (never-trained clients, when ``personalization.new_client_epochs`` > 0). ``eval_buf`` holds
+    model (never-trained clients, when ``personalization.new_client_epochs`` > 0); then the
+    validation columns, and the summed test losses of the global and personalized models with the
+    samples they cover (when ``inference`` returns a per-sample ``loss``). ``eval_buf`` holds
     the global state (N,) followed by the personal vectors (len(trained), P) of ``trained`` in order.
     """
     n = sim.layout.numel
@@ -110,12 +137,12 @@ def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) 
     global_flat = eval_buf[:n]
     sim.trainer.load(global_flat, None)
     _validate(sim, mine, result, VAL_GLOBAL, VAL_GLOBAL_LOSS)
-    correct = batched_correct(sim.model, sim.test_loader, mine, sim.test_clients, sim.trainer.prepare)
-    if correct is None:
-        correct = torch.stack([correct_count(sim.model, sim.test_loader, sim.test_clients.get(c), sim.trainer.prepare)
-                               for c in mine]) if len(mine) else torch.zeros(0, device=sim.ctx.device)
+    counts = batched_counts(sim.model, sim.test_loader, mine, sim.test_clients, sim.trainer.prepare)
+    if counts is None:
+        counts = torch.stack([test_counts(sim.model, sim.test_loader, sim.test_clients.get(c), sim.trainer.prepare)
+                              for c in mine]) if len(mine) else torch.zeros(0, 3, device=sim.ctx.device)
     rows = torch.as_tensor(mine, device=sim.ctx.device)
-    result[rows, GLOBAL] = correct
+    result[rows, GLOBAL], result[rows, GLOBAL_LOSS], result[rows, LOSS_COUNT] = counts[:, 0], counts[:, 1], counts[:, 2]
     result[rows, COUNT] = torch.as_tensor(sizes[mine], dtype=torch.float32, device=sim.ctx.device)
     if sim.personalization.evaluates_personalized:
         width = eval_width(sim)
@@ -124,8 +151,8 @@ def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) 
         for cid in (int(c) for c in mine if int(c) in row):
             sim.personalization.prepare_eval(sim.trainer, round_idx, cid, sim.train_clients.get(cid), global_flat,
                                              personal[row[cid]] if width else None)
-            result[cid, PERSONAL] = correct_count(sim.model, sim.test_loader, sim.test_clients.get(cid),
-                                                  sim.trainer.prepare)
+            counts = test_counts(sim.model, sim.test_loader, sim.test_clients.get(cid), sim.trainer.prepare)
+            result[cid, PERSONAL], result[cid, PERSONAL_LOSS] = counts[0], counts[1]
             _validate(sim, [cid], result, VAL_PERSONAL, VAL_PERSONAL_LOSS)
     _new_clients(sim, round_idx, global_flat, [int(c) for c in mine if int(c) not in set(trained)], result)
     return result
@@ -256,10 +283,22 @@ def improves(record: dict, history: list[dict], metric: str) -> bool:
 
 def summarize(matrix: np.ndarray, trained: list[int], has_personal: bool) -> dict:
     """Statistics of global (all clients) and personalized (trained clients) accuracy; with
-    validation splits, ``val`` holds the same on them plus sample-weighted mean losses."""
+    validation splits, ``val`` holds the same on them plus sample-weighted mean losses. When the
+    model reports per-sample test losses, ``global_local_loss`` and ``personalized_loss`` are the
+    :func:`client_stats` of each client's mean test loss (e.g. cross-entropy in nats per sample)."""
     counts = matrix[:, COUNT]
     has = counts > 0
     out = {"global_local": client_stats(matrix[has, GLOBAL] / counts[has], counts[has])}
+    measured = matrix[:, LOSS_COUNT] > 0
+    if measured.any():
+        n = matrix[measured, LOSS_COUNT]
+        out["global_local_loss"] = client_stats(matrix[measured, GLOBAL_LOSS] / n, n)
+        mine = np.zeros(len(counts), bool)
+        mine[trained] = True
+        mine &= measured
+        if has_personal and mine.any():
+            n = matrix[mine, LOSS_COUNT]
+            out["personalized_loss"] = client_stats(matrix[mine, PERSONAL_LOSS] / n, n)
     if matrix[:, VAL_COUNT].sum() > 0:
         out["val"] = _validation_stats(matrix, trained, has_personal)
     if has_personal:

@@ -128,12 +128,19 @@ def build_simulation(cfg, task, data_path: str | None, ctx: DistContext, transpo
     """Load data, partition it, build the model replica, trainer and loaders for this rank.
 
     Raises:
-        UserError: missing data, impossible partition, unknown model or personal layer name.
+        UserError: missing data, impossible partition, unknown model or personal layer name, a
+            data_config.options key the dataset does not read, a task split plan whose number of
+            clients is not data_config.num_clients.
     """
     data_cfg = cfg.data_config
     _check_best_metric(cfg)
     task.check_data_path(data_path)
+    task.check_data_options(data_cfg)
     train_ds = task.dataset_cls(data_path, data_cfg, split="train", seed=cfg.seed)
+    if train_ds.split_plan.num_clients != data_cfg.num_clients:
+        raise UserError(f"data_config.num_clients: {data_cfg.num_clients}, but task {task.name}'s split has "
+                        f"{train_ds.split_plan.num_clients} clients; set data_config.num_clients: "
+                        f"{train_ds.split_plan.num_clients}")
     test_ds = task.dataset_cls(data_path, data_cfg, split="test", seed=cfg.seed, split_plan=train_ds.split_plan)
     _check_labels((train_ds, test_ds), cfg.model.num_classes)
     model = init_model(task, cfg, ctx.device)

@@ -43,6 +43,19 @@ class Task:
                             f"remove it, or declare it in {cls.__name__}.OPTIONS if the model reads it")
         return cls
 
+    def check_data_options(self, data_config) -> None:
+        """``data_config.options`` must hold only keys the dataset class lists in its ``OPTIONS``.
+
+        Raises:
+            UserError: an option the dataset does not read, naming the keys it reads.
+        """
+        cls = self.dataset_cls
+        unknown = sorted(set(data_config.options) - set(cls.OPTIONS))
+        if unknown:
+            takes = ", ".join(sorted(cls.OPTIONS)) or "none"
+            raise UserError(f"data_config.options: {cls.__name__} reads no option {unknown[0]!r} (it reads: {takes}); "
+                            f"remove it, or declare it in {cls.__name__}.OPTIONS if the dataset reads it")
+
     def check_data_path(self, data_path: str | None) -> None:
         """A task whose dataset reads files (``BaseDataset.READS_FILES``) needs a data folder.
 

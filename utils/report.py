@@ -13,7 +13,8 @@ from core.files import write_text_atomic
 WORDS = {"train_loss": "train loss", "global_test_acc": "global test", "global_local": "global on clients",
          "personalized": "personalized", "global_on_personalized_clients": "global on personalized clients",
          "new_clients": "new clients", "global_on_new_clients": "global on new clients",
-         "sec_per_round": "s/round", "elapsed_s": "wall time", "dropped_clients": "dropped updates"}
+         "sec_per_round": "s/round", "elapsed_s": "wall time", "dropped_clients": "dropped updates",
+         "global_local_loss": "global test loss", "personalized_loss": "personalized test loss"}
 VAL_WORDS = {"global": "val global", "personalized": "val personalized", "global_loss": "val global loss",
              "personalized_loss": "val personalized loss"}
 PERCENT = frozenset({"global_test_acc", "weighted_mean", "mean", "std", "p10", "p50", "p90"})  # shown as %
@@ -28,12 +29,12 @@ def record_scalars(record: dict) -> dict[str, float]:
     non-numbers (texts, lists) are left out."""
     out: dict[str, float] = {}
 
-    def add(words: str, key: str, value) -> None:
+    def add(words: str, key: str, value, loss: bool = False) -> None:
         if isinstance(value, dict):
             for stat, v in value.items():
-                add(words if stat == "weighted_mean" else f"{words}/{stat}", stat, v)
+                add(words if stat == "weighted_mean" else f"{words}/{stat}", stat, v, loss)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[words] = 100 * value if key in PERCENT else value
+            out[words] = 100 * value if key in PERCENT and not loss else value
 
     for key, value in record.items():
         if key == "round":
@@ -48,7 +49,7 @@ def record_scalars(record: dict) -> dict[str, float]:
             accuracy = str(value.get("metric")).endswith("_acc")  # an accuracy in percent, a loss as it is
             add("best.pt/value", "global_test_acc" if accuracy else "value", value.get("value"))
         else:
-            add(WORDS.get(key, key), key, value)
+            add(WORDS.get(key, key), key, value, key.endswith("_loss"))
     return out
 
 
@@ -101,6 +102,27 @@ def results_table(rec: dict) -> str:
     for key, name, s in rows:
         cells = [_pct(s.get(k)) for k in ("weighted_mean", "mean", "std", "p10", "p50", "p90")]
         lines.append(f"| {WORDS[key]} | {name} | " + " | ".join(cells) + f" | {s.get('clients', '-')} |")
+    return "\n".join(lines)
+
+
+def loss_table(rec: dict) -> str:
+    """Markdown table of the test losses of one evaluation record (each client's mean per-sample
+    loss, e.g. cross-entropy in nats), with exp(weighted mean), the perplexity of a cross-entropy
+    loss; empty when the model reports no per-sample loss."""
+    import math
+
+    rows = [(k, name) for k, name in (("global_local_loss", "global model, clients' local test splits"),
+                                      ("personalized_loss", "personalized models, trained clients"))
+            if rec.get(k, {}).get("clients")]
+    if not rows:
+        return ""
+    lines = ["| figure | model, clients | weighted mean | exp(weighted mean) | mean | std | p10 | p50 | p90 | clients |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, name in rows:
+        s = rec[key]
+        cells = [_num(s.get(k)) for k in ("mean", "std", "p10", "p50", "p90")]
+        lines.append(f"| {WORDS[key]} | {name} | {_num(s['weighted_mean'])} | {math.exp(s['weighted_mean']):.2f} | "
+                     + " | ".join(cells) + f" | {s['clients']} |")
     return "\n".join(lines)
 
 
@@ -226,6 +248,9 @@ def write_summary(path: Path, run_name: str, history: list[dict], config_text: s
     last = history[-1]
     columns = [WORDS[k] for k in ("train_loss", "global_test_acc", "global_local", "personalized")] + \
         [VAL_WORDS[k] for k in ("global", "personalized", "global_loss", "personalized_loss")] + [WORDS["dropped_clients"]]
+    losses = any("global_local_loss" in r for r in history)  # the model reports per-sample test losses
+    if losses:
+        columns += [WORDS["global_local_loss"], WORDS["personalized_loss"]]
     per_round = ["| round | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for r in history:
         p, v = r.get("personalized", {}), r.get("val", {})
@@ -234,12 +259,17 @@ def write_summary(path: Path, run_name: str, history: list[dict], config_text: s
                          f"{_pct(v.get('global', {}).get('weighted_mean'))} | "
                          f"{_pct(v.get('personalized', {}).get('weighted_mean'))} | "
                          f"{_num(v.get('global_loss'))} | {_num(v.get('personalized_loss'))} | "
-                         f"{sum(r.get('dropped_clients', []))} |")
+                         f"{sum(r.get('dropped_clients', []))} |" +
+                         (f" {_num(r.get('global_local_loss', {}).get('weighted_mean'))} | "
+                          f"{_num(r.get('personalized_loss', {}).get('weighted_mean'))} |" if losses else ""))
     formed = f"The global model: {last['global_model']}.\n\n" if "global_model" in last else ""
     opening = summary_opening(run_name, history, yaml.safe_load(config_text) or {}, task, wall_s, matrix, trained,
                               stopped)
+    table = loss_table(last)
+    losses_text = (f"Test loss per client (the model's per-sample loss averaged over the client's local test split; "
+                   f"weighted mean weights clients by test samples):\n\n{table}\n\n" if table else "")
     text = (f"{opening}## Final results\n\nAccuracies in percent; weighted mean weights clients by "
-            f"test samples.\n\n{results_table(last)}\n\n{formed}"
+            f"test samples.\n\n{results_table(last)}\n\n{losses_text}{formed}"
             f"{best_section(history)}\n\n"
             f"## Per evaluation\n\n" + "\n".join(per_round) +
             f"\n\n## Config\n\n```yaml\n{config_text}```\n")
@@ -324,11 +354,19 @@ def _client_accuracies(matrix, trained: list[int]):
 
 def write_client_table(path: Path, matrix, trained: list[int]) -> None:
     """clients.csv: per client of the last evaluation, test samples, global and personalized accuracy
-    (empty when the client never trained)."""
+    (empty when the client never trained), and, when the model reports per-sample test losses, the
+    global and personalized mean test loss."""
+    from core.evaluation import GLOBAL_LOSS, LOSS_COUNT, PERSONAL_LOSS
+
     ids, global_acc, personal_acc = _client_accuracies(matrix, trained)
-    rows = ["client,test_samples,global_acc,personalized_acc"]
+    losses = matrix.shape[1] > LOSS_COUNT and bool((matrix[:, LOSS_COUNT] > 0).any())
+    rows = ["client,test_samples,global_acc,personalized_acc" + (",global_loss,personalized_loss" if losses else "")]
     for cid, g, p in zip(ids, global_acc, personal_acc):
-        rows.append(f"{cid},{int(matrix[cid, 2])},{g:.6f},{'' if p != p else f'{p:.6f}'}")
+        row = f"{cid},{int(matrix[cid, 2])},{g:.6f},{'' if p != p else f'{p:.6f}'}"
+        if losses:
+            n = max(matrix[cid, LOSS_COUNT], 1)
+            row += f",{matrix[cid, GLOBAL_LOSS] / n:.6f},{'' if p != p else f'{matrix[cid, PERSONAL_LOSS] / n:.6f}'}"
+        rows.append(row)
     write_text_atomic(path, "\n".join(rows) + "\n")
 
 
