@@ -15,6 +15,7 @@ from utils.sweep import launcher
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("PFEDSIM_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
+SHAKESPEARE = Path(os.environ.get("PFEDSIM_SHAKESPEARE", REPO.parent / "shared" / "data" / "shakespeare"))
 
 # A small federated CIFAR-10 job: 500 clients of about 100 samples, 4 per round, SmallCNN, FedPer.
 SMALL_CV = {
@@ -78,3 +79,11 @@ def cifar_path() -> Path:
     if not (DATA / "cifar-10-batches-py" / "test_batch").is_file():
         pytest.fail(f"real CIFAR-10 expected at {DATA} (set PFEDSIM_CIFAR10 to its folder)")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    """The folder holding tiny Shakespeare's input.txt (../shared/data/shakespeare beside the repo)."""
+    if not (SHAKESPEARE / "input.txt").is_file():
+        pytest.fail(f"tiny Shakespeare's input.txt expected in {SHAKESPEARE} (set PFEDSIM_SHAKESPEARE to its folder)")
+    return SHAKESPEARE
