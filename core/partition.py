@@ -9,6 +9,7 @@ inputs and ``seed``; none loops until a random draw happens to satisfy a constra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -17,10 +18,17 @@ from core.errors import UserError
 
 @dataclass(frozen=True)
 class ClientSplit:
-    """``train[i]`` and ``test[i]``: int64 index arrays of client ``i`` into the train/test sets."""
+    """``train[i]`` and ``test[i]``: int64 index arrays of client ``i`` into the train/test sets.
+
+    ``val[i]`` (optional): client ``i``'s validation rows of the train set, disjoint from
+    ``train[i]``, for a task that holds out its own validation (e.g. the end of a text, where random
+    rows would overlap their neighbours in training); the engine then uses them instead of carving
+    ``data_config.val_fraction`` at random.
+    """
 
     train: list[np.ndarray]
     test: list[np.ndarray]
+    val: Optional[list[np.ndarray]] = None
 
     @property
     def num_clients(self) -> int:

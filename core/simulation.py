@@ -153,8 +153,8 @@ def build_simulation(cfg, task, data_path: str | None, ctx: DistContext, transpo
     train_loader = task.dataloader_cls(train_ds, client_cfg.batch_size, ctx.device, True, client_cfg.augment)
     test_loader = task.dataloader_cls(test_ds, cfg.server_config.eval_batch_size, ctx.device, False, False)
     strategy = build_strategy(cfg.strategy, cfg.strategy_config)
-    train_parts, val_parts = train_ds.split_plan.train, None
-    if data_cfg.val_fraction > 0:
+    train_parts, val_parts = train_ds.split_plan.train, train_ds.split_plan.val
+    if val_parts is None and data_cfg.val_fraction > 0:
         train_parts, val_parts = carve_validation(train_parts, np.asarray(train_ds.labels), data_cfg.val_fraction,
                                                   cfg.seed)
     trainer = ClientTrainer(model, layout, train_loader, client_cfg, personal_index, cfg.seed, strategy,

@@ -80,6 +80,18 @@ def test_windows_targets_and_in_order_80_20_split_on_a_known_speech(shakespeare_
         assert np.array_equal(np.concatenate(ds.client_indices), np.arange(len(ds.labels)))
 
 
+def test_validation_split_is_the_end_of_each_roles_train_split(shakespeare_path):
+    plan = ShakespeareDataset.make_split_plan(str(shakespeare_path),
+                                              data_config(num_clients=21, min_samples=500, val_fraction=0.1,
+                                                          options={"stride": 20}), seed=0)
+    whole = ShakespeareDataset.make_split_plan(str(shakespeare_path),
+                                               data_config(num_clients=21, min_samples=500, options={"stride": 20}),
+                                               seed=0)
+    assert plan.val is not None and whole.val is None
+    for train, val, rows in zip(plan.train, plan.val, whole.train):
+        assert np.array_equal(np.concatenate([train, val]), rows) and len(val) == round(0.1 * len(rows))
+
+
 def test_min_samples_drops_small_roles_and_num_clients_must_match(shakespeare_path):
     roles = read_roles(str(shakespeare_path))
     for min_samples, stride in ((1, 1), (1500, 1), (500, 20)):
@@ -149,7 +161,7 @@ SMALL = {
     "server_config": {"max_iteration": 2, "num_clients_per_iteration": 3, "val_freq": 1, "ckpt_freq": 2},
     "client_config": {"local_epochs": 1, "batch_size": 32, "optimizer_config": {"type": "sgd", "lr": 1.0},
                       "augment": False},
-    "data_config": {"num_clients": 5, "min_samples": 1000, "options": {"stride": 20}},
+    "data_config": {"num_clients": 5, "min_samples": 1000, "val_fraction": 0.1, "options": {"stride": 20}},
     "personalization": {"method": "fedper", "local_layers": ["linear"]},
     "seed": 0,
     "device": "cpu",
@@ -168,6 +180,7 @@ def test_two_round_two_process_job_on_the_real_text(tmp_path, shakespeare_path):
     assert last["global_test_acc"] == pytest.approx(last["global_local"]["weighted_mean"])  # splits cover the test set
     assert last["global_local_loss"]["clients"] == 5 and 0 < last["global_local_loss"]["weighted_mean"] < math.log(65)
     assert last["personalized_loss"]["clients"] == last["personalized"]["clients"] >= 3
+    assert last["val"]["global"]["clients"] == 5 and last["best"]["metric"] == "val_global_acc"  # the roles' own
     summary = (tmp_path / "two" / "summary.md").read_text()
     assert "| global test loss | global model, clients' local test splits |" in summary
     assert "personalized test loss" in summary and "exp(weighted mean)" in summary
@@ -178,7 +191,7 @@ def test_two_round_two_process_job_on_the_real_text(tmp_path, shakespeare_path):
 
 def test_vectorized_training_of_the_recurrent_model_equals_sequential(tmp_path, shakespeare_path):
     config = dict(SMALL, server_config=dict(SMALL["server_config"], max_iteration=1),
-                  personalization={"method": "none"})
+                  data_config=dict(SMALL["data_config"], val_fraction=0.0), personalization={"method": "none"})
     for name, vectorize in (("seq", False), ("vec", True)):
         cfg = dict(config, client_config=dict(SMALL["client_config"], vectorize=vectorize))
         path = write_config(tmp_path, cfg, f"{name}.yaml")

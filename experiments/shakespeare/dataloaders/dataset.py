@@ -8,6 +8,7 @@ has ``L - seq_len`` windows (every ``stride``-th of them, 1: all, as LEAF). The 
 ``train_fraction`` (80%) of a role's samples, in text order, are its train split and the rest its
 local test split. A role is kept when its train split holds at least ``data_config.min_samples``
 samples; ``data_config.num_clients`` must equal the number of roles kept (the error says how many).
+With ``data_config.val_fraction``, the end of each role's train split is its validation split.
 
 Characters are coded by :data:`VOCAB`, the 65 distinct characters of ``input.txt`` sorted by code
 point. It is fixed in this file, so every run, evaluation and reload codes characters the same way;
@@ -175,12 +176,20 @@ class ShakespeareDataset(BaseDataset):
 
     @classmethod
     def make_split_plan(cls, data_path, data_config, seed, known=None) -> ClientSplit:
-        """Client i holds the rows of role i in each split (contiguous, in text order); ``seed`` is
-        unused: the split is the same in every run."""
+        """Client i holds the rows of role i in each split (contiguous, in text order). With
+        ``data_config.val_fraction`` > 0, the last ``round(val_fraction * n)`` of a role's n train
+        samples (at most n - 1) are its validation split, in order, so that validation windows do
+        not sit among the training windows they overlap. ``seed`` is unused: the split is the same
+        in every run."""
         kept, seq_len, fraction, stride = cls._kept(data_path, data_config)
         sizes = np.array([[len(s) for s in role_samples(r, seq_len, stride, fraction)] for r in kept],
                          dtype=np.int64).reshape(-1, 2)
         bounds = np.zeros((len(kept) + 1, 2), dtype=np.int64)
         bounds[1:] = np.cumsum(sizes, axis=0)
-        return ClientSplit(train=[np.arange(bounds[i, 0], bounds[i + 1, 0]) for i in range(len(kept))],
-                           test=[np.arange(bounds[i, 1], bounds[i + 1, 1]) for i in range(len(kept))])
+        train = [np.arange(bounds[i, 0], bounds[i + 1, 0]) for i in range(len(kept))]
+        test = [np.arange(bounds[i, 1], bounds[i + 1, 1]) for i in range(len(kept))]
+        if data_config.val_fraction <= 0:
+            return ClientSplit(train=train, test=test)
+        held = [min(int(round(data_config.val_fraction * len(rows))), len(rows) - 1) for rows in train]
+        return ClientSplit(train=[rows[:len(rows) - k] for rows, k in zip(train, held)], test=test,
+                           val=[rows[len(rows) - k:] for rows, k in zip(train, held)])
