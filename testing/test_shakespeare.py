@@ -182,7 +182,7 @@ def test_two_round_two_process_job_on_the_real_text(tmp_path, shakespeare_path):
     assert last["personalized_loss"]["clients"] == last["personalized"]["clients"] >= 3
     assert last["val"]["global"]["clients"] == 5 and last["best"]["metric"] == "val_global_acc"  # the roles' own
     summary = (tmp_path / "two" / "summary.md").read_text()
-    assert "| global test loss | global model, clients' local test splits |" in summary
+    assert "| global test loss | global model (personal layers: clients' mean), clients' local test splits |" in summary
     assert "personalized test loss" in summary and "exp(weighted mean)" in summary
     rows = list(csv.DictReader((tmp_path / "two" / "clients.csv").open()))
     assert len(rows) == 5 and all(float(r["global_loss"]) > 0 for r in rows)

@@ -111,7 +111,8 @@ def loss_table(rec: dict) -> str:
     loss; empty when the model reports no per-sample loss."""
     import math
 
-    rows = [(k, name) for k, name in (("global_local_loss", "global model, clients' local test splits"),
+    g = "global model (personal layers: clients' mean)" if _mean_personal(rec) else "global model"
+    rows = [(k, name) for k, name in (("global_local_loss", f"{g}, clients' local test splits"),
                                       ("personalized_loss", "personalized models, trained clients"))
             if rec.get(k, {}).get("clients")]
     if not rows:
