@@ -10,9 +10,10 @@ class BaseModel(nn.Module):
 
     - ``loss(batch) -> Tensor``: a scalar training loss for one batch (a dict of device tensors).
     - ``inference(batch) -> dict``: ``output`` (the model output), ``acc`` (a 0-dim tensor, fraction
-      of correct predictions in the batch), ``batch_size`` (int), and any custom metric as
-      ``{"value": float, "higher_is_better": bool}``. Optionally ``correct``: a (B,) tensor of
-      per-sample correctness, which lets evaluation pass over many clients' samples at once.
+      of correct predictions in the batch), ``batch_size`` (int). Optionally ``correct``: a (B,)
+      tensor of per-sample correctness, which lets evaluation pass over many clients' samples at
+      once; and ``loss``: a (B,) tensor of per-sample losses, with which every evaluation also
+      reports each client's mean test loss (global and personalized). Other keys are ignored.
 
     The engine never calls ``.item()`` inside the client loop, so return tensors, not floats.
 
@@ -33,7 +34,7 @@ class BaseModel(nn.Module):
 
     def inference(self, batch: dict) -> dict:
         """Evaluation outputs of ``batch``: ``output``, ``acc`` (0-dim), ``batch_size`` and optional
-        ``correct`` (B,) and custom metrics, as the class docstring lists. Raises NotImplementedError
+        ``correct`` (B,) and ``loss`` (B,), as the class docstring lists. Raises NotImplementedError
         until a task overrides it."""
         raise NotImplementedError
 
