@@ -200,3 +200,16 @@ def test_vectorized_training_of_the_recurrent_model_equals_sequential(tmp_path, 
         assert proc.returncode == 0, proc.stderr[-3000:]
     seq, vec = load_ckpt(tmp_path / "seq")["global"], load_ckpt(tmp_path / "vec")["global"]
     assert torch.allclose(seq, vec, atol=1e-5)
+
+
+def test_mistakes_are_one_line_exit_2(tmp_path, shakespeare_path):
+    too_many = write_config(tmp_path, dict(SMALL, data_config=dict(SMALL["data_config"], num_clients=6)), "many.yaml")
+    for data, config, needle in (
+            (shakespeare_path, too_many, "data_config.num_clients: 6, but 5 of the 299 roles have at least "
+                                         "min_samples 1000 train samples (seq_len 80, stride 20); set "
+                                         "data_config.num_clients: 5"),
+            (tmp_path, write_config(tmp_path, SMALL), f"-dataPath {tmp_path}: no input.txt")):
+        proc = run_trainer(["-dataPath", str(data), "-outputPath", str(tmp_path / "out"), "-config", str(config),
+                            "-task", "shakespeare"])
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]

@@ -367,6 +367,8 @@ CASES = [
     S("num-classes-too-few", "model_config.num_classes=5", needle="model_config.num_classes"),
     S("options-number", "model_config.options=5"),
     S("options-unknown", "model_config.options={width: 2}", needle="model_config.options"),
+    S("data-options-number", "data_config.options=5"),
+    S("data-options-unknown", "data_config.options={seq_len: 80}", needle="data_config.options"),
     S("model-not-section", "model_config=MLP", needle="model_config"),
     # --- top level ---------------------------------------------------------------------------------
     S("seed-negative", "seed=-1"),
