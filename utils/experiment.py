@@ -244,9 +244,10 @@ class Experiment:
         Returns:
             ``(record, matrix, trained)``: ``record`` has the keys of a metrics.jsonl record
             (``round``, ``global_test_acc``, ``global_local``, ``personalized``, ``new_clients``...,
-            accuracies as fractions); ``matrix`` (num_clients, 9) float64 per client: correct global,
+            accuracies as fractions); ``matrix`` (num_clients, 12) float64 per client: correct global,
             correct personalized, test samples, correct new-client model, then on the validation
-            split correct global, correct personalized, samples, global and personalized loss sums
+            split correct global, correct personalized, samples, global and personalized loss sums,
+            then on the test split global and personalized loss sums and the samples they cover
             (columns named in core/evaluation.py); ``trained``: the ids whose
             personalized model was evaluated.
         """
