@@ -19,6 +19,7 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.7",
         "tqdm>=4.66",
+        "dp-accounting>=0.4",
     ],
     extras_require={
         "test": ["pytest>=7.4", "mypy>=1.8", "pytest-timeout>=2.2", "mpi4py>=3.1", "mpich>=4.1", "submitit>=1.5", "wandb>=0.16"],
