@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from core.cohort import balance
+from core.messages import Message, eval_broadcast, eval_reduce
 
 GLOBAL, PERSONAL, COUNT, NEW = 0, 1, 2, 3  # on the clients' local test splits
 # on the clients' validation splits (data_config.val_fraction): correct counts, samples, loss sums
@@ -118,23 +119,41 @@ def eval_width(sim) -> int:
     return sim.personalization.model_state_numel(sim.layout) or sim.personal_numel
 
 
+def eval_messages(sim, num_trained: int) -> tuple[Message, Message]:
+    """An evaluation's two messages (:mod:`core.messages`), declared alike on every rank: the
+    broadcast (global state (N,) | ``num_trained`` stored vectors of :func:`eval_width` | control)
+    and the reduce ((num_clients, COLUMNS) float32 counts, :func:`eval_share`'s matrix)."""
+    return (eval_broadcast(sim.layout.numel, num_trained, eval_width(sim)),
+            eval_reduce(len(sim.test_clients.sizes), COLUMNS))
+
+
 def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) -> torch.Tensor:
-    """This rank's part of a client evaluation, as a (num_clients, COLUMNS) matrix to be sum-reduced.
+    """:func:`share_of_evaluation` of a flat ``eval_buf``: the global state (N,) followed by the
+    personal vectors (len(trained), :func:`eval_width`) of ``trained`` in order."""
+    n = sim.layout.numel
+    return share_of_evaluation(sim, round_idx, eval_buf[:n], eval_buf[n:].view(len(trained), eval_width(sim)),
+                               trained)
+
+
+def share_of_evaluation(sim, round_idx: int, global_flat: torch.Tensor, personal: torch.Tensor,
+                        trained: list[int]) -> torch.Tensor:
+    """This rank's part of a client evaluation, as a (num_clients, COLUMNS) float32 matrix to be
+    sum-reduced (the ``matrix`` part of :func:`eval_messages`' reduce, which it is allocated from).
 
     Columns: correct predictions of the global model; of the personalized model (clients in
     ``trained`` only, prepared by the personalization method); test samples; and of the new-client
     model (never-trained clients, when ``personalization.new_client_epochs`` > 0); then the
     validation columns, and the summed test losses of the global and personalized models with the
-    samples they cover (when ``inference`` returns a per-sample ``loss``). ``eval_buf`` holds
-    the global state (N,) followed by the personal vectors (len(trained), P) of ``trained`` in order.
+    samples they cover (when ``inference`` returns a per-sample ``loss``). ``global_flat``
+    is the (N,) global state, ``personal`` the (len(trained), :func:`eval_width`) personal vectors
+    of ``trained`` in order.
     """
-    n = sim.layout.numel
     sizes = sim.test_clients.sizes + (sim.val_clients.sizes if sim.val_clients is not None else 0)
-    result = torch.zeros(len(sizes), COLUMNS, device=sim.ctx.device)
+    reduce = eval_messages(sim, len(trained))[1]
+    result = reduce.view(reduce.zeros(sim.ctx.device), "matrix")
     with_data = np.flatnonzero(sizes)
     mine = balance(with_data, sizes[with_data], len(sim.ctx.workers))[sim.ctx.workers.index(sim.ctx.rank)]
     sizes = sim.test_clients.sizes
-    global_flat = eval_buf[:n]
     sim.trainer.load(global_flat, None)
     _validate(sim, mine, result, VAL_GLOBAL, VAL_GLOBAL_LOSS)
     counts = batched_counts(sim.model, sim.test_loader, mine, sim.test_clients, sim.trainer.prepare)
@@ -146,7 +165,6 @@ def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) 
     result[rows, COUNT] = torch.as_tensor(sizes[mine], dtype=torch.float32, device=sim.ctx.device)
     if sim.personalization.evaluates_personalized:
         width = eval_width(sim)
-        personal = eval_buf[n:].view(len(trained), width)
         row = {c: i for i, c in enumerate(trained)}
         for cid in (int(c) for c in mine if int(c) in row):
             sim.personalization.prepare_eval(sim.trainer, round_idx, cid, sim.train_clients.get(cid), global_flat,

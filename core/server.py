@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from core.client_store import ClientStore
-from core.evaluation import (COLUMNS, best_metric, eval_share, eval_width, evaluation_record, global_for_evaluation,
-                             improves, metric_value)
+from core.evaluation import (best_metric, eval_messages, eval_width, evaluation_record, global_for_evaluation,
+                             improves, metric_value, share_of_evaluation)
 from core.optim import build_server_optimizer
 from core.errors import RunStopped
 from core.exact import RANGE
-from core.worker import GO, STOP, RoundLayout, eval_buffer_size, train_share
+from core.messages import GO, STOP, start_broadcast
+from core.worker import RoundLayout, train_share
 from core.checkpoint import load_checkpoint, save_atomic
 from core.files import disk_guard, saved_size
 from core.observers import RunObserver, RunOutcome
@@ -110,10 +111,10 @@ class Server:
         start_model = [sim.personalization.initial_model_state(self.global_flat.cpu(), sim.layout)] if lay.m else []
         default = torch.cat([self.global_flat[sim.personal_index].cpu(), torch.zeros(lay.c)] + start_model)
         slots = [self.store.get(c, default) for c in cohort] if lay.width else []
-        go = torch.tensor([GO], device=sim.ctx.device)
-        payload = torch.cat([self.global_flat, self.strategy_state] + [s.to(sim.ctx.device) for s in slots] + [go])
+        payload = lay.broadcast.build(sim.ctx.device, {"global": self.global_flat, "server_state": self.strategy_state,
+                                                       "slots": slots, "control": GO})
         buf = sim.transport.broadcast(payload, f"round {round_idx} broadcast")
-        own = train_share(sim, round_idx, buf)
+        own = lay.reduce.check(train_share(sim, round_idx, buf))
         total = sim.transport.reduce_sum(own, f"round {round_idx} reduce")
         delta_sum, weight_sum, loss_sum, state_change, new_slots = lay.reduce_parts(total)
         dropped = lay.dropped(total).cpu() > 0
@@ -165,13 +166,14 @@ class Server:
         sim = self.sim
         ids = sorted(self.trained) if sim.personalization.evaluates_personalized else []
         p, c = sim.personal_numel, sim.strategy.client_state_numel(sim.layout)
-        stored = [sim.personalization.eval_vector(self.store.get(i, None), p, c).to(sim.ctx.device)
-                  for i in ids] if eval_width(sim) else []
+        stored = [sim.personalization.eval_vector(self.store.get(i, None), p, c) for i in ids] if eval_width(sim) else []
         evaluated, formed = self._global_for_evaluation()
-        go = torch.tensor([GO], device=sim.ctx.device)
-        buf = sim.transport.broadcast(torch.cat([evaluated] + stored + [go]), f"round {round_idx} eval broadcast")
-        own = eval_share(sim, round_idx, buf[:-1], ids)
-        matrix = sim.transport.reduce_sum(own.view(-1), f"round {round_idx} eval reduce").view(-1, COLUMNS)
+        sent, summed = eval_messages(sim, len(ids))
+        payload = sent.build(sim.ctx.device, {"global": evaluated, "personal": stored, "control": GO})
+        parts = sent.views(sim.transport.broadcast(payload, f"round {round_idx} eval broadcast"))
+        own = share_of_evaluation(sim, round_idx, parts["global"], parts["personal"], ids).view(-1)
+        total = sim.transport.reduce_sum(summed.check(own), f"round {round_idx} eval reduce")
+        matrix = summed.view(total, "matrix")
         self.evaluated = round_idx
         self.last_matrix, self.last_trained = matrix.cpu().double().numpy(), ids
         record = {"round": round_idx, "train_loss": train_loss, "global_model": formed,
@@ -199,7 +201,8 @@ class Server:
                 metrics.jsonl, summary.md and the checkpoints keep what was reached before.
         """
         sim = self.sim
-        sim.transport.broadcast(torch.tensor([float(self.start_round)], device=sim.ctx.device), "start broadcast")
+        sim.transport.broadcast(start_broadcast().build(sim.ctx.device, {"start_round": float(self.start_round)}),
+                                "start broadcast")
         t0 = time.perf_counter() - self.elapsed_before
         self._tell("started", self.history, self.start_round, sim.schedule.rounds)
         try:
@@ -257,13 +260,13 @@ class Server:
         if sim.ctx.world_size == 1:
             return
         if sim.schedule.is_eval_round(r) and self.evaluated < r:
-            size = eval_buffer_size(sim, len(self.trained) if sim.personalization.evaluates_personalized else 0)
+            message = eval_messages(sim, len(self.trained) if sim.personalization.evaluates_personalized else 0)[0]
         elif r < sim.schedule.rounds:
-            size = RoundLayout(sim, r + 1).broadcast_size
+            message = RoundLayout(sim, r + 1).broadcast
         else:
             return
-        buf = torch.zeros(size, device=sim.ctx.device)
-        buf[-1] = STOP
+        buf = message.zeros(sim.ctx.device)
+        message.view(buf, "control").fill_(STOP)
         sim.transport.broadcast(buf, f"round {r} stop broadcast")
 
     def _finish(self, wall_s: float, stopped: str | None = None, tell: bool = True) -> None:

@@ -7,35 +7,35 @@ import torch
 
 from core.cohort import balance
 from core.distributed import host_to_device
-from core.evaluation import eval_share, eval_width
+from core.evaluation import eval_messages, share_of_evaluation
 from core.exact import FixedPointSums, decode, state_change_bits
 from core.flat import keep_rows_if_finite_
-
-
-GO, STOP = 1.0, 0.0  # the control value that ends every broadcast of a round or an evaluation
+from core.messages import STOP, Message, round_broadcast, round_reduce, start_broadcast
 
 
 class RoundLayout:
-    """Offsets of one round's two messages.
+    """One round's two messages (:mod:`core.messages`), declared from the run and the round.
 
-    Broadcast (float32): global state (N) | server strategy state (S) | K cohort slots of width
-    P + C + M | control (1: GO, or STOP when the server ends the run early). A slot holds a client's
-    personal layers (P), its strategy state (C) and its separate personal model (M, Ditto).
+    Broadcast (:func:`core.messages.round_broadcast`, float32): global state (N) | server strategy
+    state (S) | K cohort slots of width P + C + M | control (1: GO, or STOP when the server ends the
+    run early). A slot holds a client's personal layers (P), its strategy state (C) and its separate
+    personal model (M, Ditto).
 
-    Reduce, for a strategy with ``exact_sum`` (weights known before training: FedAvg, FedProx,
-    SCAFFOLD), int64: the fixed-point delta sum (N) | the fixed-point strategy-state change sum (S,
-    only when S > 0) | float32 pairs, two per int64: K clients' mean training losses | K slots | K
-    dropped flags (| one float of padding when their count is odd). Integer sums do not depend on
-    the order of addition, so any split of the cohort over ranks gives the same bits
-    (:mod:`core.exact`); the float32 parts are each written by one rank only (the others leave
-    zero bits), so the int64 sum carries them bit for bit.
+    Reduce (:func:`core.messages.round_reduce`), for a strategy with ``exact_sum`` (weights known
+    before training: FedAvg, FedProx, SCAFFOLD), int64: the fixed-point delta sum (N) | the
+    fixed-point strategy-state change sum (S) | float32 pairs, two per int64: K clients' mean
+    training losses | K slots | K dropped flags (| one float of padding when their count is odd).
+    Integer sums do not depend on the order of addition, so any split of the cohort over ranks gives
+    the same bits (:mod:`core.exact`); the float32 parts are each written by one rank only (the
+    others leave zero bits), so the int64 sum carries them bit for bit.
 
     Reduce, otherwise (DGA), float32: weighted delta sum (N) | weight sum | weighted loss sum |
-    summed change of the client strategy states (C, only when S > 0) | K slots | K dropped flags.
+    summed change of the client strategy states (S) | K slots | K dropped flags.
 
     The rank that trains a client fills its slot, and sets its dropped flag to 1 when the client's
     update was not finite or (fixed point) out of range: it is then left out of every sum, and its
-    slot is not stored. Read a reduce buffer with :meth:`reduce_parts` and :meth:`dropped`.
+    slot is not stored. Read a reduce buffer with :meth:`reduce_parts` and :meth:`dropped`; every
+    accessor raises :class:`core.messages.MessageMismatch` for a buffer of another declaration.
     """
 
     def __init__(self, sim, round_idx: int):
@@ -45,39 +45,31 @@ class RoundLayout:
         self.m = sim.personalization.model_state_numel(sim.layout)
         self.k = sim.schedule.cohort_size(round_idx)
         self.width = self.p + self.c + self.m
-        self.broadcast_size = self.n + self.s + self.k * self.width + 1
         self.exact = bool(sim.strategy.exact_sum) and not sim.strategy.relative_weights
+        self.broadcast = round_broadcast(self.n, self.s, self.k, self.width)
+        self.reduce = round_reduce(self.n, self.s, self.k, self.width, self.exact)
+        self.broadcast_size = self.broadcast.numel
         if self.exact:
-            self.floats = self.k + self.k * self.width + self.k  # losses, slots, dropped flags
-            self.reduce_size = self.n + self.s + (self.floats + 1) // 2
-            self.reduce_dtype = torch.int64
             cohort = sim.schedule.cohort(round_idx)
             self.weights = sim.strategy.cohort_weights(sim.train_clients.sizes[cohort])  # (K,) float64
             self.weight_total = math.fsum(self.weights)
             self.shares = self.weights / self.weight_total  # p_i, the same on every rank
-        else:
-            self.reduce_size = self.n + 2 + self.s + self.k * self.width + self.k
-            self.reduce_dtype = torch.float32
 
     def broadcast_parts(self, buf: torch.Tensor):
-        """(global state, server state, slots (K, P + C + M)) views of a broadcast buffer."""
-        n, s = self.n, self.s
-        return buf[:n], buf[n:n + s], buf[n + s:n + s + self.k * self.width].view(self.k, self.width)
+        """(global state (N,), server state (S,), slots (K, P + C + M)) float32 views of a broadcast
+        buffer."""
+        parts = self.broadcast.views(buf)
+        return parts["global"], parts["server_state"], parts["slots"]
 
     def new_reduce_buffer(self, device) -> torch.Tensor:
         """A zeroed reduce buffer (int64 for an exact sum, float32 otherwise)."""
-        return torch.zeros(self.reduce_size, dtype=self.reduce_dtype, device=device)
-
-    def _floats(self, buf: torch.Tensor):
-        """(losses (K,), slots (K, W), dropped (K,)) float32 views of an exact-sum reduce buffer."""
-        k, w = self.k, self.width
-        f = buf[self.n + self.s:].view(torch.float32)
-        return f[:k], f[k:k + k * w].view(k, w), f[k + k * w:k + k * w + k]
+        return self.reduce.zeros(device)
 
     def exact_parts(self, buf: torch.Tensor):
         """(delta sum (N) int64, state change sum (S) int64, losses (K) float32) writable views of an
         exact-sum reduce buffer (the slots and dropped flags: :meth:`slots`, :meth:`dropped`)."""
-        return buf[:self.n], buf[self.n:self.n + self.s], self._floats(buf)[0]
+        parts = self.reduce.views(buf)
+        return parts["delta"], parts["state_change"], parts["losses"]
 
     def reduce_parts(self, buf: torch.Tensor):
         """(delta sum (N), weight sum, loss sum, state change sum (S), slots (K, P + C + M)) of a
@@ -90,35 +82,31 @@ class RoundLayout:
         cohort order: correctly rounded, so the reported training loss does not depend on the split
         either), the state change sum as float32; the slots a float32 view.
         """
-        n, s, slots = self.n, self.s, self.slots(buf)
+        parts = self.reduce.views(buf)
         if not self.exact:
-            return buf[:n], buf[n], buf[n + 1], buf[n + 2:n + 2 + s], slots
-        delta, state, losses = self.exact_parts(buf)
-        dropped = self.dropped(buf)
-        kept = [(w, l) for w, l, d in zip(self.weights.tolist(), losses.tolist(), dropped.tolist()) if d == 0]
+            return parts["delta"], parts["weight"], parts["loss"], parts["state_change"], parts["slots"]
+        losses, dropped = parts["losses"].tolist(), parts["dropped"].tolist()
+        kept = [(w, l) for w, l, d in zip(self.weights.tolist(), losses, dropped) if d == 0]
         weight_sum = math.fsum(w for w, _ in kept)
         loss_sum = math.fsum(w * l for w, l in kept)
-        delta_sum = decode(delta) * self.weight_total
-        return delta_sum, weight_sum, loss_sum, decode(state, state_change_bits(self.k)).float(), slots
+        delta_sum = decode(parts["delta"]) * self.weight_total
+        state = decode(parts["state_change"], state_change_bits(self.k)).float()
+        return delta_sum, weight_sum, loss_sum, state, parts["slots"]
 
     def slots(self, buf: torch.Tensor) -> torch.Tensor:
         """(K, P + C + M) float32 view of a reduce buffer's slots."""
-        if self.exact:
-            return self._floats(buf)[1]
-        start = self.n + 2 + self.s
-        return buf[start:start + self.k * self.width].view(self.k, self.width)
+        return self.reduce.view(buf, "slots")
 
     def dropped(self, buf: torch.Tensor) -> torch.Tensor:
         """(K,) float32 view of a reduce buffer's dropped flags (1.0: that cohort client was dropped:
         its update was not finite, or out of the fixed-point range)."""
-        if self.exact:
-            return self._floats(buf)[2]
-        return buf[self.reduce_size - self.k:]
+        return self.reduce.view(buf, "dropped")
 
 
-def stopped(buf: torch.Tensor) -> bool:
-    """Whether a received broadcast ends the run (its control value is STOP; one host read)."""
-    return float(buf[-1]) == STOP
+def stopped(message: Message, buf: torch.Tensor) -> bool:
+    """Whether a received broadcast ``buf`` of ``message`` ends the run (its ``control`` part is
+    STOP; one host read). Raises MessageMismatch when ``buf`` does not match ``message``."""
+    return float(message.view(buf, "control")) == STOP
 
 
 class RelativeWeights:
@@ -155,8 +143,8 @@ class RelativeWeights:
 def _relative(sim, lay, out) -> RelativeWeights | None:
     if lay.exact or not sim.strategy.relative_weights:
         return None
-    delta_sum, weight_sum, loss_sum, _, _ = lay.reduce_parts(out)
-    return RelativeWeights([delta_sum, weight_sum.view(1), loss_sum.view(1)], out.device)
+    parts = lay.reduce.views(out)
+    return RelativeWeights([parts["delta"], parts["weight"].view(1), parts["loss"].view(1)], out.device)
 
 
 def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
@@ -189,14 +177,11 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
     p, k = lay.p, sim.layout.num_params
     sizes = sim.train_clients.sizes
     global_flat, server_state, slots = lay.broadcast_parts(round_buf)
-    out_slots = lay.slots(out)
-    if lay.exact:
-        losses_out = lay.exact_parts(out)[2]
-    else:
-        delta_sum, _, _, state_change, _ = lay.reduce_parts(out)
+    parts = lay.reduce.views(out)
+    out_slots, dropped = parts["slots"], parts["dropped"]
+    delta_sum, state_change = parts["delta"], parts["state_change"]
     lr = sim.cfg.client_config.optimizer_config.lr
     weights, losses, finite = [], [], []
-    dropped = lay.dropped(out)
     for cid in mine:
         slot = slot_of[int(cid)]
         client_state = slots[slot, p:p + lay.c] if lay.c else None
@@ -224,14 +209,14 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
         if lay.exact:
             sim.layout.delta_(fixed.delta, global_flat, state)
             ok = fixed.add_(ok, float(lay.shares[slot]), change)  # out of range: dropped too
-            losses_out[slot] = loss
+            parts["losses"][slot] = loss
         else:
             if relative is None:
                 weight = sim.strategy.client_weight(int(sizes[cid]), loss)
             else:  # weighted terms go straight into the sums that the shift rescales
                 weight = relative.weights(sim.strategy.log_weight(loss), ok)
-                out[lay.n] += weight
-                out[lay.n + 1] += weight * torch.where(ok, loss, 0.0)
+                parts["weight"] += weight
+                parts["loss"] += weight * torch.where(ok, loss, 0.0)
             sim.layout.accumulate_delta_(delta_sum, torch.where(ok, weight, 0.0), global_flat)  # dropped: adds nothing
             weights.append(weight)
             losses.append(loss)
@@ -240,7 +225,9 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
                 state_change.add_(change * ok)
         dropped[slot] = (~ok).to(dropped.dtype)
     if mine.size and relative is None and not lay.exact:
-        out[lay.n], out[lay.n + 1] = _weighted_sums(weights, losses, finite, out.device)
+        weight_sum, loss_sum = _weighted_sums(weights, losses, finite, out.device)
+        parts["weight"].copy_(weight_sum)
+        parts["loss"].copy_(loss_sum)
 
 
 def _weighted_sums(weights: list, losses: list[torch.Tensor], finite: list[torch.Tensor],
@@ -256,9 +243,9 @@ def _weighted_sums(weights: list, losses: list[torch.Tensor], finite: list[torch
 
 def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out, lay, relative, fixed) -> None:
     """Vectorized variant of the client loop: groups of ``vectorize_chunk`` clients at once."""
-    n, p, k = sim.layout.numel, sim.personal_numel, sim.layout.num_params
+    p, k = sim.personal_numel, sim.layout.num_params
     chunk = sim.cfg.client_config.vectorize_chunk
-    out_slots = lay.slots(out)
+    parts = lay.reduce.views(out)
     for start in range(0, len(mine), chunk):
         ids = mine[start:start + chunk]
         rows = host_to_device(mine_slots[start:start + chunk], out.device)  # a list index would copy blocking
@@ -270,47 +257,44 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
             deltas = stack - global_flat[:k]
             shares = host_to_device(lay.shares[mine_slots[start:start + chunk]], out.device, torch.float64)
             ok = fixed.add_rows_(deltas, ok, shares)  # out of range: dropped too
-            lay.exact_parts(out)[2][rows] = losses
+            parts["losses"][rows] = losses
         else:
             losses = torch.where(ok, losses, 0.0)
             if relative is None:
                 weights = torch.where(ok, sim.strategy.client_weight(sim.train_clients.sizes[ids], losses), 0.0)
             else:
                 weights = relative.weights(sim.strategy.log_weight(losses), ok)
-            delta_sum = lay.reduce_parts(out)[0]
-            delta_sum[:k] += weights @ (stack - global_flat[:k])  # deltas first: see StateLayout.accumulate_delta_
-            out[n] += weights.sum()
-            out[n + 1] += (weights * losses).sum()
-        lay.dropped(out)[rows] = (~ok).to(torch.float32)
+            parts["delta"][:k] += weights @ (stack - global_flat[:k])  # deltas first: see StateLayout.accumulate_delta_
+            parts["weight"] += weights.sum()
+            parts["loss"] += (weights * losses).sum()
+        parts["dropped"][rows] = (~ok).to(torch.float32)
         if p:
             full = torch.cat([stack, global_flat[k:].expand(len(ids), -1)], dim=1)
-            out_slots[rows] = full[:, sim.personal_index]
-
-
-def eval_buffer_size(sim, num_trained: int) -> int:
-    """Floats of an evaluation round's broadcast: the global state, ``num_trained`` stored entries
-    and the control value."""
-    return sim.layout.numel + num_trained * eval_width(sim) + 1
+            parts["slots"][rows] = full[:, sim.personal_index]
 
 
 def run_worker(sim) -> None:
     """Loop of a rank >= 1: receive the start round (-1: the server could not start; stop), then
     follow the schedule to the end, or until a broadcast says STOP (the server ended the run)."""
-    start = int(sim.transport.broadcast(torch.zeros(1, device=sim.ctx.device), "start broadcast").item())
+    start_msg = start_broadcast()
+    buf = sim.transport.broadcast(start_msg.empty(sim.ctx.device), "start broadcast")
+    start = int(start_msg.view(buf, "start_round").item())
     if start < 0:
         return
     trained = sim.schedule.trained_through(start - 1)
     for r in range(start, sim.schedule.rounds + 1):
-        buf = sim.transport.broadcast(torch.empty(RoundLayout(sim, r).broadcast_size, device=sim.ctx.device),
-                                      f"round {r} broadcast")
-        if stopped(buf):
+        lay = RoundLayout(sim, r)
+        buf = sim.transport.broadcast(lay.broadcast.empty(sim.ctx.device), f"round {r} broadcast")
+        if stopped(lay.broadcast, buf):
             return
-        sim.transport.reduce_sum(train_share(sim, r, buf), f"round {r} reduce")
+        sim.transport.reduce_sum(lay.reduce.check(train_share(sim, r, buf)), f"round {r} reduce")
         trained.update(sim.schedule.cohort(r).tolist())
         if sim.schedule.is_eval_round(r):
             ids = sorted(trained) if sim.personalization.evaluates_personalized else []
-            ebuf = sim.transport.broadcast(torch.empty(eval_buffer_size(sim, len(ids)), device=sim.ctx.device),
-                                           f"round {r} eval broadcast")
-            if stopped(ebuf):
+            sent, summed = eval_messages(sim, len(ids))
+            ebuf = sim.transport.broadcast(sent.empty(sim.ctx.device), f"round {r} eval broadcast")
+            if stopped(sent, ebuf):
                 return
-            sim.transport.reduce_sum(eval_share(sim, r, ebuf[:-1], ids).view(-1), f"round {r} eval reduce")
+            parts = sent.views(ebuf)
+            own = share_of_evaluation(sim, r, parts["global"], parts["personal"], ids).view(-1)
+            sim.transport.reduce_sum(summed.check(own), f"round {r} eval reduce")
