@@ -11,12 +11,12 @@ import torch
 
 from core.client_store import ClientStore
 from core.evaluation import (best_metric, eval_messages, eval_width, evaluation_record, global_for_evaluation,
-                             improves, metric_value, share_of_evaluation)
+                             improves, metric_value)
 from core.optim import build_server_optimizer
 from core.errors import RunStopped
 from core.exact import RANGE
-from core.messages import GO, STOP, start_broadcast
-from core.worker import RoundLayout, train_share
+from core.messages import GO, STOP
+from core.worker import RoundLayout, exchange_start, play_evaluation, play_round, run_rounds
 from core.checkpoint import load_checkpoint, save_atomic
 from core.files import disk_guard, saved_size
 from core.observers import RunObserver, RunOutcome
@@ -60,6 +60,12 @@ class Server:
         # per round since the last evaluation; the dropped counts travel in checkpoints (a resume
         # reports them as the uninterrupted run would), the seconds restart at a resume
         self.since_eval: dict[str, list[float]] = {"round_s": [], "dropped_clients": list(self._pending_dropped)}
+        # rank 0's part of the round program (core.worker.run_rounds), from a round's fill to its apply
+        self._t0 = time.perf_counter()  # perf_counter() at round 1 of the run (run() sets it)
+        self._round_started = self._t0
+        self._sent: list[torch.Tensor] = []  # the cohort's slots as broadcast
+        self._loss = float("nan")  # the last round's training loss
+        self._evaluated_global: tuple[torch.Tensor, str] = (self.global_flat, "")  # see _global_for_evaluation
 
     # ---- checkpoint -------------------------------------------------------------------------
     def _state(self, round_idx: int, elapsed: float) -> dict:
@@ -96,26 +102,49 @@ class Server:
         with disk_guard(path, lambda: saved_size(state), path.with_name(path.name + ".tmp")):
             save_atomic(state, path)
 
-    # ---- one round ----------------------------------------------------------------------------
+    # ---- one round: rank 0's part of the round program (core.worker.run_rounds) ------------------
     def _round(self, round_idx: int) -> tuple[float, int]:
         """Run one round; returns (the weighted mean training loss of the clients kept, the number
+        of clients dropped because their update was not finite).
+
+        Raises:
+            Diverged: see :meth:`_aggregate`.
+        """
+        lay, total = play_round(self.sim, round_idx, self)
+        assert total is not None  # rank 0 sent GO
+        return self._aggregate(round_idx, lay, total)
+
+    def fill_round(self, round_idx: int, lay: RoundLayout) -> dict:
+        """The round's broadcast payload (:func:`core.messages.round_broadcast`): the global state,
+        the server state, and per cohort client its stored slot (or the default a new client starts
+        from), kept until :meth:`_aggregate` for the clients that are dropped."""
+        sim = self.sim
+        self.round, self._round_started = round_idx, time.perf_counter()
+        cohort = sim.schedule.cohort(round_idx)
+        self.trained.update(cohort.tolist())
+        start_model = [sim.personalization.initial_model_state(self.global_flat.cpu(), sim.layout)] if lay.m else []
+        default = torch.cat([self.global_flat[sim.personal_index].cpu(), torch.zeros(lay.c)] + start_model)
+        self._sent = [self.store.get(c, default) for c in cohort] if lay.width else []
+        return {"global": self.global_flat, "server_state": self.strategy_state, "slots": self._sent, "control": GO}
+
+    def apply_round(self, round_idx: int, lay: RoundLayout, total: torch.Tensor) -> None:
+        """Aggregate the round (:meth:`_aggregate`), record its time and dropped count, tell the
+        observers."""
+        self._loss, dropped = self._aggregate(round_idx, lay, total)
+        self.since_eval["round_s"].append(time.perf_counter() - self._round_started)
+        self.since_eval["dropped_clients"].append(dropped)
+        self._tell("round_done", round_idx, self._loss)
+
+    def _aggregate(self, round_idx: int, lay: RoundLayout, total: torch.Tensor) -> tuple[float, int]:
+        """Apply the round's reduced ``total``: store the returned slots, step the server state and
+        the global model; returns (the weighted mean training loss of the clients kept, the number
         of clients dropped because their update was not finite).
 
         Raises:
             Diverged: every client of the round was dropped, or the new global model or server state
                 is not finite (nothing is then written; the checkpoints keep the last finite state).
         """
-        sim, lay = self.sim, RoundLayout(self.sim, round_idx)
-        cohort = sim.schedule.cohort(round_idx)
-        self.trained.update(cohort.tolist())
-        start_model = [sim.personalization.initial_model_state(self.global_flat.cpu(), sim.layout)] if lay.m else []
-        default = torch.cat([self.global_flat[sim.personal_index].cpu(), torch.zeros(lay.c)] + start_model)
-        slots = [self.store.get(c, default) for c in cohort] if lay.width else []
-        payload = lay.broadcast.build(sim.ctx.device, {"global": self.global_flat, "server_state": self.strategy_state,
-                                                       "slots": slots, "control": GO})
-        buf = sim.transport.broadcast(payload, f"round {round_idx} broadcast")
-        own = lay.reduce.check(train_share(sim, round_idx, buf))
-        total = sim.transport.reduce_sum(own, f"round {round_idx} reduce")
+        sim, cohort = self.sim, self.sim.schedule.cohort(round_idx)
         delta_sum, weight_sum, loss_sum, state_change, new_slots = lay.reduce_parts(total)
         dropped = lay.dropped(total).cpu() > 0
         if bool(dropped.all()):
@@ -123,7 +152,7 @@ class Server:
             raise Diverged(f"round {round_idx}: the updates of all {len(cohort)} clients of the round were not "
                            f"finite (NaN or inf){beyond}, so the global model cannot move{self._hint()}")
         if lay.width:  # a dropped client keeps what it was sent: its row, or the default it started from
-            for cid, vec, sent, lost in zip(cohort, new_slots, slots, dropped.tolist()):
+            for cid, vec, sent, lost in zip(cohort, new_slots, self._sent, dropped.tolist()):
                 self.store.put(int(cid), sent if lost else vec)
         if lay.s:
             self.strategy_state = sim.strategy.new_server_state(self.strategy_state, state_change,
@@ -163,21 +192,45 @@ class Server:
 
     # ---- evaluation -------------------------------------------------------------------------
     def _evaluate(self, round_idx: int, train_loss: float, elapsed: float) -> dict:
+        """Evaluate every client now (the trained ones personalized too); returns the record."""
+        ids = sorted(self.trained) if self.sim.personalization.evaluates_personalized else []
+        matrix = play_evaluation(self.sim, round_idx, ids, self)
+        assert matrix is not None  # rank 0 sent GO
+        return self._record(round_idx, ids, matrix, train_loss, elapsed)
+
+    def fill_eval(self, round_idx: int, trained: list[int]) -> dict:
+        """The evaluation's broadcast payload (:func:`core.evaluation.eval_messages`): the global
+        model evaluation reports, and the stored vector of each client of ``trained``."""
         sim = self.sim
-        ids = sorted(self.trained) if sim.personalization.evaluates_personalized else []
         p, c = sim.personal_numel, sim.strategy.client_state_numel(sim.layout)
-        stored = [sim.personalization.eval_vector(self.store.get(i, None), p, c) for i in ids] if eval_width(sim) else []
-        evaluated, formed = self._global_for_evaluation()
-        sent, summed = eval_messages(sim, len(ids))
-        payload = sent.build(sim.ctx.device, {"global": evaluated, "personal": stored, "control": GO})
-        parts = sent.views(sim.transport.broadcast(payload, f"round {round_idx} eval broadcast"))
-        own = share_of_evaluation(sim, round_idx, parts["global"], parts["personal"], ids).view(-1)
-        total = sim.transport.reduce_sum(summed.check(own), f"round {round_idx} eval reduce")
-        matrix = summed.view(total, "matrix")
+        stored = ([sim.personalization.eval_vector(self.store.get(i, None), p, c) for i in trained]
+                  if eval_width(sim) else [])
+        self._evaluated_global = self._global_for_evaluation()
+        return {"global": self._evaluated_global[0], "personal": stored, "control": GO}
+
+    def apply_eval(self, round_idx: int, trained: list[int], matrix: torch.Tensor) -> None:
+        """Turn the reduced (num_clients, COLUMNS) ``matrix`` into the round's record: timing and
+        dropped counts since the last evaluation, best.pt when it is the best so far."""
+        record = self._record(round_idx, trained, matrix, self._loss, time.perf_counter() - self._t0)
+        since_eval = self.since_eval
+        record["sec_per_round"] = sum(since_eval["round_s"]) / len(since_eval["round_s"])
+        record.update({key: list(values) for key, values in since_eval.items()})
+        for values in since_eval.values():
+            values.clear()
+        is_best = self._mark_best(record)
+        self.history.append(record)
+        self._tell("evaluated", record, self.sim.schedule.rounds)
+        if is_best:
+            self._checkpoint(round_idx, time.perf_counter() - self._t0, "best")
+
+    def _record(self, round_idx: int, trained: list[int], matrix: torch.Tensor, train_loss: float,
+                elapsed: float) -> dict:
+        """The metrics record of an evaluation from its reduced (num_clients, COLUMNS) ``matrix``."""
+        evaluated, formed = self._evaluated_global
         self.evaluated = round_idx
-        self.last_matrix, self.last_trained = matrix.cpu().double().numpy(), ids
+        self.last_matrix, self.last_trained = matrix.cpu().double().numpy(), trained
         record = {"round": round_idx, "train_loss": train_loss, "global_model": formed,
-                  **evaluation_record(sim, evaluated, self.last_matrix, ids)}
+                  **evaluation_record(self.sim, evaluated, self.last_matrix, trained)}
         record["elapsed_s"] = elapsed
         return record
 
@@ -201,44 +254,24 @@ class Server:
                 metrics.jsonl, summary.md and the checkpoints keep what was reached before.
         """
         sim = self.sim
-        sim.transport.broadcast(start_broadcast().build(sim.ctx.device, {"start_round": float(self.start_round)}),
-                                "start broadcast")
-        t0 = time.perf_counter() - self.elapsed_before
+        exchange_start(sim, self.start_round)
+        self._t0 = time.perf_counter() - self.elapsed_before
         self._tell("started", self.history, self.start_round, sim.schedule.rounds)
         try:
-            for r in range(self.start_round, sim.schedule.rounds + 1):
-                self.round = r
-                self._step(r, t0)
+            run_rounds(sim, self.start_round, self)
         except RunStopped as exc:  # diverged, or the disk is full: the workers wait for a broadcast
             self._stop_workers(self.round)
-            self._finish(time.perf_counter() - t0, str(exc) if isinstance(exc, Diverged) else None,
+            self._finish(time.perf_counter() - self._t0, str(exc) if isinstance(exc, Diverged) else None,
                          tell=isinstance(exc, Diverged))
             raise
-        self._finish(time.perf_counter() - t0)
+        self._finish(time.perf_counter() - self._t0)
         return self.history
 
-    def _step(self, r: int, t0: float) -> None:
-        """Round ``r``, then its evaluation and checkpoints when the schedule has them."""
-        started = time.perf_counter()
-        loss, dropped = self._round(r)
-        since_eval = self.since_eval
-        since_eval["round_s"].append(time.perf_counter() - started)
-        since_eval["dropped_clients"].append(dropped)
-        self._tell("round_done", r, loss)
-        if self.sim.schedule.is_eval_round(r):
-            record = self._evaluate(r, loss, time.perf_counter() - t0)
-            record["sec_per_round"] = sum(since_eval["round_s"]) / len(since_eval["round_s"])
-            record.update({key: list(values) for key, values in since_eval.items()})
-            for values in since_eval.values():
-                values.clear()
-            is_best = self._mark_best(record)
-            self.history.append(record)
-            self._tell("evaluated", record, self.sim.schedule.rounds)
-            if is_best:
-                self._checkpoint(r, time.perf_counter() - t0, "best")
-        if self.sim.schedule.is_ckpt_round(r):
-            self._checkpoint(r, time.perf_counter() - t0, "latest")
-            self.saved_round = r
+    def end_round(self, round_idx: int) -> None:
+        """After the round and its evaluation: checkpoints/latest.pt when the schedule has one."""
+        if self.sim.schedule.is_ckpt_round(round_idx):
+            self._checkpoint(round_idx, time.perf_counter() - self._t0, "latest")
+            self.saved_round = round_idx
 
     def _mark_best(self, record: dict) -> bool:
         """Set ``record["best"]``, the evaluation that chose best.pt so far (metric, round, value;

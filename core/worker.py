@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Mapping, Protocol
 
 import torch
 
@@ -10,7 +11,7 @@ from core.distributed import host_to_device
 from core.evaluation import eval_messages, share_of_evaluation
 from core.exact import FixedPointSums, decode, state_change_bits
 from core.flat import keep_rows_if_finite_
-from core.messages import STOP, Message, round_broadcast, round_reduce, start_broadcast
+from core.messages import STOP, Message, Value, round_broadcast, round_reduce, start_broadcast
 
 
 class RoundLayout:
@@ -147,9 +148,14 @@ def _relative(sim, lay, out) -> RelativeWeights | None:
     return RelativeWeights([parts["delta"], parts["weight"].view(1), parts["loss"].view(1)], out.device)
 
 
-def train_share(sim, round_idx: int, round_buf: torch.Tensor) -> torch.Tensor:
-    """Train this rank's clients of the round's cohort; return its reduce buffer (see RoundLayout)."""
-    lay = RoundLayout(sim, round_idx)
+def train_share(sim, round_idx: int, round_buf: torch.Tensor, lay: RoundLayout | None = None) -> torch.Tensor:
+    """Train this rank's clients of the round's cohort from ``round_buf`` (a round broadcast);
+    return its reduce buffer (``lay``: the round's :class:`RoundLayout`, built when None).
+
+    Raises:
+        MessageMismatch: ``round_buf`` is not a buffer of the round's broadcast.
+    """
+    lay = RoundLayout(sim, round_idx) if lay is None else lay
     cohort = sim.schedule.cohort(round_idx)
     sizes = sim.train_clients.sizes
     mine = balance(cohort, sizes[cohort], len(sim.ctx.workers))[sim.ctx.workers.index(sim.ctx.rank)]
@@ -273,28 +279,117 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
             parts["slots"][rows] = full[:, sim.personal_index]
 
 
-def run_worker(sim) -> None:
-    """Loop of a rank >= 1: receive the start round (-1: the server could not start; stop), then
-    follow the schedule to the end, or until a broadcast says STOP (the server ended the run)."""
-    start_msg = start_broadcast()
-    buf = sim.transport.broadcast(start_msg.empty(sim.ctx.device), "start broadcast")
-    start = int(start_msg.view(buf, "start_round").item())
-    if start < 0:
-        return
+class Leader(Protocol):
+    """Rank 0's part of the round program (:func:`run_rounds`): it fills each broadcast's payload
+    and applies each reduced result; every other step is the same on every rank. Implemented by
+    :class:`core.server.Server`."""
+
+    def fill_round(self, round_idx: int, lay: RoundLayout) -> Mapping[str, Value]:
+        """The round's broadcast payload: a value per part of ``lay.broadcast``."""
+
+    def apply_round(self, round_idx: int, lay: RoundLayout, total: torch.Tensor) -> None:
+        """Apply the round's reduced ``total`` (a buffer of ``lay.reduce``)."""
+
+    def fill_eval(self, round_idx: int, trained: list[int]) -> Mapping[str, Value]:
+        """The evaluation's broadcast payload (parts of :func:`core.evaluation.eval_messages`)."""
+
+    def apply_eval(self, round_idx: int, trained: list[int], matrix: torch.Tensor) -> None:
+        """Apply the evaluation's reduced (num_clients, COLUMNS) ``matrix``."""
+
+    def end_round(self, round_idx: int) -> None:
+        """The round, and its evaluation if it had one, are applied (checkpoints)."""
+
+
+def exchange(sim, sent: Message, summed: Message, payload: Mapping[str, Value] | None,
+             share: Callable[[torch.Tensor], torch.Tensor], what: str) -> torch.Tensor | None:
+    """One broadcast of ``sent`` and one sum-reduce of ``summed``, the same on every rank.
+
+    Rank 0 builds the broadcast from ``payload``; other ranks pass None and receive into an empty
+    buffer of the same declaration. Every rank then computes ``share(received buffer)``, a flat
+    buffer of ``summed``, which is reduced to rank 0. Collectives are named ``{what} broadcast``
+    and ``{what} reduce``.
+
+    Returns:
+        The reduced buffer (its sum is valid on rank 0), or None when the broadcast said STOP.
+    Raises:
+        MessageMismatch: the payload or a buffer does not match its declaration (before the
+            collective that would carry it).
+    """
+    device = sim.ctx.device
+    buf = sent.build(device, payload) if payload is not None else sent.empty(device)
+    buf = sim.transport.broadcast(buf, f"{what} broadcast")
+    if stopped(sent, buf):
+        return None
+    return sim.transport.reduce_sum(summed.check(share(buf)), f"{what} reduce")
+
+
+def play_round(sim, round_idx: int, leader: Leader | None = None) -> tuple[RoundLayout, torch.Tensor | None]:
+    """Round ``round_idx``'s broadcast, this rank's training share and the reduce (see
+    :func:`exchange`; ``leader`` on rank 0 fills the payload). Returns the round's layout and the
+    reduced buffer (None: the server said STOP)."""
+    lay = RoundLayout(sim, round_idx)
+    payload = leader.fill_round(round_idx, lay) if leader is not None else None
+    total = exchange(sim, lay.broadcast, lay.reduce, payload, lambda buf: train_share(sim, round_idx, buf, lay),
+                     f"round {round_idx}")
+    return lay, total
+
+
+def play_evaluation(sim, round_idx: int, trained: list[int], leader: Leader | None = None) -> torch.Tensor | None:
+    """An evaluation's broadcast, this rank's share of it and the reduce (see :func:`exchange`):
+    the reduced (num_clients, COLUMNS) matrix (valid on rank 0), or None when the server said STOP.
+    ``trained``: the clients whose stored vectors the broadcast carries, in order."""
+    sent, summed = eval_messages(sim, len(trained))
+
+    def share(buf: torch.Tensor) -> torch.Tensor:
+        parts = sent.views(buf)
+        return share_of_evaluation(sim, round_idx, parts["global"], parts["personal"], trained).view(-1)
+
+    payload = leader.fill_eval(round_idx, trained) if leader is not None else None
+    total = exchange(sim, sent, summed, payload, share, f"round {round_idx} eval")
+    return None if total is None else summed.view(total, "matrix")
+
+
+def exchange_start(sim, start_round: int | None = None) -> int:
+    """The start broadcast: rank 0 sends ``start_round`` (-1: it could not start), the others
+    receive it (pass None). Returns the start round on every rank."""
+    msg = start_broadcast()
+    payload = msg.build(sim.ctx.device, {"start_round": float(start_round)}) if start_round is not None else None
+    buf = sim.transport.broadcast(payload if payload is not None else msg.empty(sim.ctx.device), "start broadcast")
+    return int(msg.view(buf, "start_round").item())
+
+
+def run_rounds(sim, start: int, leader: Leader | None = None) -> None:
+    """The round program of every rank: rounds ``start..rounds``, each a broadcast, this rank's
+    training share and a reduce, then on an evaluation round the same for the evaluation of every
+    client. Rank 0 passes its ``leader``, which fills the broadcasts and applies the reduced
+    results; the other ranks pass None and stop when a broadcast says STOP.
+
+    Raises:
+        RunStopped: from the leader (rank 0), which then releases the other ranks itself.
+    """
     trained = sim.schedule.trained_through(start - 1)
     for r in range(start, sim.schedule.rounds + 1):
-        lay = RoundLayout(sim, r)
-        buf = sim.transport.broadcast(lay.broadcast.empty(sim.ctx.device), f"round {r} broadcast")
-        if stopped(lay.broadcast, buf):
+        lay, total = play_round(sim, r, leader)
+        if total is None:
             return
-        sim.transport.reduce_sum(lay.reduce.check(train_share(sim, r, buf)), f"round {r} reduce")
         trained.update(sim.schedule.cohort(r).tolist())
+        if leader is not None:
+            leader.apply_round(r, lay, total)
         if sim.schedule.is_eval_round(r):
             ids = sorted(trained) if sim.personalization.evaluates_personalized else []
-            sent, summed = eval_messages(sim, len(ids))
-            ebuf = sim.transport.broadcast(sent.empty(sim.ctx.device), f"round {r} eval broadcast")
-            if stopped(sent, ebuf):
+            matrix = play_evaluation(sim, r, ids, leader)
+            if matrix is None:
                 return
-            parts = sent.views(ebuf)
-            own = share_of_evaluation(sim, r, parts["global"], parts["personal"], ids).view(-1)
-            sim.transport.reduce_sum(summed.check(own), f"round {r} eval reduce")
+            if leader is not None:
+                leader.apply_eval(r, ids, matrix)
+        if leader is not None:
+            leader.end_round(r)
+
+
+def run_worker(sim) -> None:
+    """Loop of a rank >= 1: receive the start round (-1: the server could not start; stop), then
+    run the round program (:func:`run_rounds`) to the end, or until a broadcast says STOP (the
+    server ended the run)."""
+    start = exchange_start(sim)
+    if start >= 0:
+        run_rounds(sim, start)

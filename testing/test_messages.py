@@ -14,9 +14,10 @@ from core.distributed import DistContext, Transport
 from core.evaluation import COLUMNS, eval_messages, eval_width
 from core.messages import (GO, STOP, Message, MessageMismatch, Part, eval_broadcast, round_broadcast, round_reduce,
                            start_broadcast)
+from core.server import Server
 from core.simulation import build_simulation
 from core.task import load_task
-from core.worker import RoundLayout, stopped, train_share
+from core.worker import RoundLayout, run_worker, stopped, train_share
 
 N, S, K, W = 10, 3, 4, 5
 
@@ -150,3 +151,56 @@ def test_both_sides_build_a_round_from_one_declaration(synthetic_sim):
     sent, summed = eval_messages(sim, 2)
     assert sent.numel == lay.n + 2 * eval_width(sim) + 1
     assert summed.view(summed.zeros("cpu"), "matrix").shape == (len(sim.test_clients.sizes), COLUMNS)
+
+
+class _Recorder:
+    """A Transport stand-in: records every collective as (name, numel, dtype). Rank 0's broadcasts
+    are kept (``sent``) to be replayed, in order, to another rank (``replay``)."""
+
+    def __init__(self, replay: list[torch.Tensor] | None = None):
+        self.calls: list[tuple[str, int, torch.dtype]] = []
+        self.sent: list[torch.Tensor] = []
+        self.replay = iter(replay) if replay is not None else None
+
+    def _record(self, tensor: torch.Tensor, what: str) -> None:
+        self.calls.append((what, tensor.numel(), tensor.dtype))
+
+    def broadcast(self, tensor: torch.Tensor, what: str = "broadcast") -> torch.Tensor:
+        self._record(tensor, what)
+        if self.replay is not None:
+            return next(self.replay).clone()
+        self.sent.append(tensor.clone())
+        return tensor
+
+    def reduce_sum(self, tensor: torch.Tensor, what: str = "reduce") -> torch.Tensor:
+        self._record(tensor, what)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor, what: str = "all-reduce max") -> torch.Tensor:
+        self._record(tensor, what)
+        return tensor
+
+
+@pytest.mark.parametrize("strategy", ["scaffold", "dga"])
+def test_server_and_worker_run_one_round_program(tmp_path, strategy):
+    """Rank 0 (Server.run) and rank 1 (run_worker) of a 2-rank run issue the same collectives, one
+    by one: the same names, sizes and dtypes, rounds and evaluations alike (rank 1 receives rank
+    0's broadcasts)."""
+    config = yaml.safe_load((Path(__file__).parents[1] / "experiments/synthetic/config.yaml").read_text())
+    config["strategy"] = strategy
+    config["server_config"].update(max_iteration=4, val_freq=2, ckpt_freq=2)
+    cfg = validate_config(config, "test")
+    sims = []
+    for rank, transport in ((0, _Recorder()), (1, None)):
+        ctx = DistContext(rank, 2, torch.device("cpu"), "gloo")
+        transport = transport if transport is not None else _Recorder(sims[0].transport.sent)
+        sims.append(build_simulation(cfg, load_task("synthetic"), "unused", ctx, transport))
+        if rank == 0:
+            Server(sims[0], tmp_path, None).run()
+        else:
+            run_worker(sims[1])
+    leader, worker = (sim.transport.calls for sim in sims)
+    assert leader == worker
+    names = [what for what, _, _ in leader]
+    assert names[:2] == ["start broadcast", "round 1 broadcast"] and "round 4 reduce" in names
+    assert ("round 2 eval reduce", len(sims[0].test_clients.sizes) * COLUMNS, torch.float32) in leader
