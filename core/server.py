@@ -120,7 +120,7 @@ class Server:
         from), kept until :meth:`_aggregate` for the clients that are dropped."""
         sim = self.sim
         self.round, self._round_started = round_idx, time.perf_counter()
-        cohort = sim.schedule.cohort(round_idx)
+        cohort = lay.cohort
         self.trained.update(cohort.tolist())
         start_model = [sim.personalization.initial_model_state(self.global_flat.cpu(), sim.layout)] if lay.m else []
         default = torch.cat([self.global_flat[sim.personal_index].cpu(), torch.zeros(lay.c)] + start_model)
@@ -144,7 +144,7 @@ class Server:
             Diverged: every client of the round was dropped, or the new global model or server state
                 is not finite (nothing is then written; the checkpoints keep the last finite state).
         """
-        sim, cohort = self.sim, self.sim.schedule.cohort(round_idx)
+        sim, cohort = self.sim, lay.cohort
         delta_sum, weight_sum, loss_sum, state_change, new_slots = lay.reduce_parts(total)
         dropped = lay.dropped(total).cpu() > 0
         if bool(dropped.all()):

@@ -44,15 +44,15 @@ class RoundLayout:
         self.c = sim.strategy.client_state_numel(sim.layout)
         self.s = sim.strategy.server_state_numel(sim.layout)
         self.m = sim.personalization.model_state_numel(sim.layout)
-        self.k = sim.schedule.cohort_size(round_idx)
+        self.cohort = sim.schedule.cohort(round_idx)  # (K,) sorted client ids, the same on every rank
+        self.k = len(self.cohort)
         self.width = self.p + self.c + self.m
         self.exact = bool(sim.strategy.exact_sum) and not sim.strategy.relative_weights
         self.broadcast = round_broadcast(self.n, self.s, self.k, self.width)
         self.reduce = round_reduce(self.n, self.s, self.k, self.width, self.exact)
         self.broadcast_size = self.broadcast.numel
         if self.exact:
-            cohort = sim.schedule.cohort(round_idx)
-            self.weights = sim.strategy.cohort_weights(sim.train_clients.sizes[cohort])  # (K,) float64
+            self.weights = sim.strategy.cohort_weights(sim.train_clients.sizes[self.cohort])  # (K,) float64
             self.weight_total = math.fsum(self.weights)
             self.shares = self.weights / self.weight_total  # p_i, the same on every rank
 
@@ -156,7 +156,7 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor, lay: RoundLayout |
         MessageMismatch: ``round_buf`` is not a buffer of the round's broadcast.
     """
     lay = RoundLayout(sim, round_idx) if lay is None else lay
-    cohort = sim.schedule.cohort(round_idx)
+    cohort = lay.cohort
     sizes = sim.train_clients.sizes
     mine = balance(cohort, sizes[cohort], len(sim.ctx.workers))[sim.ctx.workers.index(sim.ctx.rank)]
     global_flat, _, slots = lay.broadcast_parts(round_buf)
@@ -372,7 +372,7 @@ def run_rounds(sim, start: int, leader: Leader | None = None) -> None:
         lay, total = play_round(sim, r, leader)
         if total is None:
             return
-        trained.update(sim.schedule.cohort(r).tolist())
+        trained.update(lay.cohort.tolist())
         if leader is not None:
             leader.apply_round(r, lay, total)
         if sim.schedule.is_eval_round(r):
