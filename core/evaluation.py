@@ -43,17 +43,6 @@ def test_counts(model, loader, indices: torch.Tensor, prepare=lambda batch: batc
 
 
 @torch.no_grad()
-def batched_correct(model, loader, clients: np.ndarray, index, prepare) -> torch.Tensor | None:
-    """Correct predictions per client (len(clients),) from ONE pass over their concatenated samples.
-
-    Needs ``inference`` to return the optional per-sample ``correct`` (B,) tensor; returns None
-    otherwise (callers then evaluate client by client).
-    """
-    counts = batched_counts(model, loader, clients, index, prepare)
-    return None if counts is None else counts[:, 0]
-
-
-@torch.no_grad()
 def batched_counts(model, loader, clients: np.ndarray, index, prepare) -> torch.Tensor | None:
     """:func:`test_counts` per client, (len(clients), 3), from ONE pass over their concatenated
     samples. Needs ``inference`` to return the optional per-sample ``correct`` (B,) tensor (and
@@ -84,8 +73,8 @@ def global_for_evaluation(sim, global_flat: torch.Tensor, personal_rows: torch.T
     the global copy of a personal layer never trains, so it still holds its initial weights. The
     evaluated global model therefore takes, at the personal positions, the mean of the trained
     clients' own personal layers weighted by their train samples; ``personal_rows`` is (T, P), the
-    personal layers of the clients ``trained`` (T of them), in that order (None when none trained). This is for evaluation
-    only: clients keep their own layers, and the aggregated global model (checkpoints' ``global``)
+    personal layers of the clients ``trained`` (T of them), in that order (None when none trained).
+    This is for evaluation only: clients keep their own layers, and the aggregated global model (checkpoints' ``global``)
     is unchanged. Without personal layers, or before any client trained, ``global_flat`` itself.
     """
     if not sim.personal_numel:
@@ -122,17 +111,9 @@ def eval_width(sim) -> int:
 def eval_messages(sim, num_trained: int) -> tuple[Message, Message]:
     """An evaluation's two messages (:mod:`core.messages`), declared alike on every rank: the
     broadcast (global state (N,) | ``num_trained`` stored vectors of :func:`eval_width` | control)
-    and the reduce ((num_clients, COLUMNS) float32 counts, :func:`eval_share`'s matrix)."""
+    and the reduce ((num_clients, COLUMNS) float32 counts, :func:`share_of_evaluation`'s matrix)."""
     return (eval_broadcast(sim.layout.numel, num_trained, eval_width(sim)),
             eval_reduce(len(sim.test_clients.sizes), COLUMNS))
-
-
-def eval_share(sim, round_idx: int, eval_buf: torch.Tensor, trained: list[int]) -> torch.Tensor:
-    """:func:`share_of_evaluation` of a flat ``eval_buf``: the global state (N,) followed by the
-    personal vectors (len(trained), :func:`eval_width`) of ``trained`` in order."""
-    n = sim.layout.numel
-    return share_of_evaluation(sim, round_idx, eval_buf[:n], eval_buf[n:].view(len(trained), eval_width(sim)),
-                               trained)
 
 
 def share_of_evaluation(sim, round_idx: int, global_flat: torch.Tensor, personal: torch.Tensor,
@@ -218,7 +199,7 @@ def global_test_accuracy(sim, global_flat: torch.Tensor, matrix: np.ndarray) -> 
 
     When the clients' local test splits hold every test sample exactly once (the built-in
     partitioners guarantee it), this is the pooled count of the evaluation ``matrix``
-    ((num_clients, COLUMNS), from :func:`eval_share`, reduced over ranks): the same predictions, so
+    ((num_clients, COLUMNS), from :func:`share_of_evaluation`, reduced over ranks): the same predictions, so
     no second pass over the test set. Otherwise (a task's own split plan) the global model makes
     its own pass (:func:`full_test_accuracy`).
     """

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.evaluation import (batched_correct, client_stats, correct_count, eval_share, full_test_accuracy,
-                             global_test_accuracy)
+from core.evaluation import (batched_counts, client_stats, eval_width, full_test_accuracy, global_test_accuracy,
+                             share_of_evaluation)
+from core.evaluation import test_counts as counts_of  # not collected as a test
 from core.simulation import ClientIndex
 from testing.test_vectorized import _simulation
 
@@ -22,10 +23,11 @@ def sim(cifar_path):
 def test_batched_global_evaluation_matches_per_client(sim):
     sim.trainer.load(sim.layout.flatten(), None)
     clients = np.array([0, 3, 7, 11, 42, 199])
-    batched = batched_correct(sim.model, sim.test_loader, clients, sim.test_clients, sim.trainer.prepare)
-    single = torch.stack([correct_count(sim.model, sim.test_loader, sim.test_clients.get(c)) for c in clients])
+    batched = batched_counts(sim.model, sim.test_loader, clients, sim.test_clients, sim.trainer.prepare)
+    single = torch.stack([counts_of(sim.model, sim.test_loader, sim.test_clients.get(c)) for c in clients])
     assert torch.equal(batched, single)
-    assert batched.sum() > 0 and (batched <= torch.as_tensor(sim.test_clients.sizes[clients])).all()
+    correct = batched[:, 0]
+    assert correct.sum() > 0 and (correct <= torch.as_tensor(sim.test_clients.sizes[clients])).all()
 
 
 def test_client_stats():
@@ -43,7 +45,7 @@ def test_full_test_accuracy_from_the_client_splits_equals_its_own_pass(sim):
     assert sim.test_clients.partitions(num_test)
     flat = sim.layout.flatten()
     flat += 0.05 * torch.randn(flat.shape, generator=torch.Generator().manual_seed(0))  # predicts several classes
-    matrix = eval_share(sim, 1, flat, []).double().numpy()
+    matrix = share_of_evaluation(sim, 1, flat, torch.zeros(0, eval_width(sim)), []).double().numpy()
     full = full_test_accuracy(sim, flat)
     assert 0.02 < full < 0.5 and global_test_accuracy(sim, flat, matrix) == full
     # a task's own split plan that leaves samples out, repeats one or names one past the end

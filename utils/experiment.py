@@ -21,7 +21,7 @@ import yaml
 from core.config import apply_override, validate_config
 from core.distributed import DistContext, Transport
 from core.errors import UserError
-from core.evaluation import eval_share, eval_width, evaluation_record, fine_tune_new_client
+from core.evaluation import eval_width, evaluation_record, fine_tune_new_client, share_of_evaluation
 from core.flat import StateLayout
 from core.personalization import build_personalization
 from core.simulation import build_simulation, init_model
@@ -254,8 +254,10 @@ class Experiment:
         state, sim = self.checkpoint(reload), self.simulation()
         global_flat, formed = self.global_for_evaluation(reload)
         trained = self.trained_clients(reload)
-        stored = [self._personal_vector(state, c) for c in trained] if eval_width(sim) else []
-        matrix = eval_share(sim, state["round"], torch.cat([global_flat] + stored), trained)
+        width = eval_width(sim)
+        personal = (torch.stack([self._personal_vector(state, c) for c in trained]) if width and trained
+                    else torch.zeros(len(trained), width, device=global_flat.device))
+        matrix = share_of_evaluation(sim, state["round"], global_flat, personal, trained)
         matrix = matrix.cpu().double().numpy()
         return ({"round": state["round"], "global_model": formed, **evaluation_record(sim, global_flat, matrix, trained)},
                 matrix, trained)
