@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.evaluation import BEST_METRICS
+from core.evaluation import BEST_METRICS, COUNT, GLOBAL, GLOBAL_LOSS, LOSS_COUNT, PERSONAL, PERSONAL_LOSS
 from core.files import write_text_atomic
 
 
@@ -170,19 +170,17 @@ def personalization_gain(rec: dict, matrix=None, trained: list[int] | None = Non
     record has no personalized clients."""
     import numpy as np
 
-    from core.evaluation import COUNT, GLOBAL, PERSONAL
-
     pers, glob = rec.get("personalized", {}), rec.get("global_on_personalized_clients", {})
     if not pers.get("clients") or not glob.get("clients"):
         return None
     if matrix is None:
         return {"mean": pers["mean"] - glob["mean"], "p10": None,
                 "weighted_mean": pers["weighted_mean"] - glob["weighted_mean"], "clients": pers["clients"]}
-    ids = np.array([c for c in trained or [] if matrix[c, COUNT] > 0], dtype=int)
-    counts = matrix[ids, COUNT]
-    gain = (matrix[ids, PERSONAL] - matrix[ids, GLOBAL]) / counts
+    ids, global_acc, personal_acc = _client_accuracies(matrix, trained or [])
+    mine = ~np.isnan(personal_acc)  # the trained clients with a local test split
+    gain = personal_acc[mine] - global_acc[mine]
     return {"mean": float(gain.mean()), "p10": float(np.percentile(gain, 10)),
-            "weighted_mean": float(np.average(gain, weights=counts)), "clients": int(len(ids))}
+            "weighted_mean": float(np.average(gain, weights=matrix[ids[mine], COUNT])), "clients": int(mine.sum())}
 
 
 def _points(value) -> str:
@@ -346,19 +344,17 @@ def _client_accuracies(matrix, trained: list[int]):
     """Per-client (ids, global accuracy, personalized accuracy or NaN) of clients with test data."""
     import numpy as np
 
-    counts = matrix[:, 2]
+    counts = matrix[:, COUNT]
     ids = np.flatnonzero(counts > 0)
     personal = np.full(len(matrix), np.nan)
-    personal[trained] = matrix[trained, 1] / np.maximum(counts[trained], 1)
-    return ids, matrix[ids, 0] / counts[ids], personal[ids]
+    personal[trained] = matrix[trained, PERSONAL] / np.maximum(counts[trained], 1)
+    return ids, matrix[ids, GLOBAL] / counts[ids], personal[ids]
 
 
 def write_client_table(path: Path, matrix, trained: list[int]) -> None:
     """clients.csv: per client of the last evaluation, test samples, global and personalized accuracy
     (empty when the client never trained), and, when the model reports per-sample test losses, the
     global and personalized mean test loss."""
-    from core.evaluation import GLOBAL_LOSS, LOSS_COUNT, PERSONAL_LOSS
-
     ids, global_acc, personal_acc = _client_accuracies(matrix, trained)
     losses = matrix.shape[1] > LOSS_COUNT and bool((matrix[:, LOSS_COUNT] > 0).any())
     rows = ["client,test_samples,global_acc,personalized_acc" + (",global_loss,personalized_loss" if losses else "")]
