@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from core.local_run import LocalRun
 from core.model import training_loss
 from core.optim import build_optimizer
 from core.seeding import client_generator
@@ -16,7 +17,7 @@ class ClientTrainer:
     is allocated per client beyond the batches.
     """
 
-    def __init__(self, model, layout, loader, client_config, personal_index: torch.Tensor, seed: int, strategy,
+    def __init__(self, model, layout, loader, client_config, personal_index: torch.Tensor, seed: int,
                  personalization=None, personal_names=()):
         self.model = model
         self.loss = training_loss(model, client_config)
@@ -26,8 +27,10 @@ class ClientTrainer:
         self.optimizer = build_optimizer(model.parameters(), client_config.optimizer_config)
         self.personal_index = personal_index
         self.seed = seed
-        self.strategy = strategy
         self.personalization = personalization
+        # the client's training run before its strategy and method shape it
+        self.default_run = (personalization.local_run(self.epochs) if personalization is not None
+                            else LocalRun(phases=((self.epochs, "all"),)))
         personal = set(personal_names)
         self.param_is_personal = [name in personal for name, _ in model.named_parameters()]
         self.shared_positions = [i for i, mine in enumerate(self.param_is_personal) if not mine]
@@ -59,58 +62,36 @@ class ClientTrainer:
         for module, personal in self.norms:
             module.train(self.model.training and (which == "all" or (which == "personal") == personal))
 
-    def _phases(self, epochs: int | None, which: str) -> list[tuple[int, str]]:
-        if epochs is not None or self.personalization is None:
-            return [(self.epochs if epochs is None else epochs, which)]
-        return self.personalization.training_phases(self.epochs)
-
     def train(self, round_idx: int, client_id: int, indices: torch.Tensor, global_flat: torch.Tensor,
-              personal: torch.Tensor | None, epochs: int | None = None, stream: int = 0,
-              correction: torch.Tensor | None = None, which: str = "all",
-              prox: tuple[float, torch.Tensor] | None = None, step_hook=None) -> torch.Tensor:
-        """Train the client on its samples ``indices`` (int64, on the device).
+              personal: torch.Tensor | None, run: LocalRun | None = None) -> torch.Tensor:
+        """Train the client on its samples ``indices`` (int64, on the device) as ``run`` describes
+        (:class:`core.local_run.LocalRun`; None: :attr:`default_run`, the method's phases).
 
-        Runs the personalization method's phases (``local_epochs`` of all parameters by default), or
-        ``epochs`` epochs of the ``which`` parameters (``all``, ``personal``, ``shared``) when given.
-        The trained state is left in the replica (read it with the layout); ``last_steps`` holds the
-        number of optimizer steps and ``shared_steps`` those that trained the shared (aggregated)
-        parameters (FedRep's head epochs do not). ``correction`` (num_params,) moves the weights by
-        ``-lr * correction`` after every optimizer step (SCAFFOLD; with plain SGD this is adding it
-        to the gradient); ``prox = (mu, anchor)`` adds ``mu/2 ||w - anchor||^2`` to every step's
-        loss (Ditto), otherwise the strategy's own penalty (FedProx), which only pulls the shared
-        parameters toward the global model: personal layers have no global value to be pulled to.
-        ``step_hook(batch)`` runs at every step after the backward pass and before the optimizer
-        step, while the replica still holds the step's starting weights (APFL's personal update).
-        Returns the mean training loss as a 0-dim tensor (no host sync).
+        Starts from the (N,) ``global_flat`` with the (P,) ``personal`` layers written over it. The
+        trained state is left in the replica (read it with the layout); ``last_steps`` holds the
+        number of steps and ``shared_steps`` those that trained the shared (aggregated) parameters
+        (FedRep's head epochs do not). Each step adds ``run.penalty(params)`` to the loss, calls
+        ``run.step_hook(batch)`` after the backward pass (the replica still holds the step's
+        starting weights), steps the optimizer, then moves the trained weights by ``-lr *
+        run.correction``; ``run.step(batch)`` replaces all of it. Returns the mean training loss
+        as a 0-dim tensor (no host sync).
         """
+        run = self.default_run if run is None else run
         self.load(global_flat, personal)
         self.optimizer.state.clear()
-        generator = client_generator(indices.device, self.seed, round_idx, client_id, stream)
+        generator = client_generator(indices.device, self.seed, round_idx, client_id, run.stream)
         self.model.train()
         losses: list[torch.Tensor] = []  # step losses, reduced once per client: no kernel per step
-        params = list(self.model.parameters())
-        penalty = self._penalty(global_flat, prox)
-        shifts = self.layout.param_views(correction) if correction is not None else None
         self.shared_steps = 0
-        for phase_epochs, part in self._phases(epochs, which):
+        for phase_epochs, part in run.phases:
             self._trainable(part)
             before = len(losses)
-            self._epochs(phase_epochs, indices, generator, params, penalty, shifts, losses, step_hook)
+            self._epochs(phase_epochs, indices, generator, run, losses)
             if part != "personal":
                 self.shared_steps += len(losses) - before
         self._trainable("all")
         self.last_steps = len(losses)
         return torch.stack(losses).mean() if losses else torch.zeros((), device=indices.device)
-
-    def _penalty(self, global_flat: torch.Tensor, prox):
-        """A function params -> loss term, or None."""
-        if prox is not None:
-            mu, anchors = prox[0], self.layout.param_views(prox[1])
-            return lambda params: 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors))
-        if self.strategy.has_local_penalty and self.shared_positions:
-            shared, anchors = self.shared_positions, self.layout.param_views(global_flat)
-            return lambda params: self.strategy.local_penalty([params[i] for i in shared], [anchors[i] for i in shared])
-        return None
 
     @torch.no_grad()
     def _shift(self, params: list[torch.Tensor], shifts: list[torch.Tensor]) -> None:
@@ -121,20 +102,24 @@ class ClientTrainer:
         if trained:
             torch._foreach_add_([p for p, _ in trained], [s for _, s in trained], alpha=-lr)
 
-    def _epochs(self, epochs, indices, generator, params, penalty, shifts, losses: list, step_hook) -> None:
+    def _epochs(self, epochs: int, indices, generator, run: LocalRun, losses: list) -> None:
         """Train ``epochs`` epochs over ``indices``, appending each step's detached loss to ``losses``."""
+        params = list(self.model.parameters())
         for _ in range(epochs):
             for batch in self.loader.batches(indices, generator):
                 batch = self.prepare(batch)
+                if run.step is not None:
+                    losses.append(run.step(batch).detach())
+                    continue
                 with torch.autocast(indices.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss = self.loss(batch)
-                if penalty is not None:
-                    loss = loss + penalty(params)
+                if run.penalty is not None:
+                    loss = loss + run.penalty(params)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if step_hook is not None:
-                    step_hook(batch)
+                if run.step_hook is not None:
+                    run.step_hook(batch)
                 self.optimizer.step()
-                if shifts is not None:
-                    self._shift(params, shifts)
+                if run.correction is not None:
+                    self._shift(params, run.correction)
                 losses.append(loss.detach())

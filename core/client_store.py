@@ -121,3 +121,41 @@ class ClientStore:
         self._row, self._table, self._map = {}, None, None
         if self.spill_path is not None:
             self.spill_path.unlink(missing_ok=True)
+
+
+class StoreRow:
+    """The layout of a client-store row (and of a round slot), from the algorithms' declarations:
+    the client's personal layers (P floats), then the strategy's named client state (C), then the
+    personalization method's named separate model state (M).
+
+    ``strategy_parts`` / ``model_parts`` are :class:`core.local_run.StateParts`; ``eval_part`` names
+    what evaluation reads of a row (``personal``: the personal layers; ``model``: the model state).
+    """
+
+    def __init__(self, personal_numel: int, strategy_parts, model_parts, eval_part: str = "personal"):
+        self.strategy_parts, self.model_parts, self.eval_part = strategy_parts, model_parts, eval_part
+        self.p, self.c, self.m = personal_numel, strategy_parts.numel, model_parts.numel
+        self.width = self.p + self.c + self.m
+
+    def personal(self, row: torch.Tensor) -> torch.Tensor:
+        """(P,) view of a row's personal layers."""
+        return row[:self.p]
+
+    def strategy_state(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Name -> view of a row's strategy client state (empty without one)."""
+        return self.strategy_parts.views(row[self.p:self.p + self.c]) if self.c else {}
+
+    def model_state(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Name -> view of a row's separate model state (empty without one)."""
+        return self.model_parts.views(row[self.p + self.c:]) if self.m else {}
+
+    @property
+    def eval_width(self) -> int:
+        """Floats evaluation reads of a row (:meth:`eval_vector`)."""
+        return self.m if self.eval_part == "model" else self.p
+
+    def eval_vector(self, row: torch.Tensor | None) -> torch.Tensor | None:
+        """What evaluation reads of a row: its model state or its personal layers (None: no row)."""
+        if row is None:
+            return None
+        return row[self.p + self.c:] if self.eval_part == "model" else row[:self.p]

@@ -17,69 +17,22 @@ from __future__ import annotations
 
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from core.errors import UserError
-
-
-def _is_section(field) -> bool:
-    """Whether a pydantic field holds a nested section (a model) rather than a value."""
-    return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-
-
-MAX_ROUNDS = 10_000_000  # server_config.max_iteration, val_freq, ckpt_freq: ten million rounds
-MAX_EPOCHS = 1_000_000  # local_epochs and the personalization epoch counts
-MAX_COUNT = 2**31 - 1  # any other count (clients, samples, batch sizes, classes): far beyond any real run
-MAX_SEED = 2**63 - 1  # seed: a signed 64-bit integer, what numpy's and torch's seeding and the checkpoints hold
-MAX_TIMEOUT_S = 365 * 86400.0  # server_config.timeout_s: one year (torch's timedelta overflows far beyond)
-
-
-def _scalar_type(annotation) -> Optional[type]:
-    """``int``, ``float`` or ``bool`` for a field annotated so (or ``Optional`` of it); None otherwise."""
-    if get_origin(annotation) is Union:
-        inner = [a for a in get_args(annotation) if a is not type(None)]
-        annotation = inner[0] if len(inner) == 1 else None
-    return annotation if annotation in (int, float, bool) else None
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _as_written(cls, value, info: ValidationInfo):
-        """Refuse what pydantic would coerce: true/false or 2.0 or '2' for a count, true/false for a
-        float, 1/0 or text for a flag (YAML reads ``true``, ``false``, ``yes``, ``no`` as booleans)."""
-        kind = _scalar_type(cls.model_fields[str(info.field_name)].annotation)
-        if value is None or kind is None:
-            return value
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError("expected a whole number, e.g. 5 (not true/false, a decimal or quoted text)")
-        if kind is float and isinstance(value, bool):
-            raise ValueError("expected a number, e.g. 0.5 (not true/false)")
-        if kind is bool and not isinstance(value, bool):
-            raise ValueError("expected true or false")
-        return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_sections(cls, data):
-        """A section written with nothing under it (``server_config:`` in YAML, read as None) counts
-        as left out, at any depth: it takes the defaults listed in the config reference."""
-        if not isinstance(data, dict):
-            return data
-        sections = {name for n, f in cls.model_fields.items() if _is_section(f) for name in (n, f.alias) if name}
-        return {key: value for key, value in data.items() if not (value is None and key in sections)}
+from core.personalization import METHODS
+from core.sections import (MAX_COUNT, MAX_EPOCHS, MAX_ROUNDS, MAX_SEED, MAX_TIMEOUT_S, Section, _is_section,
+                           merged_section)
+from core.strategy import STRATEGIES
 
 
 FEDOPT_BETAS, FEDOPT_TAU = (0.9, 0.99), 1e-3  # Reddi et al. 2021's betas and tau (yogi; adaptive server types)
 
 
-class OptimizerConfig(_Section):
+class OptimizerConfig(Section):
     """A torch optimizer: ``type`` is ``sgd``, ``adam``, ``adamw``, ``adagrad`` or ``yogi``; ``lr`` is the step size.
 
     In ``server_config`` the adaptive types follow Reddi et al. 2021 (arXiv:2003.00295), Algorithm 2
@@ -129,7 +82,7 @@ class OptimizerConfig(_Section):
         return value
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     """Which model class of the task's ``model.py`` to build, and its options."""
 
     model_type: str = Field("ResNet18", description="class name in the task's model.py")
@@ -139,7 +92,7 @@ class ModelSection(_Section):
                                           "key is an error)")
 
 
-class ServerConfig(_Section):
+class ServerConfig(Section):
     """Round loop. ``max_iteration`` rounds; ``num_clients_per_iteration`` clients per cohort.
 
     ``optimizer_config`` is the server optimizer applied to the pseudo-gradient (SGD lr 1.0 is
@@ -206,7 +159,7 @@ def cohort_range(value: Union[int, str]) -> tuple[int, int]:
     return low, high
 
 
-class ClientConfig(_Section):
+class ClientConfig(Section):
     """Local training of one client: ``local_epochs`` passes over its train split."""
 
     local_epochs: int = Field(1, ge=1, le=MAX_EPOCHS, description="passes over the client's train split per round")
@@ -235,7 +188,7 @@ class ClientConfig(_Section):
         return value
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """How a task's data is split into clients (see :mod:`core.partition`), unless the task's dataset
     supplies its own split (``make_split_plan``); ``options`` are the dataset's own."""
 
@@ -260,43 +213,22 @@ class DataConfig(_Section):
                                           "other key is an error)")
 
 
-class StrategyConfig(_Section):
-    """Options of the aggregation strategy."""
-
-    client_weighting: Literal["samples", "uniform"] = Field("samples", description="client weight in the average")
-    mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient")
-    softmax_beta: float = Field(1.0, ge=0, description="DGA: client weight exp(-softmax_beta * mean training loss)")
+def _method_choices(registry) -> str:
+    """``name (summary), ...`` of a registry of algorithm classes, for a field's description."""
+    return ", ".join(f"{name} ({cls.summary})" for name, cls in registry.items())
 
 
-class PersonalizationConfig(_Section):
-    """``method: none`` is plain FedAvg; ``fedper`` keeps ``local_layers`` (module-name prefixes)
-    on each client."""
-
-    method: Literal["none", "fedper", "fedrep", "lgfedavg", "fedbn", "local", "finetune", "ditto", "apfl"] = Field(
-        "none", description="none (FedAvg), fedper (local head), fedrep (head then body), lgfedavg (local body), "
-                            "fedbn (local BatchNorm), local (no federation), finetune (FedAvg + fine-tuning), "
-                            "ditto (regularized personal models), apfl (learned personal/global mixture)")
-    local_layers: list[str] = Field(default_factory=list, description="module-name prefixes kept on each client")
-    head_epochs: int = Field(10, ge=0, le=MAX_EPOCHS, description="fedrep: epochs training the personal head before the body")
-    finetune_epochs: int = Field(1, ge=0, le=MAX_EPOCHS, description="finetune: local epochs of fine-tuning before evaluation")
-    ditto_lambda: float = Field(0.1, ge=0, description="ditto: weight of ||v - w_global||^2 in personal training")
-    ditto_epochs: int = Field(1, ge=1, le=MAX_EPOCHS, description="ditto: epochs of personal-model training per round")
-    apfl_alpha: float = Field(0.5, ge=0, le=1, description="apfl: first mixing weight alpha of every client")
-    apfl_alpha_lr: Optional[float] = Field(None, ge=0, description="apfl: step size of alpha (null: the client lr)")
-    new_client_epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="epochs fine-tuning the personal layers of never-trained "
-                                                        "clients before evaluating them (0: not evaluated)")
-
-    @model_validator(mode="after")
-    def _layers_match_method(self) -> "PersonalizationConfig":
-        if self.method in ("fedper", "fedrep", "lgfedavg") and not self.local_layers:
-            raise ValueError(f"method {self.method} needs local_layers, e.g. [linear]")
-        if self.method in ("none", "fedbn", "local", "finetune", "ditto", "apfl") and self.local_layers:
-            raise ValueError(f"local_layers is set but method {self.method} chooses its own; remove local_layers "
-                             f"or use method fedper / fedrep / lgfedavg")
-        return self
+StrategyConfig = merged_section("StrategyConfig", "Options of the aggregation strategy (each declared by its "
+                                "strategy's module in core/strategy/).", [c.Options for c in STRATEGIES.values()])
+PersonalizationConfig = merged_section(
+    "PersonalizationConfig", "``method: none`` is plain FedAvg; ``fedper`` keeps ``local_layers`` (module-name "
+    "prefixes) on each client. Options are declared by each method's module in core/personalization/.",
+    [create_model("PersonalizationMethod", __base__=Section, method=(  # type: ignore[arg-type]
+        Literal[tuple(METHODS)], Field("none", description=_method_choices(METHODS))))]
+    + [c.Options for c in METHODS.values()])
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     """Optional experiment trackers besides metrics.jsonl and TensorBoard (always written).
 
     ``wandb: true`` logs each evaluation's scalars to Weights & Biases (needs ``pip install wandb``;
@@ -310,16 +242,17 @@ class LoggingConfig(_Section):
         "online", description="offline: W&B files only under the run folder (upload later with wandb sync)")
 
 
-class Config(_Section):
+class Config(Section):
     """The whole experiment. ``seed`` drives partition, cohorts and client training."""
 
     model: ModelSection = Field(default_factory=ModelSection, alias="model_config")
-    strategy: Literal["fedavg", "fedprox", "scaffold", "dga"] = Field("fedavg", description="aggregation strategy")
-    strategy_config: StrategyConfig = Field(default_factory=StrategyConfig)
+    strategy: Literal[tuple(STRATEGIES)] = Field(  # type: ignore[valid-type]
+        "fedavg", description=f"aggregation strategy: {_method_choices(STRATEGIES)}")
+    strategy_config: StrategyConfig = Field(default_factory=StrategyConfig)  # type: ignore[valid-type]
     server_config: ServerConfig = Field(default_factory=ServerConfig)
     client_config: ClientConfig = Field(default_factory=ClientConfig)
     data_config: DataConfig = Field(default_factory=DataConfig)
-    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)  # type: ignore[valid-type]
     logging_config: LoggingConfig = Field(default_factory=LoggingConfig)
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of partition, cohorts, initial model and client training")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the rank's GPU when present")
@@ -334,10 +267,11 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _scaffold_needs_sgd(self):
-        if self.strategy == "scaffold" and self.client_config.optimizer_config.type != "sgd":
-            raise ValueError("strategy scaffold estimates its controls as (x - y) / (K lr), an SGD step; "
-                             "set client_config.optimizer_config.type: sgd or choose another strategy")
+    def _algorithms_accept(self):
+        """Each chosen algorithm's own check of the whole config (its module's ``check``)."""
+        STRATEGIES[self.strategy].check(self)
+        readers = " / ".join(n for n, c in METHODS.items() if c.uses_local_layers)
+        METHODS[self.personalization.method].check(self, readers)
         return self
 
     def to_dict(self) -> dict:

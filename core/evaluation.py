@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from core.cohort import balance
+from core.local_run import epochs_of
 from core.messages import Message, eval_broadcast, eval_reduce
 
 GLOBAL, PERSONAL, COUNT, NEW = 0, 1, 2, 3  # on the clients' local test splits
@@ -105,7 +106,7 @@ def correct_and_loss(model, loader, indices: torch.Tensor, prepare=lambda batch:
 
 def eval_width(sim) -> int:
     """Floats per trained client in an evaluation broadcast (personal layers, or Ditto's model)."""
-    return sim.personalization.model_state_numel(sim.layout) or sim.personal_numel
+    return sim.rows.eval_width
 
 
 def eval_messages(sim, num_trained: int) -> tuple[Message, Message]:
@@ -183,7 +184,7 @@ def fine_tune_new_client(sim, round_idx: int, global_flat: torch.Tensor, cid: in
     """Leave in the replica a never-trained client's model: the global model with its personal layers
     fine-tuned ``personalization.new_client_epochs`` epochs on its train split (the rest frozen)."""
     sim.trainer.train(round_idx, cid, sim.train_clients.get(cid), global_flat, None,
-                      epochs=sim.cfg.personalization.new_client_epochs, stream=2, which="personal")
+                      epochs_of(sim.cfg.personalization.new_client_epochs, "personal", stream=2))
 
 
 def full_test_accuracy(sim, global_flat: torch.Tensor) -> float:

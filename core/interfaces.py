@@ -1,6 +1,6 @@
 """The typed interfaces the engine relies on (structural: a class conforms by having the members;
-nothing needs to inherit from these). The built-in implementations are in core/strategy.py,
-core/personalization.py, core/task.py and core/dataset.py; ``mypy`` (mypy.ini) checks core/.
+nothing needs to inherit from these). The built-in implementations are in core/strategy/,
+core/personalization/, core/task.py and core/dataset.py; ``mypy`` (mypy.ini) checks core/.
 
 Shapes: N is the flat state's length (``StateLayout.numel``), K the number of clients of a call,
 P a personal-layer slice, C / S the per-client / server strategy state.
@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
 
+from core.local_run import LocalRun, RunInputs, StateParts
+
 
 class Strategy(Protocol):
-    """How client updates are weighted, corrected and turned into a pseudo-gradient."""
+    """How client updates are weighted, how a client's run is shaped, and how the summed deltas
+    become a pseudo-gradient (see core/strategy/fedavg.py). State is declared by name
+    (:class:`core.local_run.StateParts`); hooks receive name -> view mappings."""
 
     name: str
-    has_local_penalty: bool
+    summary: str
     relative_weights: bool  # weights are exp(log_weight), defined up to a common factor (DGA)
     exact_sum: bool  # weights known before training, so the sum is taken in fixed point
 
@@ -29,67 +33,68 @@ class Strategy(Protocol):
     def cohort_weights(self, num_samples: Any) -> np.ndarray:
         """(K,) float64 weights of a cohort, known before training."""
 
-    def pseudo_gradient(self, delta_sum: torch.Tensor, weight_sum: Any) -> torch.Tensor:
-        """(N,) pseudo-gradient from the weighted delta sum and the weight sum."""
+    def pseudo_gradient(self, delta_sum: torch.Tensor, weight_sum: Any,
+                        server: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) pseudo-gradient from the weighted delta sum, the weight sum and the new server state."""
 
-    def local_penalty(self, params: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor | None:
-        """A term added to every local step's loss (None: nothing)."""
+    def client_state(self, layout: Any) -> StateParts:
+        """Named per-client state in the client store (C floats in all)."""
 
-    def client_state_numel(self, layout: Any) -> int:
-        """C: floats of per-client strategy state in the client store (0: none)."""
+    def server_state(self, layout: Any) -> StateParts:
+        """Named server state broadcast every round (S floats in all)."""
 
-    def server_state_numel(self, layout: Any) -> int:
-        """S: floats of server strategy state broadcast every round (0: none)."""
+    def shape_run(self, run: LocalRun, inputs: RunInputs) -> LocalRun:
+        """The client's training run with the strategy's penalty or correction."""
 
-    def gradient_correction(self, server_state: torch.Tensor, client_state: torch.Tensor) -> torch.Tensor | None:
-        """(num_params,) correction c applied as ``-lr * c`` after every local step (None: none)."""
+    def new_client_state(self, inputs: RunInputs, trained_params: torch.Tensor, steps: int,
+                         lr: float) -> dict[str, torch.Tensor]:
+        """The client's state (by name) after local training."""
 
-    def new_client_state(self, server_state: torch.Tensor, client_state: torch.Tensor, global_params: torch.Tensor,
-                         trained_params: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-        """(C,) the client's state after local training."""
-
-    def new_server_state(self, server_state: torch.Tensor, client_state_change_sum: torch.Tensor,
-                         num_clients: int) -> torch.Tensor:
-        """(S,) the server state after a round."""
+    def new_server_state(self, server: Mapping[str, torch.Tensor], change_sum: Mapping[str, torch.Tensor],
+                         num_clients: int) -> dict[str, torch.Tensor]:
+        """The server state (by name) after a round."""
 
 
 class ClientHook(Protocol):
-    """A personalization method's per-client companion during local training (Ditto, APFL)."""
+    """A personalization method's per-client companion during local training (Ditto, APFL, pFedMe)."""
 
-    def step(self, batch: dict) -> None:
-        """After each local step on ``batch``."""
+    def shape(self, run: LocalRun) -> LocalRun:
+        """The client's run with the method's step hook or step."""
 
     def result(self) -> torch.Tensor:
         """The client's new (M,) model state."""
 
 
 class Personalization(Protocol):
-    """What a personalization method keeps local, how it trains and how it is evaluated."""
+    """What a personalization method keeps local, how it trains and how it is evaluated (see
+    core/personalization/base.py)."""
 
     name: str
+    summary: str
     evaluates_personalized: bool
     keeps_layers_local: bool
+    eval_part: str  # what evaluation reads of a store row: "personal" layers or the "model" state
     local_layers: Any
 
     def training_phases(self, local_epochs: int) -> list[tuple[int, str]]:
         """(epochs, which parameters train) per phase of local training."""
 
+    def local_run(self, local_epochs: int) -> LocalRun:
+        """The client's training run before hooks shape it."""
+
     def prepare_eval(self, trainer: Any, round_idx: int, client_id: int, train_indices: torch.Tensor,
                      global_flat: torch.Tensor, personal: torch.Tensor | None) -> None:
         """Leave the client's personalized model in the trainer's replica."""
 
-    def model_state_numel(self, layout: Any) -> int:
-        """M: floats of a separate personal model per client (0: none)."""
+    def model_state(self, layout: Any) -> StateParts:
+        """Named separate personal model per client (M floats in all)."""
 
     def initial_model_state(self, global_flat: torch.Tensor, layout: Any) -> torch.Tensor:
         """(M,) a never-trained client's personal model state."""
 
     def client_hook(self, trainer: Any, round_idx: int, client_id: int, train_indices: torch.Tensor,
-                    global_flat: torch.Tensor, model_state: torch.Tensor) -> ClientHook | None:
+                    global_flat: torch.Tensor, model: Mapping[str, torch.Tensor]) -> ClientHook | None:
         """The per-client companion of local training (None: none)."""
-
-    def eval_vector(self, entry: torch.Tensor | None, personal_numel: int, strategy_numel: int) -> torch.Tensor:
-        """What evaluation needs of a client's store entry."""
 
     def personal_names(self, layout: Any, model: torch.nn.Module) -> list[str]:
         """Names of the state entries kept on each client."""

@@ -45,7 +45,8 @@ class Server:
         self.weights = torch.nn.Parameter(self.global_flat[:sim.layout.num_params])
         self.optimizer = build_server_optimizer([self.weights], sim.cfg.server_config.optimizer_config)
         self.store = ClientStore(run_dir / "client_store.f32", sim.cfg.server_config.client_store_memory_mb * 2**20)
-        self.strategy_state = torch.zeros(sim.strategy.server_state_numel(sim.layout), device=sim.ctx.device)
+        self.server_parts = sim.strategy.server_state(sim.layout)  # the strategy's named server state
+        self.strategy_state = torch.zeros(self.server_parts.numel, device=sim.ctx.device)
         self.history: list[dict] = []
         self._pending_dropped: list[int] = []  # dropped counts of the rounds after the last evaluation
         self.start_round = 1
@@ -155,8 +156,9 @@ class Server:
             for cid, vec, sent, lost in zip(cohort, new_slots, self._sent, dropped.tolist()):
                 self.store.put(int(cid), sent if lost else vec)
         if lay.s:
-            self.strategy_state = sim.strategy.new_server_state(self.strategy_state, state_change,
-                                                                sim.schedule.num_clients)
+            parts = self.server_parts
+            self.strategy_state = parts.flat(sim.strategy.new_server_state(
+                parts.views(self.strategy_state), lay.row.strategy_parts.views(state_change), sim.schedule.num_clients))
         self._apply(delta_sum, weight_sum)
         if not bool(torch.isfinite(self.global_flat).all() & torch.isfinite(self.strategy_state).all()):
             raise Diverged(f"round {round_idx}: the global model became non-finite (NaN or inf) after "
@@ -177,7 +179,7 @@ class Server:
         ``weight_sum`` (float32, or float64 from an exact sum: divided in float64, then rounded once
         to float32)."""
         sim = self.sim
-        pseudo = sim.strategy.pseudo_gradient(delta_sum, weight_sum)
+        pseudo = sim.strategy.pseudo_gradient(delta_sum, weight_sum, self.server_parts.views(self.strategy_state))
         pseudo[sim.personal_index] = 0.0
         pseudo = pseudo.to(self.global_flat.dtype)
         k = sim.layout.num_params
@@ -202,9 +204,7 @@ class Server:
         """The evaluation's broadcast payload (:func:`core.evaluation.eval_messages`): the global
         model evaluation reports, and the stored vector of each client of ``trained``."""
         sim = self.sim
-        p, c = sim.personal_numel, sim.strategy.client_state_numel(sim.layout)
-        stored = ([sim.personalization.eval_vector(self.store.get(i, None), p, c) for i in trained]
-                  if eval_width(sim) else [])
+        stored = [sim.rows.eval_vector(self.store.get(i, None)) for i in trained] if eval_width(sim) else []
         self._evaluated_global = self._global_for_evaluation()
         return {"global": self._evaluated_global[0], "personal": stored, "control": GO}
 

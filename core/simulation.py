@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from core.client import ClientTrainer
+from core.client_store import StoreRow
 from core.distributed import DistContext, Transport
 from core.errors import UserError
 from core.config import Config
@@ -67,11 +68,16 @@ class Simulation:
         """Floats of the personal layers (P) in the flat state; 0 without personal layers."""
         return int(self.personal_index.numel())
 
+    @cached_property
+    def rows(self) -> StoreRow:
+        """The layout of a client-store row, from the strategy's and the method's declared state."""
+        return StoreRow(self.personal_numel, self.strategy.client_state(self.layout),
+                        self.personalization.model_state(self.layout), self.personalization.eval_part)
+
     @property
     def store_width(self) -> int:
         """Floats of a client-store row: personal layers (P), strategy state (C), separate personal model (M)."""
-        return (self.personal_numel + self.strategy.client_state_numel(self.layout)
-                + self.personalization.model_state_numel(self.layout))
+        return self.rows.width
 
     @cached_property
     def personal_params(self) -> torch.Tensor:
@@ -157,8 +163,8 @@ def build_simulation(cfg, task, data_path: str | None, ctx: DistContext, transpo
     if val_parts is None and data_cfg.val_fraction > 0:
         train_parts, val_parts = carve_validation(train_parts, np.asarray(train_ds.labels), data_cfg.val_fraction,
                                                   cfg.seed)
-    trainer = ClientTrainer(model, layout, train_loader, client_cfg, personal_index, cfg.seed, strategy,
-                            personalization, personalization.personal_names(layout, model))
+    trainer = ClientTrainer(model, layout, train_loader, client_cfg, personal_index, cfg.seed, personalization,
+                            personalization.personal_names(layout, model))
     return Simulation(cfg=cfg, ctx=ctx, transport=transport,
                       schedule=Schedule(cfg.server_config, data_cfg.num_clients, cfg.seed),
                       model=model, layout=layout, personal_index=personal_index, trainer=trainer,

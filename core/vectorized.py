@@ -6,6 +6,8 @@ randomness (no dropout) the result equals sequential training up to float summat
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from core.distributed import host_to_device
 from core.errors import UserError
+from core.local_run import LocalRun, RunInputs
 from core.seeding import client_generator
 
 
@@ -55,10 +58,10 @@ class VectorizedTrainer:
     def __init__(self, model, layout, loader, client_config, seed: int, strategy, personalization,
                  shared_positions: list[int]):
         check_vectorizable(model, client_config, personalization)
-        if personalization is not None and personalization.model_state_numel(layout):
+        if personalization is not None and personalization.model_state(layout).numel:
             raise UserError(f"client_config.vectorize does not support personalization.method "
                             f"{personalization.name} (a personal model per client); set vectorize: false")
-        if strategy.client_state_numel(layout):
+        if strategy.client_state(layout).numel or strategy.server_state(layout).numel:
             raise UserError(f"client_config.vectorize does not support strategy {strategy.name}; set vectorize: false")
         self.call = LossCall(model)
         self.layout = layout
@@ -67,7 +70,7 @@ class VectorizedTrainer:
         self.opt = client_config.optimizer_config
         self.seed = seed
         self.strategy = strategy
-        self._anchors: list[torch.Tensor] | None = None
+        self._penalty: Callable[[list], torch.Tensor] | None = None  # the strategy's, for the round's group
         self.autocast = dict(device_type=loader.device.type, dtype=torch.bfloat16,
                              enabled=client_config.precision == "bf16")
         self.names = [f"model.{n}" for n, _ in model.named_parameters()]
@@ -81,8 +84,8 @@ class VectorizedTrainer:
     def _loss(self, params: dict, batch: dict) -> torch.Tensor:
         with torch.autocast(**self.autocast):
             loss = functional_call(self.call, (params, self.buffers), (batch,))
-        if self._anchors is not None:
-            loss = loss + self.strategy.local_penalty([params[self.names[i]] for i in self.shared], self._anchors)
+        if self._penalty is not None:
+            loss = loss + self._penalty([params[n] for n in self.names])
         return loss
 
     def _streams(self, round_idx, client_ids, indices):
@@ -128,10 +131,12 @@ class VectorizedTrainer:
             (C, num_params) trained parameter rows and (C,) mean training losses.
         """
         count, k = len(client_ids), self.layout.num_params
-        self._anchors = None
-        if self.strategy.has_local_penalty and self.shared:
-            anchors = self.layout.param_views(global_flat)
-            self._anchors = [anchors[i] for i in self.shared]
+        inputs = RunInputs(self.layout, global_flat, {}, {}, self.shared)
+        run = self.strategy.shape_run(LocalRun(phases=((self.epochs, "all"),)), inputs)
+        if run.correction is not None or run.step_hook is not None or run.step is not None:
+            raise UserError(f"client_config.vectorize does not support strategy {self.strategy.name} "
+                            f"(a per-step correction or hook); set vectorize: false")
+        self._penalty = run.penalty
         start = global_flat.unsqueeze(0).repeat(count, 1)
         if personal is not None and personal_index.numel():
             start[:, personal_index] = personal

@@ -12,6 +12,7 @@ from core.evaluation import eval_messages, share_of_evaluation
 from core.exact import FixedPointSums, decode, state_change_bits
 from core.flat import keep_rows_if_finite_
 from core.messages import STOP, Message, Value, round_broadcast, round_reduce, start_broadcast
+from core.local_run import RunInputs
 
 
 class RoundLayout:
@@ -41,9 +42,10 @@ class RoundLayout:
 
     def __init__(self, sim, round_idx: int):
         self.n, self.p = sim.layout.numel, sim.personal_numel
-        self.c = sim.strategy.client_state_numel(sim.layout)
-        self.s = sim.strategy.server_state_numel(sim.layout)
-        self.m = sim.personalization.model_state_numel(sim.layout)
+        self.row = sim.rows  # a slot's layout: personal layers, named strategy state, named model state
+        self.c, self.m = self.row.c, self.row.m
+        self.server_parts = sim.strategy.server_state(sim.layout)
+        self.s = self.server_parts.numel
         self.cohort = sim.schedule.cohort(round_idx)  # (K,) sorted client ids, the same on every rank
         self.k = len(self.cohort)
         self.width = self.p + self.c + self.m
@@ -187,16 +189,17 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
     out_slots, dropped = parts["slots"], parts["dropped"]
     delta_sum, state_change = parts["delta"], parts["state_change"]
     lr = sim.cfg.client_config.optimizer_config.lr
+    server = lay.server_parts.views(server_state)
     weights, losses, finite = [], [], []
     for cid in mine:
         slot = slot_of[int(cid)]
-        client_state = slots[slot, p:p + lay.c] if lay.c else None
-        correction = sim.strategy.gradient_correction(server_state, client_state) if lay.c else None
+        inputs = RunInputs(sim.layout, global_flat, server, lay.row.strategy_state(slots[slot]),
+                           sim.trainer.shared_positions, sim.personal_params)
+        run = sim.strategy.shape_run(sim.trainer.default_run, inputs)
         hook = sim.personalization.client_hook(sim.trainer, round_idx, int(cid), sim.train_clients.get(cid),
-                                               global_flat, slots[slot, p + lay.c:]) if lay.m else None
+                                               global_flat, lay.row.model_state(slots[slot])) if lay.m else None
         loss = sim.trainer.train(round_idx, int(cid), sim.train_clients.get(cid), global_flat,
-                                 slots[slot, :p] if p else None, correction=correction,
-                                 step_hook=getattr(hook, "step", None))
+                                 slots[slot, :p] if p else None, hook.shape(run) if hook is not None else run)
         model = hook.result() if hook is not None else None
         ok = sim.layout.keep_if_finite_(loss, *([model] if lay.m else []))  # not finite: state zeroed
         state: torch.Tensor | None = None
@@ -205,11 +208,10 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
             state = sim.layout.flatten()
             out_slots[slot, :p] = state[sim.personal_index]
             if lay.c:
-                new = sim.strategy.new_client_state(server_state, client_state, global_flat[:k], state[:k],
-                                                    sim.trainer.shared_steps, lr)
-                new[sim.personal_params] = 0.0  # controls of the shared parameters only: never averaged
+                new = lay.row.strategy_parts.flat(sim.strategy.new_client_state(inputs, state[:k],
+                                                                                sim.trainer.shared_steps, lr))
                 out_slots[slot, p:p + lay.c] = new
-                change = new - client_state
+                change = new - slots[slot, p:p + lay.c]
         if lay.m:
             out_slots[slot, p + lay.c:] = model
         if lay.exact:

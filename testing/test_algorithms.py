@@ -8,6 +8,7 @@ import torch
 from core.config import OptimizerConfig, validate_config
 from core.distributed import DistContext, Transport
 from core.errors import UserError
+from core.local_run import epochs_of, proximal
 from core.optim import Yogi, build_optimizer
 from core.schedule import Schedule
 from core.server import Server
@@ -136,7 +137,7 @@ def _two_server_steps(cifar_path, tmp_path, optimizer_config):
     sim = _sim(cifar_path, server_config={"optimizer_config": optimizer_config})
     server = Server(sim, tmp_path, None)
     pseudo, compute = [], sim.strategy.pseudo_gradient
-    sim.strategy.pseudo_gradient = lambda d, w: pseudo.append(compute(d, w)) or pseudo[-1]
+    sim.strategy.pseudo_gradient = lambda d, w, s: pseudo.append(compute(d, w, s)) or pseudo[-1]
     k = sim.layout.num_params
     weights = [server.global_flat[:k].double().clone()]
     for r in (1, 2):
@@ -330,8 +331,8 @@ def test_fedrep_trains_head_then_body(cifar_path):
     assert not torch.equal(both.layout.flatten()[head], start[head])
     assert all(p.requires_grad for p in both.model.parameters()), "parameters are unfrozen afterwards"
     graded = []  # per step, which parameters the backward pass reached: the head's epochs come first
-    both.trainer.train(1, cid, both.train_clients.get(cid), start, start[head],
-                       step_hook=lambda batch: graded.append(tuple(p.grad is not None for p in both.model.parameters())))
+    both.trainer.train(1, cid, both.train_clients.get(cid), start, start[head], both.trainer.default_run.but(
+        step_hook=lambda batch: graded.append(tuple(p.grad is not None for p in both.model.parameters()))))
     is_head = tuple(name.startswith("linear") for name, _ in both.model.named_parameters())
     body_steps = both.trainer.shared_steps
     assert body_steps > 0 and len(graded) == 3 * body_steps, "head_epochs 2, then local_epochs 1"
@@ -454,7 +455,7 @@ def test_new_client_fine_tuning_touches_only_personal_layers(cifar_path, model):
     sim = _sim(cifar_path, model_config={"model_type": model})
     start = sim.layout.flatten()
     cid = int(np.argmin(sim.train_clients.sizes))  # the smallest client: a few ResNet steps on the CPU
-    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, epochs=1, stream=2, which="personal")
+    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, epochs_of(1, "personal", stream=2))
     after = sim.layout.flatten()
     body = torch.ones_like(start, dtype=torch.bool)
     body[sim.personal_index] = False
@@ -472,9 +473,9 @@ def test_fedrep_phases_freeze_the_statistics_of_what_they_do_not_train(cifar_pat
     cid = int(np.argmin(sim.train_clients.sizes))
     stats = torch.zeros_like(start, dtype=torch.bool)
     stats[sim.layout.num_params:] = True  # buffers: BatchNorm running statistics and counters
-    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, epochs=1, which="personal")
+    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, epochs_of(1, "personal"))
     assert torch.equal(sim.layout.flatten()[stats], start[stats])
-    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, epochs=1, which="shared")
+    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, epochs_of(1, "shared"))
     assert not torch.equal(sim.layout.flatten()[stats], start[stats])
 
 
@@ -485,7 +486,8 @@ def test_ditto_personal_models(cifar_path, tmp_path):
     _, ditto_server = _run_rounds(ditto, tmp_path / "b", rounds=1)
     assert torch.equal(avg_server.global_flat, ditto_server.global_flat), "Ditto leaves the global update alone"
     cid = int(ditto.schedule.cohort(1)[0])
-    ditto.trainer.train(1, cid, ditto.train_clients.get(cid), start, None, epochs=1, stream=3, prox=(0.0, start))
+    ditto.trainer.train(1, cid, ditto.train_clients.get(cid), start, None,
+                        epochs_of(1, stream=3).but(penalty=proximal(0.0, ditto.layout.param_views(start))))
     stored = ditto_server.store.get(cid, None)
     assert stored.numel() == ditto.layout.numel
     assert torch.allclose(stored, ditto.layout.flatten(), atol=1e-6), "v_i = its own training from the global"
@@ -504,7 +506,8 @@ def test_ditto_pulls_the_personal_model_toward_the_global_model(cifar_path):
     w = sim.layout.flatten()
     v = w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
     cid = int(sim.schedule.cohort(1)[0])
-    result = sim.personalization.client_hook(sim.trainer, 1, cid, sim.train_clients.get(cid), w, v).result()
+    result = sim.personalization.client_hook(sim.trainer, 1, cid, sim.train_clients.get(cid), w,
+                                             sim.rows.model_parts.views(v)).result()
     assert sim.trainer.last_steps >= 3
     assert (result - w).norm() < 0.5 * (v - w).norm(), (float((result - w).norm()), float((v - w).norm()))
 
@@ -608,7 +611,8 @@ def test_apfl_step_follows_its_update_rules(cifar_path):
     v = w.clone()
     v[:k] += 0.01 * torch.randn(k, generator=torch.Generator().manual_seed(0))
     state = torch.cat([v[:k], torch.tensor([0.3])])
-    hook = sim.personalization.client_hook(sim.trainer, 1, 0, sim.train_clients.get(0), w, state)
+    hook = sim.personalization.client_hook(sim.trainer, 1, 0, sim.train_clients.get(0), w,
+                                           sim.rows.model_parts.views(state))
     batch = next(iter(sim.trainer.loader.batches(sim.train_clients.get(0), torch.Generator().manual_seed(1))))
     hook.step(batch)
     new = hook.result()
@@ -694,8 +698,9 @@ def test_apfl_personalized_model_is_the_mixture(cifar_path, tmp_path):
     assert len(set(inside)) == len(inside), f"stored alphas {alphas}: the unclamped ones should differ per client"
     cid = cohort[alphas.index(max(alphas))]  # one replay: each adds about a fifth to this test's time
     hook = sim.personalization.client_hook(sim.trainer, 1, cid, sim.train_clients.get(cid), start,
-                                           sim.personalization.initial_model_state(start, sim.layout))
-    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, step_hook=hook.step)
+                                           sim.rows.model_parts.views(
+                                               sim.personalization.initial_model_state(start, sim.layout)))
+    sim.trainer.train(1, cid, sim.train_clients.get(cid), start, None, hook.shape(sim.trainer.default_run))
     replay, stored = hook.result(), server.store.get(cid, None)
     assert torch.equal(replay, stored), (
         f"client {cid}: stored alpha {float(stored[k]):.6g} and v (max |stored - replayed| "
@@ -716,7 +721,8 @@ def test_scaffold_correction_stays_outside_the_momentum_buffer(cifar_path):
                                           "optimizer_config": {"type": "sgd", "lr": 0.05, "momentum": 0.9}})
     k, start = sim.layout.num_params, sim.layout.flatten()
     c = 0.5 * torch.randn(k, generator=torch.Generator().manual_seed(0))  # inside the buffer: off by 0.9 lr c
-    sim.trainer.train(1, 0, sim.train_clients.get(0), start, start[sim.personal_index], correction=c)
+    sim.trainer.train(1, 0, sim.train_clients.get(0), start, start[sim.personal_index],
+                      sim.trainer.default_run.but(correction=sim.layout.param_views(c)))
     assert sim.trainer.last_steps == 2
     trained = sim.layout.flatten()[:k]
     batches = list(sim.trainer.loader.batches(sim.train_clients.get(0), client_generator(start.device, 3, 1, 0)))

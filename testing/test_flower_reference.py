@@ -48,10 +48,12 @@ import pytest
 import torch
 from torch import nn
 
+from core.client_store import StoreRow
 from core.config import validate_config
 from core.exact import FixedPointSums
 from core.flat import StateLayout
 from core.optim import FedOpt, build_server_optimizer
+from core.local_run import StateParts
 from core.server import Server
 from core.strategy import build_strategy
 from core.worker import RoundLayout
@@ -92,14 +94,15 @@ def engine(record: dict, strategy: str = "fedavg", strategy_config: dict | None 
     rounds = record["rounds"]
     layout = StateLayout(_Parameters(rounds[0]["global"]))
     nothing = torch.zeros(0, dtype=torch.long)
-    sim = SimpleNamespace(strategy=build_strategy(cfg.strategy, cfg.strategy_config), layout=layout,
-                          personal_index=nothing, personal_params=nothing, personal_numel=0,
-                          personalization=SimpleNamespace(model_state_numel=lambda layout: 0),
-                          schedule=None, train_clients=None)
+    strategy = build_strategy(cfg.strategy, cfg.strategy_config)
+    sim = SimpleNamespace(strategy=strategy, layout=layout, personal_index=nothing, personal_params=nothing,
+                          personal_numel=0, rows=StoreRow(0, StateParts(), StateParts()), schedule=None,
+                          train_clients=None)
     global_flat = layout.flatten().clone()
     assert layout.num_params == global_flat.numel()  # no buffers: every entry is stepped by the optimizer
     weights = nn.Parameter(global_flat[:layout.num_params])
-    server = SimpleNamespace(sim=sim, global_flat=global_flat, weights=weights,
+    server = SimpleNamespace(sim=sim, global_flat=global_flat, weights=weights, server_parts=StateParts(),
+                             strategy_state=torch.zeros(0),
                              optimizer=optimizer([weights]) if optimizer else
                              build_server_optimizer([weights], cfg.server_config.optimizer_config))
     out = []

@@ -323,7 +323,7 @@ def test_server_rounds_follow_algorithm_2(rule, tmp_path):
     server = core.server.Server(sim, tmp_path, None)
     assert isinstance(server.optimizer, FedOpt) and server.optimizer.rule == rule
     pseudo, compute = [], sim.strategy.pseudo_gradient
-    sim.strategy.pseudo_gradient = lambda d, w: pseudo.append(compute(d, w)) or pseudo[-1]
+    sim.strategy.pseudo_gradient = lambda d, w, s: pseudo.append(compute(d, w, s)) or pseudo[-1]
     k = sim.layout.num_params
     x0 = server.global_flat[:k].numpy().copy()
     got = []

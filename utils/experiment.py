@@ -171,8 +171,8 @@ class Experiment:
         if not eval_width(sim):
             return None
         entry = state["client_store"]["entries"].get(int(client))
-        c = sim.strategy.client_state_numel(sim.layout)
-        return sim.personalization.eval_vector(entry, sim.personal_numel, c).to(self.device)
+        vector = sim.rows.eval_vector(entry)
+        return None if vector is None else vector.to(self.device)
 
     def _personalize(self, reload: str, client: int) -> None:
         """Put ``client``'s personalized model into the simulation's replica, as evaluation does:
