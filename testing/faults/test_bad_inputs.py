@@ -331,7 +331,7 @@ CASES = [
     S("softmax-beta-inf", "strategy_config.softmax_beta=.inf"),
     S("softmax-beta-bool", "strategy_config.softmax_beta=true"),
     # --- personalization ---------------------------------------------------------------------------
-    S("method-name", "personalization.method=pfedme"),
+    S("method-name", "personalization.method=pfedhn"),
     S("layers-text", "personalization.local_layers=linear"),
     S("layers-numbers", "personalization.local_layers=[1]"),
     S("layers-empty", "personalization.local_layers=[]", needle="local_layers"),
