@@ -15,6 +15,7 @@ mapping.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
@@ -228,6 +229,49 @@ PersonalizationConfig = merged_section(
     + [c.Options for c in METHODS.values()])
 
 
+DP_REFUSED_STRATEGIES = {  # strategy -> why central DP cannot run it (one line each)
+    "scaffold": "its control variates are per-client state sent to the server unclipped and un-noised",
+    "dga": "its client weights depend on each client's training loss, so one client's weight is not bounded",
+    "feddyn": "its server state h sums the clients' deltas outside the clipped, noised sum",
+}
+
+
+class PrivacyConfig(Section):
+    """Central client-level differential privacy: DP-FedAvg (McMahan et al. 2018, arXiv:1710.06963).
+
+    ``mechanism: gaussian`` samples each round's cohort by Poisson sampling (each client joins with
+    probability ``server_config.num_clients_per_iteration / data_config.num_clients``), clips each
+    client's update of the shared parameters to L2 norm ``clip_norm``, adds Gaussian noise of std
+    ``noise_multiplier * clip_norm`` to their sum on the server and divides by the expected cohort;
+    the epsilon of the global models is reported at every evaluation (docs/privacy.md).
+    """
+
+    mechanism: Literal["none", "gaussian"] = Field(
+        "none", description="none: no DP; gaussian: central DP-FedAvg (Poisson cohorts, clipped client updates, "
+                            "Gaussian noise on their sum; docs/privacy.md)")
+    clip_norm: Optional[float] = Field(None, gt=0, description="gaussian: L2 bound of each client's update of the "
+                                                               "shared parameters (required)")
+    noise_multiplier: Optional[float] = Field(
+        None, ge=0, description="gaussian: noise std on the sum of clipped updates over clip_norm (0: clipping "
+                                "without noise, epsilon infinite); set it or target_epsilon")
+    target_epsilon: Optional[float] = Field(
+        None, gt=0, description="gaussian: the noise multiplier is calibrated before round 1 so that "
+                                "server_config.max_iteration rounds spend at most this epsilon; set it or "
+                                "noise_multiplier")
+    delta: float = Field(1e-6, gt=0, lt=1, description="the delta of (epsilon, delta)-DP; must be below 1 / "
+                                                       "population")
+    noise_cohort_size: Optional[int] = Field(
+        None, ge=1, le=MAX_COUNT, description="simulate the noise of this larger cohort: the sum's noise std is "
+                                              "scaled by num_clients_per_iteration / noise_cohort_size, and the "
+                                              "epsilon is that of cohorts of this size (sampling rate "
+                                              "noise_cohort_size / population)")
+    population: Optional[int] = Field(
+        None, ge=1, le=MAX_COUNT, description="the number of clients the epsilon assumes (null: "
+                                              "data_config.num_clients)")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's Renyi-DP accountant, or its "
+                                                                 "privacy-loss-distribution one (tighter, slower)")
+
+
 class LoggingConfig(Section):
     """Optional experiment trackers besides metrics.jsonl and TensorBoard (always written).
 
@@ -254,6 +298,7 @@ class Config(Section):
     data_config: DataConfig = Field(default_factory=DataConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)  # type: ignore[valid-type]
     logging_config: LoggingConfig = Field(default_factory=LoggingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of partition, cohorts, initial model and client training")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the rank's GPU when present")
 
@@ -274,9 +319,54 @@ class Config(Section):
         METHODS[self.personalization.method].check(self, readers)
         return self
 
+    @model_validator(mode="after")
+    def _privacy_fits(self):
+        """Central DP's refusals (:func:`privacy_problem`)."""
+        problem = privacy_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     def to_dict(self) -> dict:
         """The full effective config as plain YAML-able data (FLUTE key names)."""
         return self.model_dump(mode="json", by_alias=True)
+
+
+def privacy_problem(cfg: "Config") -> str | None:
+    """The first reason the ``privacy`` section cannot run with the rest of ``cfg``, as one line naming
+    the fields and the fix; None when it can."""
+    dp, cohort = cfg.privacy, cfg.server_config.num_clients_per_iteration
+    optional = ("clip_norm", "noise_multiplier", "target_epsilon", "noise_cohort_size", "population")
+    if dp.mechanism == "none":
+        set_ = [name for name in optional if getattr(dp, name) is not None]
+        return (f"privacy.{set_[0]} is set but privacy.mechanism is none; set privacy.mechanism: gaussian, or "
+                f"remove privacy.{set_[0]}") if set_ else None
+    if dp.clip_norm is None:
+        return "privacy.clip_norm: required with privacy.mechanism gaussian; set the L2 bound of a client's update, e.g. 1.0"
+    if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
+        return ("privacy.noise_multiplier and privacy.target_epsilon: set exactly one of them with privacy.mechanism "
+                "gaussian (the noise directly, or the epsilon it is calibrated to)")
+    if not isinstance(cohort, int):
+        return (f"server_config.num_clients_per_iteration {cohort!r}: privacy.mechanism gaussian needs one expected "
+                f"cohort size (an int; the cohort is then Poisson-sampled around it)")
+    if cfg.strategy in DP_REFUSED_STRATEGIES:
+        return (f"strategy {cfg.strategy} cannot run under privacy.mechanism gaussian: "
+                f"{DP_REFUSED_STRATEGIES[cfg.strategy]}; use fedavg or fedprox")
+    if getattr(cfg.strategy_config, "client_weighting", "uniform") != "uniform":
+        return ("strategy_config.client_weighting samples: under privacy.mechanism gaussian a client's weight must not "
+                "depend on its data (its sensitivity would be unbounded); set client_weighting: uniform")
+    population = dp.population if dp.population is not None else cfg.data_config.num_clients
+    if population < cfg.data_config.num_clients:
+        return (f"privacy.population {population} is below data_config.num_clients "
+                f"({cfg.data_config.num_clients}); set at least that many, or leave it null")
+    noise_cohort = dp.noise_cohort_size if dp.noise_cohort_size is not None else cohort
+    if not cohort <= noise_cohort <= population:
+        return (f"privacy.noise_cohort_size {noise_cohort}: must be at least the cohort "
+                f"(server_config.num_clients_per_iteration {cohort}) and at most privacy.population ({population})")
+    if dp.delta >= 1 / population:
+        return (f"privacy.delta {dp.delta:g}: must be below 1 / population (1/{population}), or one client's data "
+                f"may leak whole; lower it, e.g. to {10 ** math.floor(math.log10(0.1 / population)):g}")
+    return None
 
 
 def apply_override(raw: dict, assignment: str) -> None:

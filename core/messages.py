@@ -171,16 +171,18 @@ def round_broadcast(n: int, s: int, k: int, width: int) -> Message:
                                        Part("slots", (k, width)), Part("control", ())])
 
 
-def round_reduce(n: int, s: int, k: int, width: int, exact: bool) -> Message:
+def round_reduce(n: int, s: int, k: int, width: int, exact: bool, dp: bool = False) -> Message:
     """A round's sum-reduce. ``exact`` (weights known before training): int64 ``delta`` (N,) and
     ``state_change`` (S,) fixed-point sums, then float32 parts two per int64: ``losses`` (K,) |
-    ``slots`` (K, W) | ``dropped`` (K,) (| 4 bytes of padding when their count is odd). Otherwise
+    ``slots`` (K, W) | ``dropped`` (K,) | with ``dp`` (central DP, always exact) ``clipped`` (K,), 1.0
+    where that client's update was clipped (| 4 bytes of padding when their count is odd). Otherwise
     float32: ``delta`` (N,) | ``weight`` () | ``loss`` () | ``state_change`` (S,) | ``slots`` (K, W)
-    | ``dropped`` (K,)."""
+    | ``dropped`` (K,). K may be 0 (an empty Poisson cohort): its parts have no elements."""
     if exact:
+        clipped = [Part("clipped", (k,))] if dp else []
         return Message("round reduce", [Part("delta", (n,), torch.int64), Part("state_change", (s,), torch.int64),
-                                        Part("losses", (k,)), Part("slots", (k, width)), Part("dropped", (k,))],
-                       torch.int64)
+                                        Part("losses", (k,)), Part("slots", (k, width)), Part("dropped", (k,))]
+                       + clipped, torch.int64)
     return Message("round reduce", [Part("delta", (n,)), Part("weight", ()), Part("loss", ()),
                                     Part("state_change", (s,)), Part("slots", (k, width)), Part("dropped", (k,))])
 

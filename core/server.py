@@ -13,7 +13,8 @@ from core.client_store import ClientStore
 from core.evaluation import (best_metric, eval_messages, eval_width, evaluation_record, global_for_evaluation,
                              improves, metric_value)
 from core.optim import build_server_optimizer
-from core.errors import RunStopped
+from core.errors import RunStopped, UserError
+from core.privacy import CentralDp, central_dp
 from core.exact import RANGE
 from core.messages import GO, STOP
 from core.worker import RoundLayout, exchange_start, play_evaluation, play_round, run_rounds
@@ -49,11 +50,15 @@ class Server:
         self.strategy_state = torch.zeros(self.server_parts.numel, device=sim.ctx.device)
         self.history: list[dict] = []
         self._pending_dropped: list[int] = []  # dropped counts of the rounds after the last evaluation
+        # central DP: per round since the last evaluation, [clients clipped, client updates summed]
+        self.clip_counts: list[list[int]] = []
         self.start_round = 1
         self.elapsed_before = 0.0
         self.observers = list(observers)  # what the run writes besides checkpoints (core/observers.py)
-        if resume is not None:
-            self._restore(load_checkpoint(resume))
+        restored = load_checkpoint(resume) if resume is not None else None
+        if restored is not None:
+            self._restore(restored)
+        self.dp = self._privacy(restored)
         self.trained = sim.schedule.trained_through(self.start_round - 1)  # clients sampled so far
         self.round = self.start_round - 1  # the round in progress (the last one done between rounds)
         self.saved_round = self.start_round - 1 if resume is not None else 0  # round of checkpoints/latest.pt
@@ -76,6 +81,9 @@ class Server:
                 "client_store": self.store.state_dict(), "strategy_state": self.strategy_state.cpu(),
                 "history": self.history, "elapsed_s": elapsed,
                 "dropped_since_eval": list(self.since_eval["dropped_clients"]),
+                **({"privacy": {"noise_multiplier": self.dp.noise_multiplier,
+                                "rounds": self.sim.cfg.server_config.max_iteration,
+                                "clipped_since_eval": [list(c) for c in self.clip_counts]}} if self.dp else {}),
                 "config": self.sim.cfg.to_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
 
@@ -87,11 +95,42 @@ class Server:
         self.strategy_state = state["strategy_state"].to(self.sim.ctx.device)
         self.history = list(state["history"])
         self._pending_dropped = list(state.get("dropped_since_eval", []))
+        self.clip_counts = [list(c) for c in state.get("privacy", {}).get("clipped_since_eval", [])]
         self.start_round = state["round"] + 1
         self.elapsed_before = state.get("elapsed_s", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
+
+    def _privacy(self, restored: dict | None) -> CentralDp | None:
+        """The run's central DP mechanism (None without DP): a resumed run keeps the noise multiplier
+        it started with (calibrated once, before round 1, for ``server_config.max_iteration`` rounds).
+
+        Raises:
+            UserError: the model has buffers outside the personal layers (they would be averaged
+                without clipping or noise); a resume under ``target_epsilon`` to another number of
+                rounds than the noise was calibrated for; no noise reaches the target epsilon.
+        """
+        sim = self.sim
+        if sim.cfg.privacy.mechanism == "none":
+            return None
+        k = sim.layout.num_params
+        shared_buffers = sim.layout.numel - k - int((sim.personal_index >= k).sum())
+        if shared_buffers:
+            names = [name for name, _ in sim.model.named_buffers()]
+            raise UserError(f"privacy.mechanism gaussian: {sim.cfg.model.model_type} has buffers ({', '.join(names[:3])}"
+                            f"{', ...' if len(names) > 3 else ''}) that would be averaged without clipping or noise; "
+                            f"use a model without buffers (e.g. GroupNorm for BatchNorm), or keep them on the "
+                            f"clients (personalization.method: fedbn)")
+        saved = (restored or {}).get("privacy")
+        if saved is None:
+            return central_dp(sim.cfg)
+        rounds = sim.cfg.server_config.max_iteration
+        if sim.cfg.privacy.target_epsilon is not None and saved["rounds"] != rounds:
+            raise UserError(f"privacy.target_epsilon: this run calibrated its noise multiplier "
+                            f"({saved['noise_multiplier']:.6g}) for {saved['rounds']} rounds; resuming it to {rounds} "
+                            f"would spend another epsilon; keep server_config.max_iteration: {saved['rounds']}")
+        return central_dp(sim.cfg, saved["noise_multiplier"])
 
     def _checkpoint(self, round_idx: int, elapsed: float, name: str) -> None:
         """Write checkpoints/<name>.pt atomically.
@@ -148,7 +187,7 @@ class Server:
         sim, cohort = self.sim, lay.cohort
         delta_sum, weight_sum, loss_sum, state_change, new_slots = lay.reduce_parts(total)
         dropped = lay.dropped(total).cpu() > 0
-        if bool(dropped.all()):
+        if len(cohort) and bool(dropped.all()):  # an empty (Poisson) cohort is not divergence
             beyond = f" or beyond the exact sum's range (an entry of {RANGE:.0f} or more)" if lay.exact else ""
             raise Diverged(f"round {round_idx}: the updates of all {len(cohort)} clients of the round were not "
                            f"finite (NaN or inf){beyond}, so the global model cannot move{self._hint()}")
@@ -159,11 +198,27 @@ class Server:
             parts = self.server_parts
             self.strategy_state = parts.flat(sim.strategy.new_server_state(
                 parts.views(self.strategy_state), lay.row.strategy_parts.views(state_change), sim.schedule.num_clients))
-        self._apply(delta_sum, weight_sum)
+        if self.dp is not None:
+            self.clip_counts.append([int(lay.clipped(total).sum()), int((~dropped).sum())])
+            self._apply(self._noised(round_idx, delta_sum), lay.weight_total)
+        else:
+            self._apply(delta_sum, weight_sum)
         if not bool(torch.isfinite(self.global_flat).all() & torch.isfinite(self.strategy_state).all()):
             raise Diverged(f"round {round_idx}: the global model became non-finite (NaN or inf) after "
                            f"aggregation{self._hint()}")
-        return float(loss_sum / weight_sum), int(dropped.sum())
+        empty = self.dp is not None and not weight_sum  # no client summed: no training loss
+        return float("nan") if empty else float(loss_sum / weight_sum), int(dropped.sum())
+
+    def _noised(self, round_idx: int, delta_sum: torch.Tensor) -> torch.Tensor:
+        """The round's (N,) float64 sum of clipped deltas plus the central DP noise of round
+        ``round_idx`` (:meth:`core.privacy.CentralDp.noise`, drawn on the CPU), zero at the personal
+        and buffer positions, which never leave the clients."""
+        assert self.dp is not None
+        sim, k = self.sim, self.sim.layout.num_params
+        noise = self.dp.noise(sim.cfg.seed, round_idx, sim.layout.numel)
+        noise[k:] = 0.0
+        noise[sim.personal_index.cpu()] = 0.0
+        return delta_sum + noise.to(delta_sum.device)
 
     def _hint(self) -> str:
         """The end of a divergence line: the learning rates to lower, and the last finite checkpoint."""
@@ -217,6 +272,10 @@ class Server:
         record.update({key: list(values) for key, values in since_eval.items()})
         for values in since_eval.values():
             values.clear()
+        if self.dp is not None:
+            clipped, summed = (sum(c[i] for c in self.clip_counts) for i in (0, 1))
+            record["privacy"] = self.dp.record(round_idx, clipped / summed if summed else None)
+            self.clip_counts.clear()
         is_best = self._mark_best(record)
         self.history.append(record)
         self._tell("evaluated", record, self.sim.schedule.rounds)

@@ -166,7 +166,8 @@ def build_simulation(cfg, task, data_path: str | None, ctx: DistContext, transpo
     trainer = ClientTrainer(model, layout, train_loader, client_cfg, personal_index, cfg.seed, personalization,
                             personalization.personal_names(layout, model))
     return Simulation(cfg=cfg, ctx=ctx, transport=transport,
-                      schedule=Schedule(cfg.server_config, data_cfg.num_clients, cfg.seed),
+                      schedule=Schedule(cfg.server_config, data_cfg.num_clients, cfg.seed,
+                                        poisson=cfg.privacy.mechanism == "gaussian"),
                       model=model, layout=layout, personal_index=personal_index, trainer=trainer,
                       test_loader=test_loader,
                       train_clients=ClientIndex(train_parts, ctx.device),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Mapping, Protocol
 
+import numpy as np
 import torch
 
 from core.cohort import balance
@@ -13,6 +14,7 @@ from core.exact import FixedPointSums, decode, state_change_bits
 from core.flat import keep_rows_if_finite_
 from core.messages import STOP, Message, Value, round_broadcast, round_reduce, start_broadcast
 from core.local_run import RunInputs
+from core.privacy import clip_factor
 
 
 class RoundLayout:
@@ -30,6 +32,13 @@ class RoundLayout:
     Integer sums do not depend on the order of addition, so any split of the cohort over ranks gives
     the same bits (:mod:`core.exact`); the float32 parts are each written by one rank only (the
     others leave zero bits), so the int64 sum carries them bit for bit.
+
+    Under central DP (``privacy.mechanism: gaussian``, ``dp``), the reduce is the exact-sum one with a
+    ``clipped`` flag per cohort client, and each client's share is ``p_i = factor_i / E``: ``E`` the
+    expected cohort (a fixed denominator, not the kept clients' weight) and ``factor_i = min(1, C /
+    ||delta_i||)`` its clip factor (C the clip norm, the norm over the shared parameters; the
+    delta's personal and buffer entries are zeroed first), so :meth:`reduce_parts` returns the sum
+    of the clipped deltas. The cohort may be empty (K = 0): every per-client part is then empty.
 
     Reduce, otherwise (DGA), float32: weighted delta sum (N) | weight sum | weighted loss sum |
     summed change of the client strategy states (S) | K slots | K dropped flags.
@@ -50,13 +59,17 @@ class RoundLayout:
         self.k = len(self.cohort)
         self.width = self.p + self.c + self.m
         self.exact = bool(sim.strategy.exact_sum) and not sim.strategy.relative_weights
+        self.dp = sim.cfg.privacy.mechanism == "gaussian"  # the config refuses every strategy without exact_sum
         self.broadcast = round_broadcast(self.n, self.s, self.k, self.width)
-        self.reduce = round_reduce(self.n, self.s, self.k, self.width, self.exact)
+        self.reduce = round_reduce(self.n, self.s, self.k, self.width, self.exact, self.dp)
         self.broadcast_size = self.broadcast.numel
         if self.exact:
             self.weights = sim.strategy.cohort_weights(sim.train_clients.sizes[self.cohort])  # (K,) float64
             self.weight_total = math.fsum(self.weights)
             self.shares = self.weights / self.weight_total  # p_i, the same on every rank
+        if self.dp:  # a fixed denominator: the expected cohort E (before each client's clip factor)
+            self.weight_total = float(sim.cfg.server_config.num_clients_per_iteration)
+            self.shares = np.full(self.k, 1.0 / self.weight_total)
 
     def broadcast_parts(self, buf: torch.Tensor):
         """(global state (N,), server state (S,), slots (K, P + C + M)) float32 views of a broadcast
@@ -80,7 +93,8 @@ class RoundLayout:
 
         Float32 layout: views. Exact-sum layout: decoded values, read once on the host (the
         server's, at the end of a round): the delta sum ``sum_kept w_i * delta_i`` as float64 on the
-        buffer's device (the fixed-point sum times the cohort's total weight), the weight sum
+        buffer's device (the fixed-point sum times the cohort's total weight; under DP the sum of the
+        clipped deltas ``sum_kept factor_i * delta_i``: the fixed-point sum times E), the weight sum
         ``sum_kept w_i`` and the loss sum ``sum_kept w_i * loss_i`` as host floats (``math.fsum`` in
         cohort order: correctly rounded, so the reported training loss does not depend on the split
         either), the state change sum as float32; the slots a float32 view.
@@ -99,6 +113,11 @@ class RoundLayout:
     def slots(self, buf: torch.Tensor) -> torch.Tensor:
         """(K, P + C + M) float32 view of a reduce buffer's slots."""
         return self.reduce.view(buf, "slots")
+
+    def clipped(self, buf: torch.Tensor) -> torch.Tensor:
+        """(K,) float32 view of a DP reduce buffer's clipped flags (1.0: that cohort client's update
+        was summed and had been clipped). Raises MessageMismatch without DP."""
+        return self.reduce.view(buf, "clipped")
 
     def dropped(self, buf: torch.Tensor) -> torch.Tensor:
         """(K,) float32 view of a reduce buffer's dropped flags (1.0: that cohort client was dropped:
@@ -216,8 +235,13 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
             out_slots[slot, p + lay.c:] = model
         if lay.exact:
             sim.layout.delta_(fixed.delta, global_flat, state)
-            ok = fixed.add_(ok, float(lay.shares[slot]), change)  # out of range: dropped too
+            share, clipped = float(lay.shares[slot]), False
+            if lay.dp:
+                share, clipped = _clipped_share(sim, fixed.delta, share)
+            ok = fixed.add_(ok, share, change)  # out of range: dropped too
             parts["losses"][slot] = loss
+            if lay.dp:
+                parts["clipped"][slot] = ok.float() * clipped
         else:
             if relative is None:
                 weight = sim.strategy.client_weight(int(sizes[cid]), loss)
@@ -236,6 +260,29 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
         weight_sum, loss_sum = _weighted_sums(weights, losses, finite, out.device)
         parts["weight"].copy_(weight_sum)
         parts["loss"].copy_(loss_sum)
+
+
+def _clipped_share(sim, delta: torch.Tensor, share: float) -> tuple[float, bool]:
+    """Central DP's clipping of one client (DP-FedAvg, McMahan et al. 2018, arXiv:1710.06963): zero
+    the personal and buffer entries of its (N,) float32 ``delta`` in place, and return (``share``
+    times its clip factor ``min(1, C / ||delta||)``, whether it was clipped). The L2 norm is taken in
+    float64 over the shared parameters (one host read)."""
+    delta[sim.personal_index] = 0.0
+    delta[sim.layout.num_params:] = 0.0
+    norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+    factor = clip_factor(norm, sim.cfg.privacy.clip_norm)
+    return share * factor, factor < 1.0
+
+
+def _clipped_shares(sim, deltas: torch.Tensor, shares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_clipped_share` for a vectorized group: (C, num_params) float32 ``deltas`` (personal
+    columns zeroed in place), (C,) float64 ``shares``; returns the (C,) clipped shares and the (C,)
+    bool clipped flags, without a host sync."""
+    deltas[:, sim.personal_params] = 0.0
+    norms = torch.linalg.vector_norm(deltas, dim=1, dtype=torch.float64)
+    clip_norm = sim.cfg.privacy.clip_norm
+    factors = torch.where(norms > clip_norm, clip_norm / norms, 1.0)
+    return shares * factors, norms > clip_norm
 
 
 def _weighted_sums(weights: list, losses: list[torch.Tensor], finite: list[torch.Tensor],
@@ -264,8 +311,13 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
         if lay.exact:  # the same integers per client as the sequential loop's
             deltas = stack - global_flat[:k]
             shares = host_to_device(lay.shares[mine_slots[start:start + chunk]], out.device, torch.float64)
+            clipped = None
+            if lay.dp:
+                shares, clipped = _clipped_shares(sim, deltas, shares)
             ok = fixed.add_rows_(deltas, ok, shares)  # out of range: dropped too
             parts["losses"][rows] = losses
+            if clipped is not None:
+                parts["clipped"][rows] = (ok & clipped).float()
         else:
             losses = torch.where(ok, losses, 0.0)
             if relative is None:

@@ -81,7 +81,30 @@ def format_line(rec: dict, rounds: int) -> str:
     dropped = sum(rec.get("dropped_clients", []))
     if dropped:
         text += f" | {dropped} non-finite client updates dropped since the last evaluation"
+    if rec.get("privacy"):
+        text += f" | eps {_epsilon(rec['privacy'])} (delta {rec['privacy']['delta']:g})"
     return text + f" | {rec.get('sec_per_round', float('nan')):.2f} {WORDS['sec_per_round']} | {rec['elapsed_s']:.0f}s"
+
+
+def _epsilon(privacy: dict) -> str:
+    """A record's epsilon in 3 significant digits; ``inf`` for none (no noise: stored as null)."""
+    eps = privacy.get("epsilon")
+    return "inf" if eps is None or eps == float("inf") else f"{eps:.3g}"
+
+
+def privacy_line(history: list[dict]) -> str:
+    """One sentence on central DP at the last evaluation (empty without DP): epsilon at delta after
+    the rounds done, what it covers, and the mechanism's settings."""
+    last = history[-1] if history else {}
+    dp = last.get("privacy")
+    if not dp:
+        return ""
+    share = "-" if dp.get("clipped_share") is None else f"{100 * dp['clipped_share']:.0f}%"
+    return (f"Central DP (DP-FedAvg): epsilon {_epsilon(dp)} at delta {dp['delta']:g} after {last['round']} rounds, "
+            f"for the sequence of global models under add/remove-one-client adjacency ({dp['accountant']} "
+            f"accountant; noise multiplier {dp['noise_multiplier']:.4g}, clip norm {dp['clip_norm']:g}, Poisson "
+            f"sampling rate {dp['sampling_rate']:.4g}; {share} of client updates clipped since the evaluation "
+            f"before); personal layers, personalized models and evaluation figures are not covered.\n\n")
 
 
 def results_table(rec: dict) -> str:
@@ -232,7 +255,7 @@ def summary_opening(run_name: str, history: list[dict], config: dict, task: str 
     return (f"# {run_name}\n\nTask {task or 'not recorded (no run.json)'}, method {method}{layers}, strategy "
             f"{config.get('strategy', '?')}, seed {config.get('seed', '?')}; round {last['round']} of {rounds}, "
             f"wall time {wall_s:.0f} s.\n\n{note}{gain_line(last, method, matrix, trained)}\n\n"
-            f"{best_choice_line(history, config)}\n\n")
+            f"{best_choice_line(history, config)}\n\n{privacy_line(history)}")
 
 
 def write_summary(path: Path, run_name: str, history: list[dict], config_text: str, wall_s: float,

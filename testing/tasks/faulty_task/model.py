@@ -1,5 +1,7 @@
-"""The synthetic MLP with faults built in, for the divergence tests (no change to core)."""
+"""The synthetic MLP with faults built in, for the divergence tests (no change to core), and with
+BatchNorm, for central DP's refusal of shared buffers."""
 import torch
+from torch import nn
 
 from experiments.synthetic.model import MLP
 
@@ -32,3 +34,15 @@ class OutOfRangeMLP(HugeStepMLP):
     (2**22), so every client is dropped."""
 
     PUSH = 1e30
+
+
+class BatchNormMLP(MLP):
+    """The MLP with a BatchNorm1d on its hidden layer: running statistics (buffers) that FedAvg
+    averages, which central DP refuses unless they stay on the clients (FedBN)."""
+
+    def __init__(self, model_config):
+        super().__init__(model_config)
+        self.norm = nn.BatchNorm1d(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.relu(self.norm(self.hidden(x))))
