@@ -166,6 +166,17 @@ def test_resume_is_exact_model_and_epsilon(tmp_path):
     assert resumed[-1]["privacy"]["epsilon"] > resumed[0]["privacy"]["epsilon"] > 0
 
 
+def test_a_resume_to_other_rounds_than_the_calibration_is_refused(tmp_path, capsys):
+    """The noise calibrated to target_epsilon for 2 rounds would overspend over 4: one line."""
+    sets = ["privacy.noise_multiplier=null", "privacy.target_epsilon=4.0", "server_config.ckpt_freq=1"]
+    assert _trainer(tmp_path, "t", *sets, "server_config.max_iteration=2") == 0
+    capsys.readouterr()
+    assert _trainer(tmp_path, "t", *sets, "server_config.max_iteration=4", extra=["-resume"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "privacy.target_epsilon: this run calibrated its noise multiplier" in lines[0], lines
+    assert "keep server_config.max_iteration: 2" in lines[0]
+
+
 # ---- accounting -----------------------------------------------------------------------------------
 
 def test_reported_epsilon_is_the_rdp_accountants_for_the_simulated_cohort(tmp_path):
