@@ -222,18 +222,13 @@ def _method_choices(registry) -> str:
 StrategyConfig = merged_section("StrategyConfig", "Options of the aggregation strategy (each declared by its "
                                 "strategy's module in core/strategy/).", [c.Options for c in STRATEGIES.values()])
 PersonalizationConfig = merged_section(
-    "PersonalizationConfig", "``method: none`` is plain FedAvg; ``fedper`` keeps ``local_layers`` (module-name "
-    "prefixes) on each client. Options are declared by each method's module in core/personalization/.",
+    "PersonalizationConfig", "Which personalization method runs (``method``) and its options, each declared by "
+    "the method's module in core/personalization/.",
     [create_model("PersonalizationMethod", __base__=Section, method=(  # type: ignore[arg-type]
         Literal[tuple(METHODS)], Field("none", description=_method_choices(METHODS))))]
     + [c.Options for c in METHODS.values()])
 
 
-DP_REFUSED_STRATEGIES = {  # strategy -> why central DP cannot run it (one line each)
-    "scaffold": "its control variates are per-client state sent to the server unclipped and un-noised",
-    "dga": "its client weights depend on each client's training loss, so one client's weight is not bounded",
-    "feddyn": "its server state h sums the clients' deltas outside the clipped, noised sum",
-}
 
 
 class PrivacyConfig(Section):
@@ -349,9 +344,10 @@ def privacy_problem(cfg: "Config") -> str | None:
     if not isinstance(cohort, int):
         return (f"server_config.num_clients_per_iteration {cohort!r}: privacy.mechanism gaussian needs one expected "
                 f"cohort size (an int; the cohort is then Poisson-sampled around it)")
-    if cfg.strategy in DP_REFUSED_STRATEGIES:
-        return (f"strategy {cfg.strategy} cannot run under privacy.mechanism gaussian: "
-                f"{DP_REFUSED_STRATEGIES[cfg.strategy]}; use fedavg or fedprox")
+    refusal = STRATEGIES[cfg.strategy].dp_refusal
+    if refusal is not None:
+        fits = " or ".join(n for n, c in STRATEGIES.items() if c.dp_refusal is None)
+        return f"strategy {cfg.strategy} cannot run under privacy.mechanism gaussian: {refusal}; use {fits}"
     if getattr(cfg.strategy_config, "client_weighting", "uniform") != "uniform":
         return ("strategy_config.client_weighting samples: under privacy.mechanism gaussian a client's weight must not "
                 "depend on its data (its sensitivity would be unbounded); set client_weighting: uniform")

@@ -26,6 +26,7 @@ class Strategy(Protocol):
     summary: str
     relative_weights: bool  # weights are exp(log_weight), defined up to a common factor (DGA)
     exact_sum: bool  # weights known before training, so the sum is taken in fixed point
+    dp_refusal: str | None  # why central DP cannot run it (None: it can)
 
     def client_weight(self, num_samples: Any, train_loss: torch.Tensor) -> Any:
         """A client's weight (a float for one client, a (K,) tensor for K)."""

@@ -36,6 +36,7 @@ class DGA(FedAvg):
     name = "dga"
     relative_weights = True
     summary = "softmax weights of the training losses (FLUTE)"
+    dp_refusal = "its client weights depend on each client's training loss, so one client's weight is not bounded"
     exact_sum = False  # the weights need the cohort's best loss, known only after training (see below)
 
     class Options(FedAvg.Options):

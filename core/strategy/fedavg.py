@@ -38,6 +38,7 @@ class FedAvg:
     # terms in fixed point, the same bit for bit however the cohort is split (core/exact.py);
     # False: float32 sums, which depend on the split and order at the level of float rounding
     exact_sum = True
+    dp_refusal: str | None = None  # why central DP (privacy.mechanism gaussian) cannot run it; None: it can
 
     class Options(Section):
         client_weighting: Literal["samples", "uniform"] = Field("samples", description="client weight in the average")

@@ -29,6 +29,7 @@ class FedDyn(FedAvg):
 
     name = "feddyn"
     summary = "dynamic regularization (alpha) with server state h"
+    dp_refusal = "its server state h sums the clients' deltas outside the clipped, noised sum"
 
     class Options(FedAvg.Options):
         feddyn_alpha: float = Field(0.01, gt=0, description="FedDyn: weight alpha of the dynamic regularizer "

@@ -31,6 +31,7 @@ class Scaffold(FedAvg):
 
     name = "scaffold"
     summary = "control variates against client drift"
+    dp_refusal = "its control variates are per-client state sent to the server unclipped and un-noised"
 
     @classmethod
     def check(cls, cfg) -> None:
