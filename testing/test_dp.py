@@ -283,3 +283,19 @@ def test_bad_config_and_shared_buffers_stop_the_trainer_with_one_line(tmp_path, 
     assert "strategy_config.client_weighting samples" in lines[0]
     assert "privacy.mechanism gaussian: BatchNormMLP has buffers (norm.running_mean" in lines[1]
     assert "personalization.method: fedbn" in lines[1]
+
+
+def test_compare_shows_epsilon_beside_accuracy():
+    """compare.py's table ends each run's row with the epsilon spent at its last evaluation."""
+    from utils.compare import compare_table
+
+    def run(name, privacy):
+        record = {"round": 3, "global_test_acc": 0.5, "global_local": {"weighted_mean": 0.5, "mean": 0.5, "std": 0.1,
+                                                                         "p10": 0.4}}
+        return {"name": name, "config": {"strategy": "fedavg"},
+                "history": [{**record, **({"privacy": privacy} if privacy else {})}]}
+    rows = compare_table([run("dp", {"epsilon": 2.345, "delta": 1e-5}), run("clip", {"epsilon": None, "delta": 1e-5}),
+                          run("plain", None)]).splitlines()
+    assert rows[0].endswith("| epsilon (delta) |")
+    assert rows[2].endswith("| 2.35 (delta 1e-05) |") and rows[3].endswith("| inf (delta 1e-05) |")
+    assert rows[4].endswith("| no DP |")

@@ -61,10 +61,22 @@ def _pct(stats: dict | None, key: str) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def privacy_cell(record: dict) -> str:
+    """The epsilon a run had spent at an evaluation ``record``, as ``epsilon (delta)``: ``no DP``
+    without a ``privacy`` entry, ``inf`` for clipping without noise (epsilon null)."""
+    dp = record.get("privacy")
+    if not dp:
+        return "no DP"
+    epsilon = "inf" if dp.get("epsilon") is None else f"{dp['epsilon']:.2f}"
+    return f"{epsilon} (delta {dp['delta']:g})"
+
+
 def compare_table(runs: list[dict]) -> str:
-    """Markdown: per run, method and final accuracies (percent) of its last evaluation."""
+    """Markdown: per run, method, final accuracies (percent) of its last evaluation, and the epsilon
+    spent by then (central DP; :func:`privacy_cell`)."""
     lines = ["| run | strategy | personalization | round | global test | global on clients (mean ± std, p10) "
-             "| personalized (mean ± std, p10) | personalized clients |", "|---|---|---|---|---|---|---|---|"]
+             "| personalized (mean ± std, p10) | personalized clients | epsilon (delta) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         last, cfg = run["history"][-1], run["config"]
         g, p = last["global_local"], last.get("personalized")
@@ -72,7 +84,7 @@ def compare_table(runs: list[dict]) -> str:
         lines.append(f"| {run['name']} | {cfg.get('strategy', '?')} | {cfg.get('personalization', {}).get('method', '?')} "
                      f"| {last['round']} | {_pct(last, 'global_test_acc')} | {_pct(g, 'weighted_mean')} "
                      f"({_pct(g, 'mean')} ± {_pct(g, 'std')}, {_pct(g, 'p10')}) | {pers} | "
-                     f"{(p or {}).get('clients', '-')} |")
+                     f"{(p or {}).get('clients', '-')} | {privacy_cell(last)} |")
     return "\n".join(lines)
 
 
