@@ -95,7 +95,7 @@ def engine(record: dict, strategy: str = "fedavg", strategy_config: dict | None 
     layout = StateLayout(_Parameters(rounds[0]["global"]))
     nothing = torch.zeros(0, dtype=torch.long)
     strategy = build_strategy(cfg.strategy, cfg.strategy_config)
-    sim = SimpleNamespace(strategy=strategy, layout=layout, personal_index=nothing, personal_params=nothing,
+    sim = SimpleNamespace(cfg=cfg, strategy=strategy, layout=layout, personal_index=nothing, personal_params=nothing,
                           personal_numel=0, rows=StoreRow(0, StateParts(), StateParts()), schedule=None,
                           train_clients=None)
     global_flat = layout.flatten().clone()
