@@ -232,39 +232,55 @@ PersonalizationConfig = merged_section(
 
 
 class PrivacyConfig(Section):
-    """Central client-level differential privacy: DP-FedAvg (McMahan et al. 2018, arXiv:1710.06963).
+    """Client-level differential privacy (docs/privacy.md).
 
-    ``mechanism: gaussian`` samples each round's cohort by Poisson sampling (each client joins with
-    probability ``server_config.num_clients_per_iteration / data_config.num_clients``), clips each
-    client's update of the shared parameters to L2 norm ``clip_norm``, adds Gaussian noise of std
-    ``noise_multiplier * clip_norm`` to their sum on the server and divides by the expected cohort;
-    the epsilon of the global models is reported at every evaluation (docs/privacy.md).
+    ``gaussian``: central DP-FedAvg (McMahan et al. 2018, arXiv:1710.06963): each round's cohort is
+    Poisson-sampled (each client joins with probability ``server_config.num_clients_per_iteration /
+    data_config.num_clients``), each client's update of the shared parameters is clipped to L2 norm
+    ``clip_norm``, Gaussian noise of std ``noise_multiplier * clip_norm`` is added to their sum on the
+    server, which divides by the expected cohort. ``adaptive_gaussian``: the same with the clip norm
+    adapted each round toward a quantile of the update norms (Andrew et al. 2021, arXiv:1905.03871).
+    ``local_gaussian``: each client clips its update and adds noise of std ``noise_multiplier *
+    clip_norm`` itself, before it leaves the client. The epsilon is reported at every evaluation.
     """
 
-    mechanism: Literal["none", "gaussian"] = Field(
+    mechanism: Literal["none", "gaussian", "adaptive_gaussian", "local_gaussian"] = Field(
         "none", description="none: no DP; gaussian: central DP-FedAvg (Poisson cohorts, clipped client updates, "
-                            "Gaussian noise on their sum; docs/privacy.md)")
-    clip_norm: Optional[float] = Field(None, gt=0, description="gaussian: L2 bound of each client's update of the "
-                                                               "shared parameters (required)")
+                            "Gaussian noise on their sum); adaptive_gaussian: the same with an adaptive clip norm; "
+                            "local_gaussian: each client noises its own clipped update (docs/privacy.md)")
+    clip_norm: Optional[float] = Field(None, gt=0, description="L2 bound of each client's update of the shared "
+                                                               "parameters (required; adaptive_gaussian: round 1's)")
     noise_multiplier: Optional[float] = Field(
-        None, ge=0, description="gaussian: noise std on the sum of clipped updates over clip_norm (0: clipping "
-                                "without noise, epsilon infinite); set it or target_epsilon")
+        None, ge=0, description="noise std over clip_norm (central: on the sum of clipped updates; local: on each "
+                                "one; 0: clipping without noise, epsilon infinite); set it or target_epsilon")
     target_epsilon: Optional[float] = Field(
-        None, gt=0, description="gaussian: the noise multiplier is calibrated before round 1 so that "
+        None, gt=0, description="the noise multiplier is calibrated before round 1 so that "
                                 "server_config.max_iteration rounds spend at most this epsilon; set it or "
                                 "noise_multiplier")
-    delta: float = Field(1e-6, gt=0, lt=1, description="the delta of (epsilon, delta)-DP; must be below 1 / "
-                                                       "population")
+    delta: float = Field(1e-6, gt=0, lt=1, description="the delta of (epsilon, delta)-DP; keep it below 1 / "
+                                                       "population (a run at or above says so)")
     noise_cohort_size: Optional[int] = Field(
-        None, ge=1, le=MAX_COUNT, description="simulate the noise of this larger cohort: the sum's noise std is "
-                                              "scaled by num_clients_per_iteration / noise_cohort_size, and the "
-                                              "epsilon is that of cohorts of this size (sampling rate "
+        None, ge=1, le=MAX_COUNT, description="central: simulate the noise of this larger cohort: the sum's noise "
+                                              "std is scaled by num_clients_per_iteration / noise_cohort_size, and "
+                                              "the epsilon is that of cohorts of this size (sampling rate "
                                               "noise_cohort_size / population)")
     population: Optional[int] = Field(
-        None, ge=1, le=MAX_COUNT, description="the number of clients the epsilon assumes (null: "
+        None, ge=1, le=MAX_COUNT, description="central: the number of clients the epsilon assumes (null: "
                                               "data_config.num_clients)")
     accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's Renyi-DP accountant, or its "
                                                                  "privacy-loss-distribution one (tighter, slower)")
+    target_unclipped_quantile: float = Field(
+        0.5, gt=0, lt=1, description="adaptive_gaussian: the share of client updates the clip norm should leave "
+                                     "unclipped (gamma)")
+    clip_learning_rate: float = Field(0.2, gt=0, description="adaptive_gaussian: the clip norm's step in log space "
+                                                             "(eta_C)")
+    clipped_count_stddev: Optional[float] = Field(
+        None, gt=0, description="adaptive_gaussian: noise std on the count of unclipped clients, in clients of the "
+                                "simulated cohort (null: noise_cohort_size / 20, the paper's choice)")
+
+
+ADAPTIVE_KEYS = ("target_unclipped_quantile", "clip_learning_rate", "clipped_count_stddev")
+CENTRAL_KEYS = ("noise_cohort_size", "population")
 
 
 class LoggingConfig(Section):
@@ -330,27 +346,44 @@ class Config(Section):
 def privacy_problem(cfg: "Config") -> str | None:
     """The first reason the ``privacy`` section cannot run with the rest of ``cfg``, as one line naming
     the fields and the fix; None when it can."""
-    dp, cohort = cfg.privacy, cfg.server_config.num_clients_per_iteration
-    optional = ("clip_norm", "noise_multiplier", "target_epsilon", "noise_cohort_size", "population")
+    dp = cfg.privacy
+    chosen = dp.model_fields_set
     if dp.mechanism == "none":
-        set_ = [name for name in optional if getattr(dp, name) is not None]
-        return (f"privacy.{set_[0]} is set but privacy.mechanism is none; set privacy.mechanism: gaussian, or "
+        set_ = [n for n in ("clip_norm", "noise_multiplier", "target_epsilon") + CENTRAL_KEYS + ADAPTIVE_KEYS
+                if n in chosen and getattr(dp, n) is not None]
+        return (f"privacy.{set_[0]} is set but privacy.mechanism is none; set privacy.mechanism, or "
                 f"remove privacy.{set_[0]}") if set_ else None
+    under = f"privacy.mechanism {dp.mechanism}"
+    unused = [n for n in ADAPTIVE_KEYS if n in chosen] if dp.mechanism != "adaptive_gaussian" else []
+    unused += [n for n in CENTRAL_KEYS if getattr(dp, n) is not None] if dp.mechanism == "local_gaussian" else []
+    if unused:
+        return f"privacy.{unused[0]}: not read under {under}; remove it, or choose the mechanism that reads it"
     if dp.clip_norm is None:
-        return "privacy.clip_norm: required with privacy.mechanism gaussian; set the L2 bound of a client's update, e.g. 1.0"
+        return f"privacy.clip_norm: required with {under}; set the L2 bound of a client's update, e.g. 1.0"
     if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
-        return ("privacy.noise_multiplier and privacy.target_epsilon: set exactly one of them with privacy.mechanism "
-                "gaussian (the noise directly, or the epsilon it is calibrated to)")
-    if not isinstance(cohort, int):
-        return (f"server_config.num_clients_per_iteration {cohort!r}: privacy.mechanism gaussian needs one expected "
-                f"cohort size (an int; the cohort is then Poisson-sampled around it)")
+        return (f"privacy.noise_multiplier and privacy.target_epsilon: set exactly one of them with {under} "
+                "(the noise directly, or the epsilon it is calibrated to)")
+    return _strategy_refusal(cfg, under) or (_cohort_problem(cfg, under) if dp.mechanism != "local_gaussian" else None)
+
+
+def _strategy_refusal(cfg: "Config", under: str) -> str | None:
+    """Why the strategy or its client weighting cannot run under DP; None when they can."""
     refusal = STRATEGIES[cfg.strategy].dp_refusal
     if refusal is not None:
         fits = " or ".join(n for n, c in STRATEGIES.items() if c.dp_refusal is None)
-        return f"strategy {cfg.strategy} cannot run under privacy.mechanism gaussian: {refusal}; use {fits}"
+        return f"strategy {cfg.strategy} cannot run under {under}: {refusal}; use {fits}"
     if getattr(cfg.strategy_config, "client_weighting", "uniform") != "uniform":
-        return ("strategy_config.client_weighting samples: under privacy.mechanism gaussian a client's weight must not "
+        return (f"strategy_config.client_weighting samples: under {under} a client's weight must not "
                 "depend on its data (its sensitivity would be unbounded); set client_weighting: uniform")
+    return None
+
+
+def _cohort_problem(cfg: "Config", under: str) -> str | None:
+    """Why the cohort, population or simulated cohort of a central mechanism do not fit; None when they do."""
+    dp, cohort = cfg.privacy, cfg.server_config.num_clients_per_iteration
+    if not isinstance(cohort, int):
+        return (f"server_config.num_clients_per_iteration {cohort!r}: {under} needs one expected "
+                f"cohort size (an int; the cohort is then Poisson-sampled around it)")
     population = dp.population if dp.population is not None else cfg.data_config.num_clients
     if population < cfg.data_config.num_clients:
         return (f"privacy.population {population} is below data_config.num_clients "
@@ -359,10 +392,22 @@ def privacy_problem(cfg: "Config") -> str | None:
     if not cohort <= noise_cohort <= population:
         return (f"privacy.noise_cohort_size {noise_cohort}: must be at least the cohort "
                 f"(server_config.num_clients_per_iteration {cohort}) and at most privacy.population ({population})")
-    if dp.delta >= 1 / population:
-        return (f"privacy.delta {dp.delta:g}: must be below 1 / population (1/{population}), or one client's data "
-                f"may leak whole; lower it, e.g. to {10 ** math.floor(math.log10(0.1 / population)):g}")
     return None
+
+
+def delta_caveat(cfg: "Config") -> str | None:
+    """A sentence when a central mechanism's ``privacy.delta`` is not below 1 / population (the
+    clients the epsilon assumes): such a delta admits a mechanism that publishes one client's data
+    whole. None otherwise."""
+    dp = cfg.privacy
+    if dp.mechanism in ("none", "local_gaussian"):  # a local client's delta is its own
+        return None
+    population = dp.population if dp.population is not None else cfg.data_config.num_clients
+    if dp.delta < 1 / population:
+        return None
+    return (f"privacy.delta {dp.delta:g} is not below 1 / population (1/{population}): an (epsilon, delta) "
+            f"guarantee at this delta still allows one client's data to be published whole; for a meaningful "
+            f"guarantee use e.g. {10 ** math.floor(math.log10(0.1 / population)):g}")
 
 
 def apply_override(raw: dict, assignment: str) -> None:

@@ -164,17 +164,19 @@ def _write(view: torch.Tensor, value: Value, what: str) -> None:
 
 # ---- the declarations: one function per message, called alike on every rank -----------------------
 
-def round_broadcast(n: int, s: int, k: int, width: int) -> Message:
+def round_broadcast(n: int, s: int, k: int, width: int, clip: bool = False) -> Message:
     """A round's broadcast, float32: ``global`` (N,) state | ``server_state`` (S,) | ``slots`` (K,
-    P + C + M), one per cohort client | ``control`` () GO, or STOP when the server ends the run."""
+    P + C + M), one per cohort client | ``control`` () GO, or STOP when the server ends the run | with
+    ``clip`` (adaptive clipping) ``clip_norm`` (), the round's L2 bound of a client's update."""
     return Message("round broadcast", [Part("global", (n,)), Part("server_state", (s,)),
-                                       Part("slots", (k, width)), Part("control", ())])
+                                       Part("slots", (k, width)), Part("control", ())]
+                   + ([Part("clip_norm", ())] if clip else []))
 
 
 def round_reduce(n: int, s: int, k: int, width: int, exact: bool, dp: bool = False) -> Message:
     """A round's sum-reduce. ``exact`` (weights known before training): int64 ``delta`` (N,) and
     ``state_change`` (S,) fixed-point sums, then float32 parts two per int64: ``losses`` (K,) |
-    ``slots`` (K, W) | ``dropped`` (K,) | with ``dp`` (central DP, always exact) ``clipped`` (K,), 1.0
+    ``slots`` (K, W) | ``dropped`` (K,) | with ``dp`` (DP, always exact) ``clipped`` (K,), 1.0
     where that client's update was clipped (| 4 bytes of padding when their count is odd). Otherwise
     float32: ``delta`` (N,) | ``weight`` () | ``loss`` () | ``state_change`` (S,) | ``slots`` (K, W)
     | ``dropped`` (K,). K may be 0 (an empty Poisson cohort): its parts have no elements."""

@@ -1,4 +1,4 @@
-"""Client-level differential privacy: the privacy accountant (issue 25, first part).
+"""Client-level differential privacy: the mechanisms of ``privacy.mechanism`` and their accounting.
 
 The accounting of DP-FedAvg (McMahan et al. 2018, arXiv:1710.06963): each round, every client joins
 the cohort independently with probability ``q`` (Poisson sampling), each cohort client's update is
@@ -11,11 +11,13 @@ of global models under add/remove-one-client adjacency.
 The accounting itself is Google's ``dp-accounting`` library (``rdp``: its Renyi-DP accountant;
 ``pld``: its privacy-loss-distribution accountant, tighter); nothing here computes a privacy loss.
 This module builds the library's event for a schedule, asks for epsilon, and calibrates the
-noise multiplier to a target epsilon; :class:`CentralDp` is a run's mechanism as the config
-(``privacy``, :class:`core.config.PrivacyConfig`) sets it: the clip factor the workers apply, the
-noise the server adds, the record each evaluation reports. The Poisson cohorts are drawn by
-:class:`core.schedule.Schedule`, the clipping in :mod:`core.worker`, the noise in :mod:`core.server`
-(docs/privacy.md).
+noise multiplier to a target epsilon. A run's mechanism, as the config (``privacy``,
+:class:`core.config.PrivacyConfig`) sets it, is a :class:`CentralDp` (``gaussian``; with an
+:class:`AdaptiveClip`, ``adaptive_gaussian``: Andrew et al. 2021, arXiv:1905.03871) or a
+:class:`LocalDp` (``local_gaussian``): the clip norm the workers apply, the noise added, the record
+each evaluation reports. The Poisson cohorts are drawn by :class:`core.schedule.Schedule`, the
+clipping (and local noise) in :mod:`core.worker`, the central noise and the clip-norm updates in
+:mod:`core.server` (docs/privacy.md).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import dp_accounting
+import numpy as np
 import torch
 from dp_accounting import pld, rdp
 
@@ -32,8 +35,12 @@ from core.errors import UserError
 from core.seeding import derive_seed
 
 ACCOUNTANTS = ("rdp", "pld")
+CENTRAL = ("gaussian", "adaptive_gaussian")  # the mechanisms that noise the sum on the server
+LOCAL = ("local_gaussian",)  # the mechanisms that noise each client's update on its worker
 LARGEST_NOISE = 1e4  # calibration searches noise multipliers up to this: beyond it nothing trains
 NOISE_STREAM = 0xD9  # tells the server's noise of a round apart from every other draw of (seed, round)
+COUNT_STREAM = 0xDA  # the noise on a round's count of unclipped clients (adaptive clipping)
+LOCAL_STREAM = 0xDB  # a client's own noise of a round (local DP), with the client id
 
 
 @dataclass(frozen=True)
@@ -121,18 +128,51 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, r
         ValueError: ``target_epsilon`` <= 0, ``delta`` outside (0, 1), an unknown accountant.
         UserError: no noise multiplier up to ``LARGEST_NOISE`` reaches the target.
     """
+    DpSchedule(1.0, sampling_rate, rounds)  # checks the rate and rounds
+    return _calibrate(lambda z: DpSchedule(z, sampling_rate, rounds).event(), target_epsilon, delta, accountant,
+                      f"in {rounds} rounds (sampling rate {sampling_rate:g}); raise the target, or lower the rounds "
+                      f"or the cohort")
+
+
+def _calibrate(event_of, target_epsilon: float, delta: float, accountant: str, where: str) -> float:
+    """dp-accounting's calibration of the noise multiplier ``z`` of ``event_of(z)`` (a DpEvent) to
+    ``target_epsilon`` at ``delta``; ``where`` ends the refusal line. Raises as :func:`calibrate_noise`."""
     if not target_epsilon > 0:
         raise ValueError(f"target epsilon {target_epsilon}: must be > 0")
     _check_delta(delta)
-    DpSchedule(1.0, sampling_rate, rounds)  # checks the rate and rounds
-    if epsilon(DpSchedule(LARGEST_NOISE, sampling_rate, rounds), delta, accountant) > target_epsilon:
-        raise UserError(f"privacy.target_epsilon: no noise multiplier up to {LARGEST_NOISE:g} reaches epsilon "
-                        f"{target_epsilon:g} at delta {delta:g} in {rounds} rounds (sampling rate {sampling_rate:g}); "
-                        f"raise the target, or lower the rounds or the cohort")
     with _quiet_library():
+        loosest = _accountant(accountant).compose(event_of(LARGEST_NOISE)).get_epsilon(delta)
+        if loosest > target_epsilon:
+            raise UserError(f"privacy.target_epsilon: no noise multiplier up to {LARGEST_NOISE:g} reaches epsilon "
+                            f"{target_epsilon:g} at delta {delta:g} {where}")
         return float(dp_accounting.calibrate_dp_mechanism(
-            lambda: _accountant(accountant), lambda z: DpSchedule(z, sampling_rate, rounds).event(),
-            target_epsilon, delta, dp_accounting.ExplicitBracketInterval(0.0, LARGEST_NOISE)))
+            lambda: _accountant(accountant), event_of, target_epsilon, delta,
+            dp_accounting.ExplicitBracketInterval(0.0, LARGEST_NOISE)))
+
+
+def local_event(noise_multiplier: float, releases: int) -> dp_accounting.DpEvent:
+    """One client's ``releases`` updates under local DP: each a Gaussian mechanism with noise std
+    ``z * C`` on an update clipped to L2 norm ``C``. Any two clipped updates of the client differ by
+    at most ``2 C``, so each release is a Gaussian of noise multiplier ``z / 2`` (replace-one
+    adjacency of the client's data); the releases compose without subsampling (the server sees
+    which clients sent)."""
+    return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier / 2), releases)
+
+
+def local_epsilon(noise_multiplier: float, releases: int, delta: float, accountant: str = "rdp") -> float:
+    """The epsilon (at ``delta``) of one client after ``releases`` local-DP updates (:func:`local_event`);
+    0 before its first, ``inf`` without noise.
+
+    Raises:
+        ValueError: ``delta`` outside (0, 1), an unknown accountant.
+    """
+    _check_delta(delta)
+    if releases < 1:
+        return 0.0
+    if noise_multiplier == 0:
+        return float("inf")
+    with _quiet_library():
+        return float(_accountant(accountant).compose(local_event(noise_multiplier, releases)).get_epsilon(delta))
 
 
 def clip_factor(norm: float, clip_norm: float) -> float:
@@ -141,19 +181,67 @@ def clip_factor(norm: float, clip_norm: float) -> float:
     return 1.0 if norm <= clip_norm else clip_norm / norm
 
 
+def _gaussian(numel: int, std: float, *keys: int) -> torch.Tensor:
+    """(numel,) float64 CPU draws of N(0, std^2) from a generator seeded by ``keys`` (seed, round,
+    stream, ...): the same bits for any number of processes and devices, and after a resume."""
+    generator = torch.Generator().manual_seed(derive_seed(*keys))
+    return torch.randn(numel, generator=generator, dtype=torch.float64).mul_(std)
+
+
 @dataclass(frozen=True)
-class CentralDp:
-    """A run's central DP-FedAvg mechanism (McMahan et al. 2018, arXiv:1710.06963).
+class AdaptiveClip:
+    """Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive
+    Clipping", arXiv:1905.03871, Algorithm 1 with the geometric update).
+
+    After each round the clip norm moves toward the ``target_quantile`` of the cohort's update norms:
+    ``C <- C * exp(-learning_rate * (b - target_quantile))``, with ``b`` the noised share of summed
+    clients whose update norm was at most ``C``. The share is privatized as in the paper: the sum of
+    ``indicator - 1/2`` over the summed clients (L2 sensitivity 1/2) gets Gaussian noise of std
+    ``count_stddev`` (for the simulated cohort ``M``; ``count_stddev * E / M`` on the ``E`` clients
+    trained, as the update's noise is scaled), then ``b = noised sum / E + 1/2``.
 
     Attributes:
-        clip_norm: ``C``, the L2 bound of each client's update of the shared parameters.
-        noise_multiplier: ``z`` (>= 0), as configured or calibrated to a target epsilon.
+        target_quantile: ``gamma`` in (0, 1).
+        learning_rate: ``eta_C`` > 0, the step in log space.
+        count_stddev: ``sigma_b`` > 0, in clients of the simulated cohort.
+    """
+
+    target_quantile: float
+    learning_rate: float
+    count_stddev: float
+
+    def next_clip_norm(self, clip_norm: float, unclipped: int, summed: int, dp: "CentralDp", seed: int,
+                       round_idx: int) -> float:
+        """The clip norm of the round after ``round_idx`` (a float32 value), whose ``summed`` client
+        updates had ``unclipped`` of norm at most ``clip_norm`` (the count noise drawn from (seed, round))."""
+        std = self.count_stddev * dp.expected_cohort / dp.noise_cohort
+        noise = float(_gaussian(1, std, seed, round_idx, COUNT_STREAM)[0])
+        share = (unclipped - summed / 2 + noise) / dp.expected_cohort + 0.5
+        # rounded to float32: the value the workers receive (core.messages.round_broadcast) is the one noised
+        return float(np.float32(clip_norm * math.exp(-self.learning_rate * (share - self.target_quantile))))
+
+
+@dataclass(frozen=True)
+class CentralDp:
+    """A run's central DP-FedAvg mechanism (McMahan et al. 2018, arXiv:1710.06963), with adaptive
+    clipping when ``adaptive`` is set (Andrew et al. 2021, arXiv:1905.03871).
+
+    Attributes:
+        clip_norm: ``C``, the L2 bound of each client's update of the shared parameters (adaptive:
+            the bound of round 1).
+        noise_multiplier: ``z`` (>= 0), as configured or calibrated to a target epsilon: the whole
+            mechanism's (adaptive: the update's and the count's noise together, Theorem 1).
         expected_cohort: ``E``, the expected cohort (server_config.num_clients_per_iteration); the sum
             of clipped updates is divided by it, a fixed denominator.
         noise_cohort: ``M`` >= E, the cohort whose noise is simulated (privacy.noise_cohort_size, or E).
         population: ``N``, the clients the epsilon assumes (privacy.population, or data_config.num_clients).
         delta: the delta of (epsilon, delta)-DP.
         accountant: ``rdp`` or ``pld``.
+        adaptive: the clip norm's update rule; None: ``C`` fixed.
+
+    Raises:
+        UserError: adaptive with ``2 * count_stddev <= z`` (the count alone would spend more than the
+            whole budget).
     """
 
     clip_norm: float
@@ -163,6 +251,13 @@ class CentralDp:
     population: int
     delta: float
     accountant: str
+    adaptive: AdaptiveClip | None = None
+
+    def __post_init__(self):
+        if self.adaptive is not None and self.noise_multiplier and not 2 * self.adaptive.count_stddev > self.noise_multiplier:
+            raise UserError(f"privacy.clipped_count_stddev {self.adaptive.count_stddev:g}: must be above half the noise "
+                            f"multiplier ({self.noise_multiplier:.4g} / 2), or the count alone spends the whole "
+                            f"epsilon; raise it (the paper's choice is noise_cohort_size / 20)")
 
     @property
     def sampling_rate(self) -> float:
@@ -170,10 +265,19 @@ class CentralDp:
         return self.noise_cohort / self.population
 
     @property
-    def noise_std(self) -> float:
-        """Std of the Gaussian noise added to each shared coordinate of the sum of clipped updates:
-        ``z * C * E / M`` (``z * C`` without a simulated cohort), in the update's units."""
-        return self.noise_multiplier * self.clip_norm * self.expected_cohort / self.noise_cohort
+    def update_noise_multiplier(self) -> float:
+        """The noise multiplier of the sum of clipped updates: ``z``, or with adaptive clipping
+        ``(z^-2 - (2 sigma_b)^-2)^(-1/2)`` (Andrew et al. 2021, Theorem 1), so that the update and
+        the count together are a Gaussian mechanism of multiplier ``z``."""
+        if self.adaptive is None or self.noise_multiplier == 0:
+            return self.noise_multiplier
+        return (self.noise_multiplier ** -2 - (2 * self.adaptive.count_stddev) ** -2) ** -0.5
+
+    def noise_std(self, clip_norm: float | None = None) -> float:
+        """Std of the Gaussian noise added to each shared coordinate of the sum of updates clipped to
+        ``clip_norm`` (default :attr:`clip_norm`): ``z_update * C * E / M``, in the update's units."""
+        clip = self.clip_norm if clip_norm is None else clip_norm
+        return self.update_noise_multiplier * clip * self.expected_cohort / self.noise_cohort
 
     def epsilon(self, rounds: int) -> float:
         """The epsilon spent after ``rounds`` rounds (``inf`` without noise; 0 before round 1)."""
@@ -181,33 +285,107 @@ class CentralDp:
             return 0.0
         return epsilon(DpSchedule(self.noise_multiplier, self.sampling_rate, rounds), self.delta, self.accountant)
 
-    def noise(self, seed: int, round_idx: int, numel: int) -> torch.Tensor:
-        """(numel,) float64 CPU noise of round ``round_idx``: N(0, noise_std^2) per entry, drawn from a
-        CPU generator seeded by (seed, round, :data:`NOISE_STREAM`), so it is the same bits for any
-        number of processes and devices, and a resumed run draws what an uninterrupted one does."""
-        generator = torch.Generator().manual_seed(derive_seed(seed, round_idx, NOISE_STREAM))
-        return torch.randn(numel, generator=generator, dtype=torch.float64).mul_(self.noise_std)
+    def noise(self, seed: int, round_idx: int, numel: int, clip_norm: float | None = None) -> torch.Tensor:
+        """(numel,) float64 CPU noise of round ``round_idx`` for updates clipped to ``clip_norm``:
+        N(0, noise_std^2) per entry, drawn from a CPU generator seeded by (seed, round,
+        :data:`NOISE_STREAM`), so it is the same bits for any number of processes and devices, and a
+        resumed run draws what an uninterrupted one does."""
+        return _gaussian(numel, self.noise_std(clip_norm), seed, round_idx, NOISE_STREAM)
 
-    def record(self, rounds: int, clipped_share: float | None) -> dict:
+    def record(self, rounds: int, clipped_share: float | None, clip_norm: float | None = None) -> dict:
         """The ``privacy`` entry of an evaluation record after ``rounds`` rounds; ``clipped_share``:
         the share of summed client updates that were clipped since the last evaluation (None: none
-        was summed)."""
-        return {"epsilon": self.epsilon(rounds), "delta": self.delta, "noise_multiplier": self.noise_multiplier,
-                "clip_norm": self.clip_norm, "clipped_share": clipped_share, "accountant": self.accountant,
-                "sampling_rate": self.sampling_rate}
+        was summed); ``clip_norm``: the bound of the last round (default :attr:`clip_norm`)."""
+        return {"mechanism": "adaptive_gaussian" if self.adaptive else "gaussian", "epsilon": self.epsilon(rounds),
+                "delta": self.delta, "noise_multiplier": self.noise_multiplier,
+                "clip_norm": self.clip_norm if clip_norm is None else clip_norm, "clipped_share": clipped_share,
+                "accountant": self.accountant, "sampling_rate": self.sampling_rate, "population": self.population}
+
+
+@dataclass(frozen=True)
+class LocalDp:
+    """Local DP: each client clips its update of the shared parameters to L2 norm ``C`` and adds
+    Gaussian noise of std ``z * C`` to every shared coordinate before the update leaves its worker;
+    the server averages what it receives (no further noise). Each client's epsilon composes its own
+    releases (:func:`local_event`); a run reports the largest, that of the client that has sent the
+    most updates so far.
+
+    Attributes:
+        clip_norm: ``C``. noise_multiplier: ``z`` >= 0. delta, accountant: as :class:`CentralDp`.
+        releases: (rounds + 1,) the most updates any one client has sent after each round (index 0:
+            before round 1), from the run's cohorts.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    delta: float
+    accountant: str
+    releases: tuple[int, ...]
+
+    def epsilon(self, rounds: int) -> float:
+        """The largest client epsilon after ``rounds`` rounds (0 before any update, ``inf`` without noise)."""
+        return local_epsilon(self.noise_multiplier, self.releases[rounds], self.delta, self.accountant)
+
+    def noise(self, seed: int, round_idx: int, cid: int, numel: int) -> torch.Tensor:
+        """(numel,) float64 CPU noise of client ``cid`` in round ``round_idx``: N(0, (z C)^2) per entry,
+        from (seed, round, cid): the same bits whichever rank trains the client."""
+        # five keys: no (seed, round, client, stream) key of a client's training generator can equal them
+        return _gaussian(numel, self.noise_multiplier * self.clip_norm, seed, round_idx, LOCAL_STREAM, cid, LOCAL_STREAM)
+
+    def record(self, rounds: int, clipped_share: float | None, clip_norm: float | None = None) -> dict:
+        """The ``privacy`` entry of an evaluation record after ``rounds`` rounds (see :meth:`CentralDp.record`)."""
+        return {"mechanism": "local_gaussian", "epsilon": self.epsilon(rounds), "delta": self.delta,
+                "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
+                "clipped_share": clipped_share, "accountant": self.accountant,
+                "releases": self.releases[rounds]}
+
+
+Mechanism = CentralDp | LocalDp
+
+
+def most_releases(schedule) -> tuple[int, ...]:
+    """(rounds + 1,) the most cohorts any one client has joined after each round of ``schedule``
+    (:class:`core.schedule.Schedule`); index 0 is 0."""
+    counts = np.zeros(schedule.num_clients, dtype=np.int64)
+    most = [0]
+    for r in range(1, schedule.rounds + 1):
+        counts[schedule.cohort(r)] += 1
+        most.append(int(counts.max()))
+    return tuple(most)
+
+
+def mechanism_of(cfg, schedule, noise_multiplier: float | None = None) -> Mechanism | None:
+    """The mechanism of a config (:class:`core.config.Config`) and its ``schedule``; None without DP.
+    The noise multiplier is ``noise_multiplier`` when given (a resumed run's), else the configured
+    one, else calibrated to ``privacy.target_epsilon`` for ``server_config.max_iteration`` rounds.
+
+    Raises:
+        UserError: no noise multiplier reaches the target epsilon (:func:`calibrate_noise`); an
+            adaptive count noise too small for the noise multiplier (:class:`CentralDp`).
+    """
+    dp = cfg.privacy
+    if dp.mechanism in LOCAL:
+        releases = most_releases(schedule)
+        if noise_multiplier is None:
+            noise_multiplier = dp.noise_multiplier
+        if noise_multiplier is None:
+            noise_multiplier = _calibrate(lambda z: local_event(z, releases[-1]), dp.target_epsilon, dp.delta,
+                                          dp.accountant, f"for a client that sends {releases[-1]} updates; raise "
+                                          f"the target, or lower the rounds or the cohort")
+        return LocalDp(dp.clip_norm, noise_multiplier, dp.delta, dp.accountant, releases)
+    return central_dp(cfg, noise_multiplier)
 
 
 def central_dp(cfg, noise_multiplier: float | None = None) -> CentralDp | None:
-    """The mechanism of a config (:class:`core.config.Config`) whose ``privacy.mechanism`` is
-    ``gaussian``; None without DP. The noise multiplier is ``noise_multiplier`` when given (a resumed
-    run's), else the configured one, else calibrated to ``privacy.target_epsilon`` for
-    ``server_config.max_iteration`` rounds.
+    """The central mechanism of a config (:class:`core.config.Config`) whose ``privacy.mechanism`` is
+    ``gaussian`` or ``adaptive_gaussian``; None otherwise. The noise multiplier as in
+    :func:`mechanism_of`.
 
     Raises:
-        UserError: no noise multiplier reaches the target epsilon (:func:`calibrate_noise`).
+        UserError: see :func:`mechanism_of`.
     """
     dp = cfg.privacy
-    if dp.mechanism != "gaussian":
+    if dp.mechanism not in CENTRAL:
         return None
     cohort = cfg.server_config.num_clients_per_iteration
     population = dp.population if dp.population is not None else cfg.data_config.num_clients
@@ -218,4 +396,9 @@ def central_dp(cfg, noise_multiplier: float | None = None) -> CentralDp | None:
         noise_multiplier = calibrate_noise(dp.target_epsilon, dp.delta, noise_cohort / population,
                                            cfg.server_config.max_iteration, dp.accountant)
     assert math.isfinite(noise_multiplier)
-    return CentralDp(dp.clip_norm, noise_multiplier, cohort, noise_cohort, population, dp.delta, dp.accountant)
+    adaptive = None
+    if dp.mechanism == "adaptive_gaussian":
+        count_stddev = dp.clipped_count_stddev if dp.clipped_count_stddev is not None else noise_cohort / 20
+        adaptive = AdaptiveClip(dp.target_unclipped_quantile, dp.clip_learning_rate, count_stddev)
+    return CentralDp(dp.clip_norm, noise_multiplier, cohort, noise_cohort, population, dp.delta, dp.accountant,
+                     adaptive)

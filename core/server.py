@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +15,8 @@ from core.evaluation import (best_metric, eval_messages, eval_width, evaluation_
                              improves, metric_value)
 from core.optim import build_server_optimizer
 from core.errors import RunStopped, UserError
-from core.privacy import CentralDp, central_dp
+from core.config import delta_caveat
+from core.privacy import CentralDp, Mechanism, mechanism_of
 from core.exact import RANGE
 from core.messages import GO, STOP
 from core.worker import RoundLayout, exchange_start, play_evaluation, play_round, run_rounds
@@ -59,6 +61,8 @@ class Server:
         if restored is not None:
             self._restore(restored)
         self.dp = self._privacy(restored)
+        # the clip norm of the next round (adaptive clipping moves it) and of the last one done
+        self.clip_norm, self.last_clip_norm = self._restored_clip_norms(restored)
         self.trained = sim.schedule.trained_through(self.start_round - 1)  # clients sampled so far
         self.round = self.start_round - 1  # the round in progress (the last one done between rounds)
         self.saved_round = self.start_round - 1 if resume is not None else 0  # round of checkpoints/latest.pt
@@ -83,6 +87,7 @@ class Server:
                 "dropped_since_eval": list(self.since_eval["dropped_clients"]),
                 **({"privacy": {"noise_multiplier": self.dp.noise_multiplier,
                                 "rounds": self.sim.cfg.server_config.max_iteration,
+                                "clip_norm": self.clip_norm, "last_clip_norm": self.last_clip_norm,
                                 "clipped_since_eval": [list(c) for c in self.clip_counts]}} if self.dp else {}),
                 "config": self.sim.cfg.to_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
@@ -102,9 +107,10 @@ class Server:
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
 
-    def _privacy(self, restored: dict | None) -> CentralDp | None:
-        """The run's central DP mechanism (None without DP): a resumed run keeps the noise multiplier
-        it started with (calibrated once, before round 1, for ``server_config.max_iteration`` rounds).
+    def _privacy(self, restored: dict | None) -> Mechanism | None:
+        """The run's DP mechanism (None without DP): a resumed run keeps the noise multiplier it
+        started with (calibrated once, before round 1, for ``server_config.max_iteration`` rounds).
+        A delta not below 1 / population is said on stderr (:func:`core.config.delta_caveat`).
 
         Raises:
             UserError: the model has buffers outside the personal layers (they would be averaged
@@ -118,19 +124,33 @@ class Server:
         shared_buffers = sim.layout.numel - k - int((sim.personal_index >= k).sum())
         if shared_buffers:
             names = [name for name, _ in sim.model.named_buffers()]
-            raise UserError(f"privacy.mechanism gaussian: {sim.cfg.model.model_type} has buffers ({', '.join(names[:3])}"
+            raise UserError(f"privacy.mechanism {sim.cfg.privacy.mechanism}: {sim.cfg.model.model_type} has buffers ({', '.join(names[:3])}"
                             f"{', ...' if len(names) > 3 else ''}) that would be averaged without clipping or noise; "
                             f"use a model without buffers (e.g. GroupNorm for BatchNorm), or keep them on the "
                             f"clients (personalization.method: fedbn)")
+        caveat = delta_caveat(sim.cfg)
+        if caveat and sim.ctx.rank == 0:
+            sys.stderr.write(f"pfedsim: warning: {caveat}\n")
         saved = (restored or {}).get("privacy")
         if saved is None:
-            return central_dp(sim.cfg)
+            return sim.privacy
         rounds = sim.cfg.server_config.max_iteration
         if sim.cfg.privacy.target_epsilon is not None and saved["rounds"] != rounds:
             raise UserError(f"privacy.target_epsilon: this run calibrated its noise multiplier "
                             f"({saved['noise_multiplier']:.6g}) for {saved['rounds']} rounds; resuming it to {rounds} "
                             f"would spend another epsilon; keep server_config.max_iteration: {saved['rounds']}")
-        return central_dp(sim.cfg, saved["noise_multiplier"])
+        return mechanism_of(sim.cfg, sim.schedule, saved["noise_multiplier"])
+
+    def _restored_clip_norms(self, restored: dict | None) -> tuple[float, float]:
+        """The clip norms of the next round and of the last one done: the configured one, or a
+        resumed run's (adaptive clipping moves them); 0.0 without DP."""
+        if self.dp is None:
+            return 0.0, 0.0
+        saved = (restored or {}).get("privacy", {})
+        first = self.dp.clip_norm
+        if getattr(self.dp, "adaptive", None) is not None:  # it travels as float32 (core.messages.round_broadcast)
+            first = float(np.float32(first))
+        return float(saved.get("clip_norm", first)), float(saved.get("last_clip_norm", first))
 
     def _checkpoint(self, round_idx: int, elapsed: float, name: str) -> None:
         """Write checkpoints/<name>.pt atomically.
@@ -165,7 +185,9 @@ class Server:
         start_model = [sim.personalization.initial_model_state(self.global_flat.cpu(), sim.layout)] if lay.m else []
         default = torch.cat([self.global_flat[sim.personal_index].cpu(), torch.zeros(lay.c)] + start_model)
         self._sent = [self.store.get(c, default) for c in cohort] if lay.width else []
-        return {"global": self.global_flat, "server_state": self.strategy_state, "slots": self._sent, "control": GO}
+        clip = {"clip_norm": self.clip_norm} if lay.adaptive else {}
+        return {"global": self.global_flat, "server_state": self.strategy_state, "slots": self._sent, "control": GO,
+                **clip}
 
     def apply_round(self, round_idx: int, lay: RoundLayout, total: torch.Tensor) -> None:
         """Aggregate the round (:meth:`_aggregate`), record its time and dropped count, tell the
@@ -199,26 +221,38 @@ class Server:
             self.strategy_state = parts.flat(sim.strategy.new_server_state(
                 parts.views(self.strategy_state), lay.row.strategy_parts.views(state_change), sim.schedule.num_clients))
         if self.dp is not None:
-            self.clip_counts.append([int(lay.clipped(total).sum()), int((~dropped).sum())])
+            self._count_clipped(round_idx, int(lay.clipped(total).sum()), int((~dropped).sum()))
+        if isinstance(self.dp, CentralDp):
             self._apply(self._noised(round_idx, delta_sum), lay.weight_total)
         else:
             self._apply(delta_sum, weight_sum)
         if not bool(torch.isfinite(self.global_flat).all() & torch.isfinite(self.strategy_state).all()):
             raise Diverged(f"round {round_idx}: the global model became non-finite (NaN or inf) after "
                            f"aggregation{self._hint()}")
-        empty = self.dp is not None and not weight_sum  # no client summed: no training loss
+        empty = isinstance(self.dp, CentralDp) and not weight_sum  # no client summed: no training loss
         return float("nan") if empty else float(loss_sum / weight_sum), int(dropped.sum())
 
     def _noised(self, round_idx: int, delta_sum: torch.Tensor) -> torch.Tensor:
         """The round's (N,) float64 sum of clipped deltas plus the central DP noise of round
         ``round_idx`` (:meth:`core.privacy.CentralDp.noise`, drawn on the CPU), zero at the personal
         and buffer positions, which never leave the clients."""
-        assert self.dp is not None
+        assert isinstance(self.dp, CentralDp)
         sim, k = self.sim, self.sim.layout.num_params
-        noise = self.dp.noise(sim.cfg.seed, round_idx, sim.layout.numel)
+        noise = self.dp.noise(sim.cfg.seed, round_idx, sim.layout.numel, self.last_clip_norm)
         noise[k:] = 0.0
         noise[sim.personal_index.cpu()] = 0.0
         return delta_sum + noise.to(delta_sum.device)
+
+    def _count_clipped(self, round_idx: int, clipped: int, summed: int) -> None:
+        """Count the round's clipped and summed client updates; under adaptive clipping, step the
+        clip norm of the next round with the noised share of unclipped ones."""
+        self.clip_counts.append([clipped, summed])
+        self.last_clip_norm = self.clip_norm
+        adaptive = getattr(self.dp, "adaptive", None)
+        if adaptive is not None:
+            assert isinstance(self.dp, CentralDp)
+            self.clip_norm = adaptive.next_clip_norm(self.clip_norm, summed - clipped, summed, self.dp,
+                                                     self.sim.cfg.seed, round_idx)
 
     def _hint(self) -> str:
         """The end of a divergence line: the learning rates to lower, and the last finite checkpoint."""
@@ -274,7 +308,7 @@ class Server:
             values.clear()
         if self.dp is not None:
             clipped, summed = (sum(c[i] for c in self.clip_counts) for i in (0, 1))
-            record["privacy"] = self.dp.record(round_idx, clipped / summed if summed else None)
+            record["privacy"] = self.dp.record(round_idx, clipped / summed if summed else None, self.last_clip_norm)
             self.clip_counts.clear()
         is_best = self._mark_best(record)
         self.history.append(record)

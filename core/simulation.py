@@ -16,6 +16,7 @@ from core.flat import StateLayout
 from core.interfaces import DataLoader, Personalization, Strategy
 from core.partition import carve_validation
 from core.personalization import build_personalization
+from core.privacy import CENTRAL, Mechanism, mechanism_of
 from core.schedule import Schedule
 from core.strategy import build_strategy
 from core.vectorized import VectorizedTrainer
@@ -78,6 +79,16 @@ class Simulation:
     def store_width(self) -> int:
         """Floats of a client-store row: personal layers (P), strategy state (C), separate personal model (M)."""
         return self.rows.width
+
+    @cached_property
+    def privacy(self) -> Mechanism | None:
+        """The run's DP mechanism from the config and the schedule (None without DP); computed once,
+        on the first use (a calibration to a target epsilon may take a few seconds).
+
+        Raises:
+            UserError: see :func:`core.privacy.mechanism_of`.
+        """
+        return mechanism_of(self.cfg, self.schedule)
 
     @cached_property
     def personal_params(self) -> torch.Tensor:
@@ -167,7 +178,7 @@ def build_simulation(cfg, task, data_path: str | None, ctx: DistContext, transpo
                             personalization.personal_names(layout, model))
     return Simulation(cfg=cfg, ctx=ctx, transport=transport,
                       schedule=Schedule(cfg.server_config, data_cfg.num_clients, cfg.seed,
-                                        poisson=cfg.privacy.mechanism == "gaussian"),
+                                        poisson=cfg.privacy.mechanism in CENTRAL),
                       model=model, layout=layout, personal_index=personal_index, trainer=trainer,
                       test_loader=test_loader,
                       train_clients=ClientIndex(train_parts, ctx.device),

@@ -14,7 +14,7 @@ from core.exact import FixedPointSums, decode, state_change_bits
 from core.flat import keep_rows_if_finite_
 from core.messages import STOP, Message, Value, round_broadcast, round_reduce, start_broadcast
 from core.local_run import RunInputs
-from core.privacy import clip_factor
+from core.privacy import CENTRAL, clip_factor
 
 
 class RoundLayout:
@@ -33,12 +33,14 @@ class RoundLayout:
     the same bits (:mod:`core.exact`); the float32 parts are each written by one rank only (the
     others leave zero bits), so the int64 sum carries them bit for bit.
 
-    Under central DP (``privacy.mechanism: gaussian``, ``dp``), the reduce is the exact-sum one with a
-    ``clipped`` flag per cohort client, and each client's share is ``p_i = factor_i / E``: ``E`` the
-    expected cohort (a fixed denominator, not the kept clients' weight) and ``factor_i = min(1, C /
-    ||delta_i||)`` its clip factor (C the clip norm, the norm over the shared parameters; the
-    delta's personal and buffer entries are zeroed first), so :meth:`reduce_parts` returns the sum
-    of the clipped deltas. The cohort may be empty (K = 0): every per-client part is then empty.
+    Under DP (``privacy.mechanism`` not none, ``dp``), the reduce is the exact-sum one with a
+    ``clipped`` flag per cohort client, and each client's delta is clipped by ``factor_i = min(1, C /
+    ||delta_i||)`` (C the round's clip norm, :meth:`clip_norm`; the norm over the shared parameters;
+    the delta's personal and buffer entries are zeroed first). Central (``central``): the client's
+    share is ``p_i = factor_i / E``, ``E`` the expected cohort (a fixed denominator, not the kept
+    clients' weight), so :meth:`reduce_parts` returns the sum of the clipped deltas; the cohort may
+    be empty (K = 0): every per-client part is then empty. Local: the delta becomes ``factor_i *
+    delta_i + noise_i`` (:meth:`core.privacy.LocalDp.noise`) with the usual share.
 
     Reduce, otherwise (DGA), float32: weighted delta sum (N) | weight sum | weighted loss sum |
     summed change of the client strategy states (S) | K slots | K dropped flags.
@@ -59,15 +61,19 @@ class RoundLayout:
         self.k = len(self.cohort)
         self.width = self.p + self.c + self.m
         self.exact = bool(sim.strategy.exact_sum) and not sim.strategy.relative_weights
-        self.dp = sim.cfg.privacy.mechanism == "gaussian"  # the config refuses every strategy without exact_sum
-        self.broadcast = round_broadcast(self.n, self.s, self.k, self.width)
+        privacy = sim.cfg.privacy
+        self.dp = privacy.mechanism != "none"  # the config refuses every strategy without exact_sum
+        self.central = privacy.mechanism in CENTRAL
+        self.adaptive = privacy.mechanism == "adaptive_gaussian"  # the clip norm travels in the broadcast
+        self.fixed_clip_norm = privacy.clip_norm
+        self.broadcast = round_broadcast(self.n, self.s, self.k, self.width, self.adaptive)
         self.reduce = round_reduce(self.n, self.s, self.k, self.width, self.exact, self.dp)
         self.broadcast_size = self.broadcast.numel
         if self.exact:
             self.weights = sim.strategy.cohort_weights(sim.train_clients.sizes[self.cohort])  # (K,) float64
             self.weight_total = math.fsum(self.weights)
             self.shares = self.weights / self.weight_total  # p_i, the same on every rank
-        if self.dp:  # a fixed denominator: the expected cohort E (before each client's clip factor)
+        if self.central:  # a fixed denominator: the expected cohort E (before each client's clip factor)
             self.weight_total = float(sim.cfg.server_config.num_clients_per_iteration)
             self.shares = np.full(self.k, 1.0 / self.weight_total)
 
@@ -76,6 +82,11 @@ class RoundLayout:
         buffer."""
         parts = self.broadcast.views(buf)
         return parts["global"], parts["server_state"], parts["slots"]
+
+    def clip_norm(self, buf: torch.Tensor) -> float:
+        """The round's clip norm under DP: the configured one, or the one a broadcast ``buf`` carries
+        (adaptive clipping; one host read)."""
+        return float(self.broadcast.view(buf, "clip_norm")) if self.adaptive else self.fixed_clip_norm
 
     def new_reduce_buffer(self, device) -> torch.Tensor:
         """A zeroed reduce buffer (int64 for an exact sum, float32 otherwise)."""
@@ -188,17 +199,18 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor, lay: RoundLayout |
     if lay.exact:
         delta_fixed, state_fixed, _ = lay.exact_parts(out)
         fixed = FixedPointSums(delta_fixed, state_fixed, lay.k)
+    clip = ClientClip(sim, lay, lay.clip_norm(round_buf), round_idx) if lay.dp else None
     if sim.vectorized is not None:
         _train_vectorized(sim, round_idx, mine, [slot_of[int(c)] for c in mine], global_flat, slots, out, lay,
-                          relative, fixed)
+                          relative, fixed, clip)
     else:
-        _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relative, fixed)
+        _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relative, fixed, clip)
     if relative is not None:
         relative.align(sim.transport, f"round {round_idx} weight shift")
     return out
 
 
-def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relative, fixed) -> None:
+def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relative, fixed, clip) -> None:
     """The client loop: each client of ``mine`` trained in turn, its terms added to ``out`` (to the
     fixed-point sums of ``fixed`` when the layout is exact)."""
     p, k = lay.p, sim.layout.num_params
@@ -236,8 +248,8 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
         if lay.exact:
             sim.layout.delta_(fixed.delta, global_flat, state)
             share, clipped = float(lay.shares[slot]), False
-            if lay.dp:
-                share, clipped = _clipped_share(sim, fixed.delta, share)
+            if clip is not None:
+                share, clipped = clip.one(fixed.delta, share, int(cid))
             ok = fixed.add_(ok, share, change)  # out of range: dropped too
             parts["losses"][slot] = loss
             if lay.dp:
@@ -262,27 +274,49 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
         parts["loss"].copy_(loss_sum)
 
 
-def _clipped_share(sim, delta: torch.Tensor, share: float) -> tuple[float, bool]:
-    """Central DP's clipping of one client (DP-FedAvg, McMahan et al. 2018, arXiv:1710.06963): zero
-    the personal and buffer entries of its (N,) float32 ``delta`` in place, and return (``share``
-    times its clip factor ``min(1, C / ||delta||)``, whether it was clipped). The L2 norm is taken in
-    float64 over the shared parameters (one host read)."""
-    delta[sim.personal_index] = 0.0
-    delta[sim.layout.num_params:] = 0.0
-    norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
-    factor = clip_factor(norm, sim.cfg.privacy.clip_norm)
-    return share * factor, factor < 1.0
+class ClientClip:
+    """DP's treatment of each client's delta on its worker, in one round: clipping to L2 norm
+    ``clip_norm`` over the shared parameters (the personal and buffer entries zeroed first; the norm
+    in float64), then, central (DP-FedAvg, McMahan et al. 2018, arXiv:1710.06963), the clip factor
+    ``min(1, C / ||delta||)`` folded into the client's share, or, local, the delta scaled by it and
+    the client's own noise (:meth:`core.privacy.LocalDp.noise`) added to its shared entries."""
 
+    def __init__(self, sim, lay: RoundLayout, clip_norm: float, round_idx: int):
+        self.sim, self.central, self.clip_norm, self.round = sim, lay.central, clip_norm, round_idx
 
-def _clipped_shares(sim, deltas: torch.Tensor, shares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_clipped_share` for a vectorized group: (C, num_params) float32 ``deltas`` (personal
-    columns zeroed in place), (C,) float64 ``shares``; returns the (C,) clipped shares and the (C,)
-    bool clipped flags, without a host sync."""
-    deltas[:, sim.personal_params] = 0.0
-    norms = torch.linalg.vector_norm(deltas, dim=1, dtype=torch.float64)
-    clip_norm = sim.cfg.privacy.clip_norm
-    factors = torch.where(norms > clip_norm, clip_norm / norms, 1.0)
-    return shares * factors, norms > clip_norm
+    def _noise(self, cid: int) -> torch.Tensor:
+        """(num_params,) float32 local noise of client ``cid``, zero at the personal parameters."""
+        sim = self.sim
+        noise = sim.privacy.noise(sim.cfg.seed, self.round, cid, sim.layout.num_params).float()
+        noise[sim.personal_params.cpu()] = 0.0
+        return noise
+
+    def one(self, delta: torch.Tensor, share: float, cid: int) -> tuple[float, bool]:
+        """Treat client ``cid``'s (N,) float32 ``delta`` in place; returns (its share, whether it was
+        clipped). One host read."""
+        sim, k = self.sim, self.sim.layout.num_params
+        delta[sim.personal_index] = 0.0
+        delta[k:] = 0.0
+        norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+        factor = clip_factor(norm, self.clip_norm)
+        if self.central:
+            return share * factor, factor < 1.0
+        delta[:k].mul_(factor).add_(self._noise(cid).to(delta.device))
+        return share, factor < 1.0
+
+    def rows(self, deltas: torch.Tensor, shares: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`one` for a vectorized group: (C, num_params) float32 ``deltas`` of clients ``ids``
+        (treated in place), (C,) float64 ``shares``; returns the (C,) shares and the (C,) bool clipped
+        flags, without a host sync (central)."""
+        sim = self.sim
+        deltas[:, sim.personal_params] = 0.0
+        norms = torch.linalg.vector_norm(deltas, dim=1, dtype=torch.float64)
+        factors = torch.where(norms > self.clip_norm, self.clip_norm / norms, 1.0)
+        if self.central:
+            return shares * factors, norms > self.clip_norm
+        noise = torch.stack([self._noise(int(c)) for c in ids]).to(deltas.device)
+        deltas.mul_(factors.float().unsqueeze(1)).add_(noise)
+        return shares, norms > self.clip_norm
 
 
 def _weighted_sums(weights: list, losses: list[torch.Tensor], finite: list[torch.Tensor],
@@ -296,7 +330,7 @@ def _weighted_sums(weights: list, losses: list[torch.Tensor], finite: list[torch
     return w.sum(), torch.dot(w, torch.where(ok, torch.stack(losses).to(w.dtype), 0.0))
 
 
-def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out, lay, relative, fixed) -> None:
+def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out, lay, relative, fixed, clip) -> None:
     """Vectorized variant of the client loop: groups of ``vectorize_chunk`` clients at once."""
     p, k = sim.personal_numel, sim.layout.num_params
     chunk = sim.cfg.client_config.vectorize_chunk
@@ -312,8 +346,8 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
             deltas = stack - global_flat[:k]
             shares = host_to_device(lay.shares[mine_slots[start:start + chunk]], out.device, torch.float64)
             clipped = None
-            if lay.dp:
-                shares, clipped = _clipped_shares(sim, deltas, shares)
+            if clip is not None:
+                shares, clipped = clip.rows(deltas, shares, ids)
             ok = fixed.add_rows_(deltas, ok, shares)  # out of range: dropped too
             parts["losses"][rows] = losses
             if clipped is not None:

@@ -99,10 +99,10 @@ def test_clipping_bounds_each_clients_contribution_to_the_sum(vectorize):
 def test_the_noise_function_has_the_configured_std_and_is_a_function_of_the_round():
     dp = CentralDp(clip_norm=0.5, noise_multiplier=1.3, expected_cohort=5, noise_cohort=20, population=400,
                    delta=1e-6, accountant="rdp")
-    assert dp.noise_std == pytest.approx(1.3 * 0.5 * 5 / 20)
+    assert dp.noise_std() == pytest.approx(1.3 * 0.5 * 5 / 20)
     draws = torch.stack([dp.noise(7, r, 20_000) for r in range(1, 41)])  # 800,000 draws
-    assert float(draws.std()) == pytest.approx(dp.noise_std, rel=0.01)
-    assert abs(float(draws.mean())) < 5 * dp.noise_std / math.sqrt(draws.numel())
+    assert float(draws.std()) == pytest.approx(dp.noise_std(), rel=0.01)
+    assert abs(float(draws.mean())) < 5 * dp.noise_std() / math.sqrt(draws.numel())
     assert torch.equal(dp.noise(7, 3, 100), dp.noise(7, 3, 100))
     assert not torch.equal(dp.noise(7, 3, 100), dp.noise(7, 4, 100))
     assert not torch.equal(dp.noise(7, 3, 100), dp.noise(8, 3, 100))
@@ -261,9 +261,20 @@ def test_a_run_with_empty_cohorts_finishes(tmp_path):
     (["privacy.population=10"], "privacy.population 10 is below data_config.num_clients (20)"),
     (["privacy.noise_cohort_size=2"], "privacy.noise_cohort_size 2: must be at least the cohort"),
     (["privacy.noise_cohort_size=30"], "privacy.noise_cohort_size 30: must be at least the cohort"),
-    (["privacy.delta=0.1"], "privacy.delta 0.1: must be below 1 / population (1/20)"),
+    (["privacy.target_unclipped_quantile=0.3"], "privacy.target_unclipped_quantile: not read under privacy.mechanism "
+                                                "gaussian"),
+    (["privacy.mechanism=local_gaussian", "privacy.population=100"], "privacy.population: not read under "
+                                                                     "privacy.mechanism local_gaussian"),
+    (["privacy.mechanism=local_gaussian", "strategy=scaffold"], "strategy scaffold cannot run under privacy.mechanism "
+                                                                "local_gaussian"),
+    (["privacy.mechanism=local_gaussian", "strategy_config.client_weighting=samples"],
+     "under privacy.mechanism local_gaussian a client's weight must not depend on its data"),
+    (["privacy.mechanism=adaptive_gaussian", "privacy.target_unclipped_quantile=1.0"],
+     "privacy.target_unclipped_quantile: Input should be less than 1"),
+    (["privacy.mechanism=adaptive_gaussian", "privacy.clip_learning_rate=0"],
+     "privacy.clip_learning_rate: Input should be greater than 0"),
     (["privacy.accountant=moments"], "privacy.accountant: Input should be 'rdp' or 'pld'"),
-    (["privacy.mechanism=laplace"], "privacy.mechanism: Input should be 'none' or 'gaussian'"),
+    (["privacy.mechanism=laplace"], "privacy.mechanism: Input should be 'none', 'gaussian', 'adaptive_gaussian' or 'local_gaussian'"),
 ])
 def test_bad_privacy_configs_are_one_line_naming_the_field(overrides, words):
     with pytest.raises(UserError) as caught:
