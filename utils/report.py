@@ -93,18 +93,29 @@ def _epsilon(privacy: dict) -> str:
 
 
 def privacy_line(history: list[dict]) -> str:
-    """One sentence on central DP at the last evaluation (empty without DP): epsilon at delta after
-    the rounds done, what it covers, and the mechanism's settings."""
+    """One sentence on DP at the last evaluation (empty without DP): epsilon at delta after the rounds
+    done, what it covers, and the mechanism's settings; plus a caveat when a central delta is not
+    below 1 / population."""
     last = history[-1] if history else {}
     dp = last.get("privacy")
     if not dp:
         return ""
     share = "-" if dp.get("clipped_share") is None else f"{100 * dp['clipped_share']:.0f}%"
-    return (f"Central DP (DP-FedAvg): epsilon {_epsilon(dp)} at delta {dp['delta']:g} after {last['round']} rounds, "
-            f"for the sequence of global models under add/remove-one-client adjacency ({dp['accountant']} "
-            f"accountant; noise multiplier {dp['noise_multiplier']:.4g}, clip norm {dp['clip_norm']:g}, Poisson "
+    settings = (f"{dp['accountant']} accountant; noise multiplier {dp['noise_multiplier']:.4g}, clip norm "
+                f"{dp['clip_norm']:.4g}{' in the last round' if dp.get('mechanism') == 'adaptive_gaussian' else ''}")
+    if dp.get("mechanism") == "local_gaussian":
+        return (f"Local DP: epsilon {_epsilon(dp)} at delta {dp['delta']:g} after {last['round']} rounds for the client "
+                f"that has sent the most updates ({dp['releases']}), for everything it sent, under replace-one "
+                f"adjacency of its data ({settings}; {share} of client updates clipped since the evaluation before); "
+                f"its personal layers and personalized model, and evaluation figures, are not covered.\n\n")
+    adaptive = ", adaptive clipping" if dp.get("mechanism") == "adaptive_gaussian" else ""
+    population = dp.get("population")
+    caveat = (f" Delta {dp['delta']:g} is not below 1 / population (1/{population}): a guarantee at this delta still "
+              f"allows one client's data to be published whole." if population and dp["delta"] >= 1 / population else "")
+    return (f"Central DP (DP-FedAvg{adaptive}): epsilon {_epsilon(dp)} at delta {dp['delta']:g} after {last['round']} "
+            f"rounds, for the sequence of global models under add/remove-one-client adjacency ({settings}, Poisson "
             f"sampling rate {dp['sampling_rate']:.4g}; {share} of client updates clipped since the evaluation "
-            f"before); personal layers, personalized models and evaluation figures are not covered.\n\n")
+            f"before); personal layers, personalized models and evaluation figures are not covered.{caveat}\n\n")
 
 
 def results_table(rec: dict) -> str:
