@@ -287,7 +287,7 @@ class ClientClip:
     def _noise(self, cid: int) -> torch.Tensor:
         """(num_params,) float32 local noise of client ``cid``, zero at the personal parameters."""
         sim = self.sim
-        noise = sim.privacy.noise(sim.cfg.seed, self.round, cid, sim.layout.num_params).float()
+        noise = sim.privacy.noise(sim.cfg.seed, self.round, cid, sim.layout.num_params)
         noise[sim.personal_params.cpu()] = 0.0
         return noise
 

@@ -157,7 +157,7 @@ def test_a_local_update_is_the_clipped_delta_plus_its_clients_own_noise(vectoriz
         raw = decode(free_lay.exact_parts(free_out)[0]) * 5
         assert lay.clipped(out).tolist() == [1.0] and float(raw.norm()) > 20 * C
         generator = torch.Generator().manual_seed(derive_seed(0, 1, 0xDB, cid, 0xDB))
-        noise = torch.randn(k, generator=generator, dtype=torch.float64) * (z * C)
+        noise = (torch.randn(k, generator=generator, dtype=torch.float32) * (z * C)).double()
         expected = torch.zeros_like(term)
         expected[:k] = raw[:k] * (C / raw.norm()) + noise
         expected[personal] = 0.0
