@@ -284,11 +284,12 @@ class ClientClip:
     def __init__(self, sim, lay: RoundLayout, clip_norm: float, round_idx: int):
         self.sim, self.central, self.clip_norm, self.round = sim, lay.central, clip_norm, round_idx
 
-    def _noise(self, cid: int) -> torch.Tensor:
-        """(num_params,) float32 local noise of client ``cid``, zero at the personal parameters."""
+    def _noise(self, cid: int, device) -> torch.Tensor:
+        """(num_params,) float32 local noise of client ``cid`` on ``device``, zero at the personal
+        parameters (drawn on the CPU: the same bits on every device)."""
         sim = self.sim
-        noise = sim.privacy.noise(sim.cfg.seed, self.round, cid, sim.layout.num_params)
-        noise[sim.personal_params.cpu()] = 0.0
+        noise = sim.privacy.noise(sim.cfg.seed, self.round, cid, sim.layout.num_params).to(device)
+        noise[sim.personal_params] = 0.0
         return noise
 
     def one(self, delta: torch.Tensor, share: float, cid: int) -> tuple[float, bool]:
@@ -301,7 +302,7 @@ class ClientClip:
         factor = clip_factor(norm, self.clip_norm)
         if self.central:
             return share * factor, factor < 1.0
-        delta[:k].mul_(factor).add_(self._noise(cid).to(delta.device))
+        delta[:k].mul_(factor).add_(self._noise(cid, delta.device))
         return share, factor < 1.0
 
     def rows(self, deltas: torch.Tensor, shares: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +315,7 @@ class ClientClip:
         factors = torch.where(norms > self.clip_norm, self.clip_norm / norms, 1.0)
         if self.central:
             return shares * factors, norms > self.clip_norm
-        noise = torch.stack([self._noise(int(c)) for c in ids]).to(deltas.device)
+        noise = torch.stack([self._noise(int(c), deltas.device) for c in ids])
         deltas.mul_(factors.float().unsqueeze(1)).add_(noise)
         return shares, norms > self.clip_norm
 
