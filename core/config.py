@@ -347,15 +347,16 @@ def privacy_problem(cfg: "Config") -> str | None:
     """The first reason the ``privacy`` section cannot run with the rest of ``cfg``, as one line naming
     the fields and the fix; None when it can."""
     dp = cfg.privacy
-    chosen = dp.model_fields_set
+    # values other than the defaults (a resolved config writes every key out, defaults included)
+    chosen = {n for n, field in PrivacyConfig.model_fields.items() if getattr(dp, n) != field.default}
     if dp.mechanism == "none":
         set_ = [n for n in ("clip_norm", "noise_multiplier", "target_epsilon") + CENTRAL_KEYS + ADAPTIVE_KEYS
-                if n in chosen and getattr(dp, n) is not None]
+                if n in chosen]
         return (f"privacy.{set_[0]} is set but privacy.mechanism is none; set privacy.mechanism, or "
                 f"remove privacy.{set_[0]}") if set_ else None
     under = f"privacy.mechanism {dp.mechanism}"
     unused = [n for n in ADAPTIVE_KEYS if n in chosen] if dp.mechanism != "adaptive_gaussian" else []
-    unused += [n for n in CENTRAL_KEYS if getattr(dp, n) is not None] if dp.mechanism == "local_gaussian" else []
+    unused += [n for n in CENTRAL_KEYS if n in chosen] if dp.mechanism == "local_gaussian" else []
     if unused:
         return f"privacy.{unused[0]}: not read under {under}; remove it, or choose the mechanism that reads it"
     if dp.clip_norm is None:
