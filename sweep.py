@@ -11,6 +11,15 @@ methods: each keeps the config's personalization.local_layers if it reads them, 
 its own (utils.sweep.method_layers). Writes sweep.md, sweep.csv (mean and std over seeds of final
 and best global and personalized accuracy per grid point), plots/accuracy.png and logs/<run>.log
 into the sweep folder; ``tensorboard --logdir OUT/<sweep name>`` shows every run.
+
+When the runs report privacy (``privacy.mechanism: gaussian``), sweep.md and sweep.csv also give the
+epsilon spent by the end of each grid point's runs and its delta, and plots/accuracy_vs_epsilon.png
+draws final global and personalized accuracy against that epsilon (log scale, no noise at the
+right edge as ``inf``), one line per value of the grid axes other than the noise
+(``privacy.noise_multiplier``, ``privacy.target_epsilon``), e.g.
+
+    python sweep.py ... --set privacy.mechanism=gaussian --set strategy_config.client_weighting=uniform \\
+        --grid "privacy.noise_multiplier=0,0.5,1.0" --grid "personalization.method=none,fedper"
 """
 from __future__ import annotations
 
@@ -21,8 +30,8 @@ from pathlib import Path
 from core.errors import UserError
 from core.task import load_task
 from utils.cli import OneLineParser, make_folder
-from utils.sweep import (aggregate, clear_incomplete, launch, parse_axis, plan, run_status, trainer_command,
-                         with_existing_names, write_report)
+from utils.sweep import (EPSILON_PLOT, aggregate, clear_incomplete, epsilon_series, launch, parse_axis, plan,
+                         run_status, trainer_command, with_existing_names, write_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,10 +96,11 @@ def main(argv=None) -> int:
         if status[run.name] != "done":
             jobs.append((run, trainer_command(run, sweep_dir, args, resume=status[run.name] == "resume")))
     failed = launch(jobs, sweep_dir, args.jobs, args.nproc) if jobs else []
-    table = write_report(sweep_dir, aggregate(sweep_dir, runs), axes)
+    rows = aggregate(sweep_dir, runs)
+    table = write_report(sweep_dir, rows, axes)
     print(table)
-    print(f"Written to {sweep_dir}: sweep.md, sweep.csv, plots/accuracy.png, logs/; "
-          f"tensorboard --logdir {sweep_dir}")
+    plots = "plots/accuracy.png" + (f", {EPSILON_PLOT.as_posix()}" if epsilon_series(rows, axes) else "")
+    print(f"Written to {sweep_dir}: sweep.md, sweep.csv, {plots}, logs/; tensorboard --logdir {sweep_dir}")
     if failed:
         print(f"pfedsim: error: {len(failed)} run(s) failed: {', '.join(failed)}; see {sweep_dir / 'logs'}",
               file=sys.stderr)

@@ -76,6 +76,13 @@ def test_table_has_mean_and_std_over_seeds(swept):
     assert (folder / "plots" / "accuracy.png").is_file()
 
 
+def test_a_sweep_without_privacy_has_no_epsilon_column_or_plot(swept):
+    _, folder = swept
+    assert "epsilon" not in next(csv.reader(open(folder / "sweep.csv")))
+    assert "epsilon" not in (folder / "sweep.md").read_text()
+    assert not (folder / "plots" / "accuracy_vs_epsilon.png").exists()
+
+
 def test_second_invocation_skips_everything(swept, capsys):
     tmp, folder = swept
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.suffix != ".png"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 import os
 import re
 import shutil
@@ -347,7 +348,36 @@ def aggregate(sweep_dir: Path, runs: list[SweepRun]) -> list[dict]:
     for row in rows.values():
         scores = [run_scores(h) for h in row["histories"]]
         row.update({s: mean_std([sc[s] for sc in scores]) for s in SCORES})
+        row["privacy"] = final_privacy(row["histories"])
     return list(rows.values())
+
+
+def final_privacy(histories: list[list[dict]]) -> dict | None:
+    """The privacy spent at the last evaluation of a grid point's runs (one history per seed):
+    ``{"epsilon": float, "delta": float, "mechanism": str | None}``, epsilon ``inf`` for clipping
+    without noise (``null`` in metrics.jsonl) and the largest over seeds (the seeds of a grid point
+    spend the same, as the accountant reads only the config); mechanism None for runs recorded before
+    records named it. None when no run reports privacy (``privacy.mechanism: none``)."""
+    spent = [h[-1]["privacy"] for h in histories if h and h[-1].get("privacy")]
+    if not spent:
+        return None
+    epsilons = [math.inf if dp.get("epsilon") is None else float(dp["epsilon"]) for dp in spent]
+    return {"epsilon": max(epsilons), "delta": float(spent[0]["delta"]), "mechanism": spent[0].get("mechanism")}
+
+
+def private(rows: list[dict]) -> bool:
+    """Whether any grid point's runs report privacy (then the table, CSV and plots show epsilon)."""
+    return any(row.get("privacy") for row in rows)
+
+
+def epsilon_cell(row: dict) -> str:
+    """A grid point's final privacy (:func:`final_privacy`) as ``epsilon (delta d)``, epsilon to 2
+    decimals or ``inf``; ``no DP`` for finished runs without privacy, ``-`` without finished runs."""
+    spent = row.get("privacy")
+    if spent is None:
+        return "no DP" if row["runs"] else "-"
+    epsilon = "inf" if math.isinf(spent["epsilon"]) else f"{spent['epsilon']:.2f}"
+    return f"{epsilon} (delta {spent['delta']:g})"
 
 
 def stat_cell(stat, digits: int = 2) -> str:
@@ -360,34 +390,49 @@ def stat_cell(stat, digits: int = 2) -> str:
 
 
 def markdown_table(rows: list[dict], axes: list[Axis]) -> str:
-    """Per grid point: final and best global / personalized accuracy, mean ± std over seeds (percent)."""
+    """Per grid point: final and best global / personalized accuracy, mean ± std over seeds (percent),
+    and when any run reports privacy the epsilon spent at the end with its delta (:func:`epsilon_cell`)."""
     head = [a.key for a in axes] + ["seeds", "final global", "best global", "final personalized", "best personalized"]
+    dp = private(rows)
+    head += ["final epsilon (delta)"] if dp else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [v for _, v in row["point"]] + [str(len(row["runs"]))] + [stat_cell(row[s]) for s in SCORES]
+        cells += [epsilon_cell(row)] if dp else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_csv(path: Path, rows: list[dict], axes: list[Axis]) -> None:
-    """CSV: grid values, seeds, and ``<score>_mean`` / ``<score>_std`` as fractions (empty: no data)."""
+    """CSV: grid values, seeds, and ``<score>_mean`` / ``<score>_std`` as fractions (empty: no data);
+    when any run reports privacy also ``epsilon`` (spent at the last evaluation, ``inf`` without
+    noise) and ``delta`` (both empty for a grid point without DP or without finished runs)."""
     import csv
 
+    dp = private(rows)
     with open(path, "w", newline="") as handle:
         out = csv.writer(handle)
-        out.writerow([a.key for a in axes] + ["seeds"] + [f"{s}_{m}" for s in SCORES for m in ("mean", "std")])
+        out.writerow([a.key for a in axes] + ["seeds"] + [f"{s}_{m}" for s in SCORES for m in ("mean", "std")]
+                     + (["epsilon", "delta"] if dp else []))
         for row in rows:
             stats = [("" if row[s] is None else f"{row[s][i]:.6f}") for s in SCORES for i in (0, 1)]
-            out.writerow([v for _, v in row["point"]] + [len(row["runs"])] + stats)
+            spent = row.get("privacy")
+            extra = ([f"{spent['epsilon']:.6g}", f"{spent['delta']:g}"] if spent else ["", ""]) if dp else []
+            out.writerow([v for _, v in row["point"]] + [len(row["runs"])] + stats + extra)
 
 
 def write_report(sweep_dir: Path, rows: list[dict], axes: list[Axis]) -> str:
-    """sweep.md, sweep.csv and plots/accuracy.png (mean over seeds per grid point); returns the table."""
+    """sweep.md, sweep.csv and plots/accuracy.png (mean over seeds per grid point), and when runs
+    report privacy plots/accuracy_vs_epsilon.png (:func:`epsilon_plot`); returns the table."""
     table = markdown_table(rows, axes)
     implied = [f"{assignment_slug(row['point'])}: " + ", ".join(f"{k}={v}" for k, v in row["implied"])
                for row in rows if row.get("implied")]
     note = ("\n\nSet by the sweep besides the grid (a method that chooses its own personal parameters ignores "
             "the config's personalization.local_layers): " + "; ".join(implied) + ".") if implied else ""
+    if private(rows):
+        note += ("\n\nFinal epsilon: the privacy the runs had spent at their last evaluation, at the delta "
+                 "given (the largest over seeds); inf: clipping without noise (noise_multiplier 0); no DP: "
+                 "privacy.mechanism none; -: no finished run. Plotted in plots/accuracy_vs_epsilon.png.")
     (sweep_dir / "sweep.md").write_text(f"# Sweep {sweep_dir.name}\n\nAccuracy in percent, mean ± sample std "
                                         f"over seeds (final: last round; best: at the evaluation that chose best.pt, by a validation metric, or by the highest global test accuracy when a run has no validation split).{note}\n\n{table}\n")
     write_csv(sweep_dir / "sweep.csv", rows, axes)
@@ -397,7 +442,126 @@ def write_report(sweep_dir: Path, rows: list[dict], axes: list[Axis]) -> str:
         compare_plot(curves, sweep_dir / "plots" / "accuracy.png",
                      f"Sweep {sweep_dir.name}: test accuracy per round, mean over seeds (band: ± sample std)\n"
                      f"solid: global model, full test set; dashed: personalized models (sample-weighted)")
+    if epsilon_series(rows, axes):
+        epsilon_plot(rows, axes, sweep_dir / EPSILON_PLOT, sweep_dir.name)
     return table
+
+
+EPSILON_PLOT = Path("plots") / "accuracy_vs_epsilon.png"
+NOISE_KEYS = frozenset({"privacy", "privacy.noise_multiplier", "privacy.target_epsilon"})
+
+
+def epsilon_series(rows: list[dict], axes: list[Axis]) -> dict[str, list[dict]]:
+    """The grid points with finished runs that report privacy, one series per value of every grid
+    axis except those that set the noise (:data:`NOISE_KEYS`), each sorted by final epsilon; keyed
+    by the series' :func:`assignment_slug` (``runs`` when no other axis exists). Empty without DP."""
+    noise = {a.key for a in axes if a.key in NOISE_KEYS}
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("privacy") and row["runs"]:
+            name = assignment_slug([(k, v) for k, v in row["point"] if k not in noise]) or "runs"
+            series.setdefault(name, []).append(row)
+    return {name: sorted(points, key=lambda r: r["privacy"]["epsilon"]) for name, points in series.items()}
+
+
+def infinity_position(epsilons: list[float]) -> float:
+    """Where infinite epsilon (no noise) is drawn on the log x-axis: 4 times the largest finite
+    epsilon, at the right edge (1.0 when every epsilon is infinite)."""
+    finite = [e for e in epsilons if math.isfinite(e)]
+    return 4 * max(finite) if finite else 1.0
+
+
+def _draw_series(ax, name: str, points: list[dict], inf_x: float) -> None:
+    """Final global (solid, circles) and personalized (dashed, triangles) accuracy in percent against
+    final epsilon, one colour; error bars of ± sample std over seeds where a point has several."""
+    x = [inf_x if math.isinf(r["privacy"]["epsilon"]) else r["privacy"]["epsilon"] for r in points]
+    seeds = max(len(r["runs"]) for r in points)
+    what = f" (mean of {seeds} seeds, bars ± std)" if seeds > 1 else ""
+    color = None
+    for words, style, score in (("global", "o-", "final_global"), ("personalized", "^--", "final_personalized")):
+        stats = [r[score] for r in points]
+        if all(st is None for st in stats):
+            continue
+        y = [math.nan if st is None else 100 * st[0] for st in stats]
+        err = [0.0 if st is None else 100 * st[1] for st in stats] if seeds > 1 else None
+        bars = ax.errorbar(x, y, yerr=err, fmt=style, color=color, capsize=3, label=f"{name} {words}{what}")
+        color = bars.lines[0].get_color()
+
+
+def epsilon_ticks(epsilons: list[float]) -> list[float]:
+    """The finite epsilons as x ticks, ascending, each at least 1.25 times the previous one kept (so
+    that their labels do not overlap on the log axis)."""
+    ticks: list[float] = []
+    for e in sorted(e for e in set(epsilons) if math.isfinite(e) and e > 0):
+        if not ticks or e >= 1.25 * ticks[-1]:
+            ticks.append(e)
+    return ticks
+
+
+def _epsilon_axis(ax, epsilons: list[float], inf_x: float) -> None:
+    """Log x-axis ticked at the finite epsilons (:func:`epsilon_ticks`), with the no-noise point at
+    ``inf_x`` labelled ``inf (no noise)`` past a dotted break line."""
+    ticks = epsilon_ticks(epsilons)
+    ax.set_xscale("log")
+    ax.set_xlim((ticks[0] if ticks else inf_x) / 2, inf_x * 2)
+    labels = [f"{t:.3g}" for t in ticks]
+    if any(math.isinf(e) for e in epsilons):
+        if ticks:
+            ax.axvline(math.sqrt(ticks[-1] * inf_x), color="grey", linestyle=":", linewidth=1)
+        ticks, labels = ticks + [inf_x], labels + ["inf\n(no noise)"]
+    ax.minorticks_off()
+    ax.set_xticks(ticks, labels)
+
+
+def epsilon_title(points: list[dict], sweep_name: str) -> str:
+    """The title of :func:`epsilon_figure`: the delta the epsilons are at (and the mechanism, when the
+    ``points``' records name one), and what global and personalized accuracy measure."""
+    deltas = sorted({r["privacy"]["delta"] for r in points})
+    at = f"delta {deltas[0]:g}" if len(deltas) == 1 else "each point's delta: sweep.csv"
+    mechanisms = {r["privacy"].get("mechanism") for r in points} - {None}
+    at += f", privacy.mechanism {mechanisms.pop()}" if len(mechanisms) == 1 else ""
+    return (f"Sweep {sweep_name}: final test accuracy against epsilon ({at})\n"
+            f"global: the global model on the full test set (a method's personal layers: the clients' mean)\n"
+            f"personalized: each client's personalized model on its own test split (sample-weighted mean over clients)")
+
+
+def epsilon_plot(rows: list[dict], axes: list[Axis], path: Path, sweep_name: str) -> None:
+    """PNG at ``path`` of :func:`epsilon_figure` (folders made as needed).
+
+    Raises:
+        ValueError: no grid point has finished runs that report privacy.
+    """
+    from utils.report import save_figure
+
+    save_figure(epsilon_figure(rows, axes, sweep_name), path)
+
+
+def epsilon_figure(rows: list[dict], axes: list[Axis], sweep_name: str):
+    """Figure of final test accuracy (percent) against the epsilon spent by the end of each run (log
+    x-axis, no noise drawn at the right edge as ``inf``): one colour per :func:`epsilon_series`,
+    global and personalized accuracy as in the runs' own lines. The title names the delta.
+
+    Raises:
+        ValueError: no grid point has finished runs that report privacy.
+    """
+    from utils.report import new_figure
+
+    series = epsilon_series(rows, axes)
+    if not series:
+        raise ValueError("no grid point has finished runs that report privacy")
+    points = [r for pts in series.values() for r in pts]
+    epsilons = [r["privacy"]["epsilon"] for r in points]
+    inf_x = infinity_position(epsilons)
+    fig, ax = new_figure(8, 5)
+    for name, pts in series.items():
+        _draw_series(ax, name, pts, inf_x)
+    _epsilon_axis(ax, epsilons, inf_x)
+    ax.set_xlabel("epsilon spent by the end of the run (log scale)")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title(epsilon_title(points, sweep_name), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def clear_incomplete(run_dir: Path) -> None:
