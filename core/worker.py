@@ -285,10 +285,10 @@ class ClientClip:
         self.sim, self.central, self.clip_norm, self.round = sim, lay.central, clip_norm, round_idx
 
     def _noise(self, cid: int, device) -> torch.Tensor:
-        """(num_params,) float32 local noise of client ``cid`` on ``device``, zero at the personal
-        parameters (drawn on the CPU: the same bits on every device)."""
+        """(num_params,) float32 local noise of client ``cid``, drawn on ``device``, zero at the
+        personal parameters."""
         sim = self.sim
-        noise = sim.privacy.noise(sim.cfg.seed, self.round, cid, sim.layout.num_params).to(device)
+        noise = sim.privacy.noise(sim.cfg.seed, self.round, cid, sim.layout.num_params, device)
         noise[sim.personal_params] = 0.0
         return noise
 
