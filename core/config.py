@@ -15,7 +15,6 @@ mapping.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
@@ -278,6 +277,14 @@ class PrivacyConfig(Section):
         None, gt=0, description="adaptive_gaussian: noise std on the count of unclipped clients, in clients of the "
                                 "simulated cohort (null: noise_cohort_size / 20, the paper's choice)")
 
+    def population_of(self, num_clients: int) -> int:
+        """The clients the epsilon assumes: ``population``, or ``num_clients`` (data_config's) when null."""
+        return self.population if self.population is not None else num_clients
+
+    def noise_cohort_of(self, cohort: int) -> int:
+        """The cohort whose noise is simulated: ``noise_cohort_size``, or the expected ``cohort`` when null."""
+        return self.noise_cohort_size if self.noise_cohort_size is not None else cohort
+
 
 ADAPTIVE_KEYS = ("target_unclipped_quantile", "clip_learning_rate", "clipped_count_stddev")
 CENTRAL_KEYS = ("noise_cohort_size", "population")
@@ -385,30 +392,15 @@ def _cohort_problem(cfg: "Config", under: str) -> str | None:
     if not isinstance(cohort, int):
         return (f"server_config.num_clients_per_iteration {cohort!r}: {under} needs one expected "
                 f"cohort size (an int; the cohort is then Poisson-sampled around it)")
-    population = dp.population if dp.population is not None else cfg.data_config.num_clients
+    population = dp.population_of(cfg.data_config.num_clients)
     if population < cfg.data_config.num_clients:
         return (f"privacy.population {population} is below data_config.num_clients "
                 f"({cfg.data_config.num_clients}); set at least that many, or leave it null")
-    noise_cohort = dp.noise_cohort_size if dp.noise_cohort_size is not None else cohort
+    noise_cohort = dp.noise_cohort_of(cohort)
     if not cohort <= noise_cohort <= population:
         return (f"privacy.noise_cohort_size {noise_cohort}: must be at least the cohort "
                 f"(server_config.num_clients_per_iteration {cohort}) and at most privacy.population ({population})")
     return None
-
-
-def delta_caveat(cfg: "Config") -> str | None:
-    """A sentence when a central mechanism's ``privacy.delta`` is not below 1 / population (the
-    clients the epsilon assumes): such a delta admits a mechanism that publishes one client's data
-    whole. None otherwise."""
-    dp = cfg.privacy
-    if dp.mechanism in ("none", "local_gaussian"):  # a local client's delta is its own
-        return None
-    population = dp.population if dp.population is not None else cfg.data_config.num_clients
-    if dp.delta < 1 / population:
-        return None
-    return (f"privacy.delta {dp.delta:g} is not below 1 / population (1/{population}): an (epsilon, delta) "
-            f"guarantee at this delta still allows one client's data to be published whole; for a meaningful "
-            f"guarantee use e.g. {10 ** math.floor(math.log10(0.1 / population)):g}")
 
 
 def apply_override(raw: dict, assignment: str) -> None:

@@ -349,6 +349,21 @@ class LocalDp:
 Mechanism = CentralDp | LocalDp
 
 
+def delta_caveat(cfg) -> str | None:
+    """A sentence when a central mechanism's ``privacy.delta`` (of a :class:`core.config.Config`) is
+    not below 1 / population (the clients the epsilon assumes): such a delta admits a mechanism that
+    publishes one client's data whole. None otherwise (a local client's delta is its own)."""
+    dp = cfg.privacy
+    if dp.mechanism not in CENTRAL:
+        return None
+    population = dp.population_of(cfg.data_config.num_clients)
+    if dp.delta < 1 / population:
+        return None
+    return (f"privacy.delta {dp.delta:g} is not below 1 / population (1/{population}): an (epsilon, delta) "
+            f"guarantee at this delta still allows one client's data to be published whole; for a meaningful "
+            f"guarantee use e.g. {10 ** math.floor(math.log10(0.1 / population)):g}")
+
+
 def most_releases(schedule) -> tuple[int, ...]:
     """(rounds + 1,) the most cohorts any one client has joined after each round of ``schedule``
     (:class:`core.schedule.Schedule`); index 0 is 0."""
@@ -394,8 +409,8 @@ def central_dp(cfg, noise_multiplier: float | None = None) -> CentralDp | None:
     if dp.mechanism not in CENTRAL:
         return None
     cohort = cfg.server_config.num_clients_per_iteration
-    population = dp.population if dp.population is not None else cfg.data_config.num_clients
-    noise_cohort = dp.noise_cohort_size if dp.noise_cohort_size is not None else cohort
+    population = dp.population_of(cfg.data_config.num_clients)
+    noise_cohort = dp.noise_cohort_of(cohort)
     if noise_multiplier is None:
         noise_multiplier = dp.noise_multiplier
     if noise_multiplier is None:

@@ -15,8 +15,7 @@ from core.evaluation import (best_metric, eval_messages, eval_width, evaluation_
                              improves, metric_value)
 from core.optim import build_server_optimizer
 from core.errors import RunStopped, UserError
-from core.config import delta_caveat
-from core.privacy import CentralDp, Mechanism, mechanism_of
+from core.privacy import AdaptiveClip, CentralDp, Mechanism, delta_caveat, mechanism_of
 from core.exact import RANGE
 from core.messages import GO, STOP
 from core.worker import RoundLayout, exchange_start, play_evaluation, play_round, run_rounds
@@ -110,7 +109,7 @@ class Server:
     def _privacy(self, restored: dict | None) -> Mechanism | None:
         """The run's DP mechanism (None without DP): a resumed run keeps the noise multiplier it
         started with (calibrated once, before round 1, for ``server_config.max_iteration`` rounds).
-        A delta not below 1 / population is said on stderr (:func:`core.config.delta_caveat`).
+        A delta not below 1 / population is said on stderr (:func:`core.privacy.delta_caveat`).
 
         Raises:
             UserError: the model has buffers outside the personal layers (they would be averaged
@@ -148,7 +147,7 @@ class Server:
             return 0.0, 0.0
         saved = (restored or {}).get("privacy", {})
         first = self.dp.clip_norm
-        if getattr(self.dp, "adaptive", None) is not None:  # it travels as float32 (core.messages.round_broadcast)
+        if self._adaptive is not None:  # it travels as float32 (core.messages.round_broadcast)
             first = float(np.float32(first))
         return float(saved.get("clip_norm", first)), float(saved.get("last_clip_norm", first))
 
@@ -243,12 +242,17 @@ class Server:
         noise[sim.personal_index.cpu()] = 0.0
         return delta_sum + noise.to(delta_sum.device)
 
+    @property
+    def _adaptive(self) -> AdaptiveClip | None:
+        """The adaptive-clipping rule of the run's mechanism; None for a fixed clip norm or without DP."""
+        return self.dp.adaptive if isinstance(self.dp, CentralDp) else None
+
     def _count_clipped(self, round_idx: int, clipped: int, summed: int) -> None:
         """Count the round's clipped and summed client updates; under adaptive clipping, step the
         clip norm of the next round with the noised share of unclipped ones."""
         self.clip_counts.append([clipped, summed])
         self.last_clip_norm = self.clip_norm
-        adaptive = getattr(self.dp, "adaptive", None)
+        adaptive = self._adaptive
         if adaptive is not None:
             assert isinstance(self.dp, CentralDp)
             self.clip_norm = adaptive.next_clip_norm(self.clip_norm, summed - clipped, summed, self.dp,
