@@ -114,8 +114,13 @@ def epsilon(schedule: DpSchedule, delta: float, accountant: str = "rdp") -> floa
     _check_delta(delta)
     if schedule.noise_multiplier == 0:
         return float("inf")
+    return _spent(schedule.event(), delta, accountant)
+
+
+def _spent(event: dp_accounting.DpEvent, delta: float, accountant: str) -> float:
+    """The epsilon at ``delta`` of ``event`` under a fresh ``accountant`` (its warnings kept quiet)."""
     with _quiet_library():
-        return float(_accountant(accountant).compose(schedule.event()).get_epsilon(delta))
+        return float(_accountant(accountant).compose(event).get_epsilon(delta))
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, rounds: int,
@@ -140,11 +145,10 @@ def _calibrate(event_of, target_epsilon: float, delta: float, accountant: str, w
     if not target_epsilon > 0:
         raise ValueError(f"target epsilon {target_epsilon}: must be > 0")
     _check_delta(delta)
+    if _spent(event_of(LARGEST_NOISE), delta, accountant) > target_epsilon:
+        raise UserError(f"privacy.target_epsilon: no noise multiplier up to {LARGEST_NOISE:g} reaches epsilon "
+                        f"{target_epsilon:g} at delta {delta:g} {where}")
     with _quiet_library():
-        loosest = _accountant(accountant).compose(event_of(LARGEST_NOISE)).get_epsilon(delta)
-        if loosest > target_epsilon:
-            raise UserError(f"privacy.target_epsilon: no noise multiplier up to {LARGEST_NOISE:g} reaches epsilon "
-                            f"{target_epsilon:g} at delta {delta:g} {where}")
         return float(dp_accounting.calibrate_dp_mechanism(
             lambda: _accountant(accountant), event_of, target_epsilon, delta,
             dp_accounting.ExplicitBracketInterval(0.0, LARGEST_NOISE)))
@@ -171,8 +175,7 @@ def local_epsilon(noise_multiplier: float, releases: int, delta: float, accounta
         return 0.0
     if noise_multiplier == 0:
         return float("inf")
-    with _quiet_library():
-        return float(_accountant(accountant).compose(local_event(noise_multiplier, releases)).get_epsilon(delta))
+    return _spent(local_event(noise_multiplier, releases), delta, accountant)
 
 
 def clip_factor(norm: float, clip_norm: float) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -67,8 +68,12 @@ def privacy_cell(record: dict) -> str:
     dp = record.get("privacy")
     if not dp:
         return "no DP"
-    epsilon = "inf" if dp.get("epsilon") is None else f"{dp['epsilon']:.2f}"
-    return f"{epsilon} (delta {dp['delta']:g})"
+    return epsilon_text(math.inf if dp.get("epsilon") is None else dp["epsilon"], dp["delta"])
+
+
+def epsilon_text(epsilon: float, delta: float) -> str:
+    """``epsilon (delta d)``: epsilon to 2 decimals, ``inf`` for clipping without noise."""
+    return f"{'inf' if math.isinf(epsilon) else f'{epsilon:.2f}'} (delta {delta:g})"
 
 
 def compare_table(runs: list[dict]) -> str:

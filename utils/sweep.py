@@ -24,7 +24,7 @@ import yaml
 from core.config import config_difference, load_config, with_defaults
 from core.errors import UserError
 from core.checkpoint import load_checkpoint
-from utils.compare import compare_plot, load_run, run_scores
+from utils.compare import compare_plot, epsilon_text, load_run, run_scores
 from utils.run_folder import RunFolder
 
 SCORES = ("final_global", "best_global", "final_personalized", "best_personalized")
@@ -376,8 +376,7 @@ def epsilon_cell(row: dict) -> str:
     spent = row.get("privacy")
     if spent is None:
         return "no DP" if row["runs"] else "-"
-    epsilon = "inf" if math.isinf(spent["epsilon"]) else f"{spent['epsilon']:.2f}"
-    return f"{epsilon} (delta {spent['delta']:g})"
+    return epsilon_text(spent["epsilon"], spent["delta"])
 
 
 def stat_cell(stat, digits: int = 2) -> str:
