@@ -16,8 +16,8 @@ noise multiplier to a target epsilon. A run's mechanism, as the config (``privac
 :class:`AdaptiveClip`, ``adaptive_gaussian``: Andrew et al. 2021, arXiv:1905.03871) or a
 :class:`LocalDp` (``local_gaussian``): the clip norm the workers apply, the noise added, the record
 each evaluation reports. The Poisson cohorts are drawn by :class:`core.schedule.Schedule`, the
-clipping (and local noise) in :mod:`core.worker`, the central noise and the clip-norm updates in
-:mod:`core.server` (docs/privacy.md).
+clipping in :mod:`core.worker`, the noise (central, or the sum of the local noises) and the
+clip-norm updates in :mod:`core.server` (docs/privacy.md).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 from dp_accounting import pld, rdp
 
 from core.errors import UserError
-from core.seeding import derive_seed
+from core.seeding import run_draw_seed
 
 ACCOUNTANTS = ("rdp", "pld")
 CENTRAL = ("gaussian", "adaptive_gaussian")  # the mechanisms that noise the sum on the server
@@ -40,7 +40,7 @@ LOCAL = ("local_gaussian",)  # the mechanisms that noise each client's update on
 LARGEST_NOISE = 1e4  # calibration searches noise multipliers up to this: beyond it nothing trains
 NOISE_STREAM = 0xD9  # tells the server's noise of a round apart from every other draw of (seed, round)
 COUNT_STREAM = 0xDA  # the noise on a round's count of unclipped clients (adaptive clipping)
-LOCAL_STREAM = 0xDB  # a client's own noise of a round (local DP), with the client id
+LOCAL_STREAM = 0xDB  # the sum of a round's client noises (local DP)
 
 
 @dataclass(frozen=True)
@@ -184,13 +184,12 @@ def clip_factor(norm: float, clip_norm: float) -> float:
     return 1.0 if norm <= clip_norm else clip_norm / norm
 
 
-def _gaussian(numel: int, std: float, *keys: int, dtype=torch.float64, device=None) -> torch.Tensor:
-    """(numel,) draws of N(0, std^2) in ``dtype`` on ``device`` (default the CPU) from a generator of
-    that device seeded by ``keys`` (seed, round, stream, ...): the same bits for any number of
-    processes, and after a resume; on the CPU also for runs on any device."""
-    device = torch.device("cpu") if device is None else torch.device(device)
-    generator = torch.Generator(device=device).manual_seed(derive_seed(*keys))
-    return torch.randn(numel, generator=generator, dtype=dtype, device=device).mul_(std)
+def _gaussian(numel: int, std: float, seed: int, round_idx: int, stream: int) -> torch.Tensor:
+    """(numel,) float64 CPU draws of N(0, std^2) for the whole run in round ``round_idx``, from a CPU
+    generator seeded by :func:`core.seeding.run_draw_seed` (seed, round, ``stream``): the same bits
+    for any number of processes and devices, and after a resume."""
+    generator = torch.Generator().manual_seed(run_draw_seed(seed, round_idx, stream))
+    return torch.randn(numel, generator=generator, dtype=torch.float64).mul_(std)
 
 
 @dataclass(frozen=True)
@@ -310,10 +309,11 @@ class CentralDp:
 @dataclass(frozen=True)
 class LocalDp:
     """Local DP: each client clips its update of the shared parameters to L2 norm ``C`` and adds
-    Gaussian noise of std ``z * C`` to every shared coordinate before the update leaves its worker;
-    the server averages what it receives (no further noise). Each client's epsilon composes its own
-    releases (:func:`local_event`); a run reports the largest, that of the client that has sent the
-    most updates so far.
+    Gaussian noise of std ``z * C`` to every shared coordinate before the update leaves it. The
+    simulation clips on the workers and draws the sum of the cohort's noises once, on the server
+    (:meth:`noise`; the same distribution as the server averaging the noised updates). Each client's
+    epsilon composes its own releases (:func:`local_event`); a run reports the largest, that of the
+    client that has sent the most updates so far.
 
     Attributes:
         clip_norm: ``C``. noise_multiplier: ``z`` >= 0. delta, accountant: as :class:`CentralDp`.
@@ -331,15 +331,16 @@ class LocalDp:
         """The largest client epsilon after ``rounds`` rounds (0 before any update, ``inf`` without noise)."""
         return local_epsilon(self.noise_multiplier, self.releases[rounds], self.delta, self.accountant)
 
-    def noise(self, seed: int, round_idx: int, cid: int, numel: int, device=None) -> torch.Tensor:
-        """(numel,) float32 noise of client ``cid`` in round ``round_idx`` on ``device`` (default the
-        CPU): N(0, (z C)^2) per entry, from a generator of that device seeded by (seed, round, cid):
-        the same bits whichever rank trains the client (on GPUs: of one model; CPU and CUDA draws
-        differ). Drawn where the update lives, in float32 (it is added to a float32 update): 1.6M
-        normals take 9 ms on one EPYC thread (57 ms in float64), a client's whole update on a GPU."""
-        # five keys: no (seed, round, client, stream) key of a client's training generator can equal them
-        return _gaussian(numel, self.noise_multiplier * self.clip_norm, seed, round_idx, LOCAL_STREAM, cid, LOCAL_STREAM,
-                         dtype=torch.float32, device=device)
+    def noise(self, seed: int, round_idx: int, numel: int, weights) -> torch.Tensor:
+        """(numel,) float64 CPU noise of round ``round_idx``: the sum ``sum_i w_i n_i`` of the kept
+        clients' own noises, each ``n_i ~ N(0, (z C)^2)`` per entry, weighted as their updates are
+        (``weights``: the kept clients' aggregation weights). A sum of independent Gaussians is
+        Gaussian, so it is drawn at once as ``N(0, (z C)^2 sum_i w_i^2)`` per entry: the distribution
+        of drawing every client's (the server only ever reads the weighted sum), at the cost of one
+        draw a round instead of one a client. From (seed, round, :data:`LOCAL_STREAM`) on the CPU:
+        the same bits for any number of processes and devices, and after a resume."""
+        std = self.noise_multiplier * self.clip_norm * math.sqrt(math.fsum(float(w) ** 2 for w in weights))
+        return _gaussian(numel, std, seed, round_idx, LOCAL_STREAM)
 
     def record(self, rounds: int, clipped_share: float | None, clip_norm: float | None = None) -> dict:
         """The ``privacy`` entry of an evaluation record after ``rounds`` rounds (see :meth:`CentralDp.record`)."""

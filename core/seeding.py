@@ -10,6 +10,14 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def run_draw_seed(seed: int, round_idx: int, stream: int) -> int:
+    """The seed of a draw made for the whole run in round ``round_idx`` (the server's DP noise, say),
+    told apart by ``stream`` > 0: five keys (seed, round, stream, 0, stream), a length no
+    :func:`client_generator` key has, so no client's training generator is seeded alike whatever
+    its id (a three-key (seed, round, stream) would equal client ``stream``'s)."""
+    return derive_seed(seed, round_idx, stream, 0, stream)
+
+
 def client_generator(device: torch.device, seed: int, round_idx: int, client_id: int,
                      stream: int = 0) -> torch.Generator:
     """A torch Generator on ``device`` for one client's training in one round (``stream`` tells

@@ -15,7 +15,7 @@ from core.evaluation import (best_metric, eval_messages, eval_width, evaluation_
                              improves, metric_value)
 from core.optim import build_server_optimizer
 from core.errors import RunStopped, UserError
-from core.privacy import AdaptiveClip, CentralDp, Mechanism, delta_caveat, mechanism_of
+from core.privacy import AdaptiveClip, CentralDp, LocalDp, Mechanism, delta_caveat, mechanism_of
 from core.exact import RANGE
 from core.messages import GO, STOP
 from core.worker import RoundLayout, exchange_start, play_evaluation, play_round, run_rounds
@@ -221,26 +221,32 @@ class Server:
                 parts.views(self.strategy_state), lay.row.strategy_parts.views(state_change), sim.schedule.num_clients))
         if self.dp is not None:
             self._count_clipped(round_idx, int(lay.clipped(total).sum()), int((~dropped).sum()))
-        if isinstance(self.dp, CentralDp):
-            self._apply(self._noised(round_idx, delta_sum), lay.weight_total)
-        else:
-            self._apply(delta_sum, weight_sum)
+        noise = self._noise(round_idx, lay, dropped)
+        if noise is not None:
+            delta_sum = delta_sum + noise.to(delta_sum.device)
+        self._apply(delta_sum, lay.weight_total if isinstance(self.dp, CentralDp) else weight_sum)
         if not bool(torch.isfinite(self.global_flat).all() & torch.isfinite(self.strategy_state).all()):
             raise Diverged(f"round {round_idx}: the global model became non-finite (NaN or inf) after "
                            f"aggregation{self._hint()}")
         empty = isinstance(self.dp, CentralDp) and not weight_sum  # no client summed: no training loss
         return float("nan") if empty else float(loss_sum / weight_sum), int(dropped.sum())
 
-    def _noised(self, round_idx: int, delta_sum: torch.Tensor) -> torch.Tensor:
-        """The round's (N,) float64 sum of clipped deltas plus the central DP noise of round
-        ``round_idx`` (:meth:`core.privacy.CentralDp.noise`, drawn on the CPU), zero at the personal
-        and buffer positions, which never leave the clients."""
-        assert isinstance(self.dp, CentralDp)
-        sim, k = self.sim, self.sim.layout.num_params
-        noise = self.dp.noise(sim.cfg.seed, round_idx, sim.layout.numel, self.last_clip_norm)
-        noise[k:] = 0.0
+    def _noise(self, round_idx: int, lay: RoundLayout, dropped: torch.Tensor) -> torch.Tensor | None:
+        """The (N,) float64 CPU DP noise of round ``round_idx`` for the sum of clipped deltas (None
+        without DP), zero at the personal and buffer positions, which never leave the clients:
+        central, :meth:`core.privacy.CentralDp.noise` at the round's clip norm; local, the kept
+        clients' own noises summed with their weights (:meth:`core.privacy.LocalDp.noise`;
+        ``dropped``: the cohort's (K,) bool flags)."""
+        sim = self.sim
+        if isinstance(self.dp, CentralDp):
+            noise = self.dp.noise(sim.cfg.seed, round_idx, sim.layout.numel, self.last_clip_norm)
+        elif isinstance(self.dp, LocalDp):
+            noise = self.dp.noise(sim.cfg.seed, round_idx, sim.layout.numel, lay.weights[~dropped.numpy()])
+        else:
+            return None
+        noise[sim.layout.num_params:] = 0.0
         noise[sim.personal_index.cpu()] = 0.0
-        return delta_sum + noise.to(delta_sum.device)
+        return noise
 
     @property
     def _adaptive(self) -> AdaptiveClip | None:

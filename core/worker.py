@@ -39,8 +39,9 @@ class RoundLayout:
     the delta's personal and buffer entries are zeroed first). Central (``central``): the client's
     share is ``p_i = factor_i / E``, ``E`` the expected cohort (a fixed denominator, not the kept
     clients' weight), so :meth:`reduce_parts` returns the sum of the clipped deltas; the cohort may
-    be empty (K = 0): every per-client part is then empty. Local: the delta becomes ``factor_i *
-    delta_i + noise_i`` (:meth:`core.privacy.LocalDp.noise`) with the usual share.
+    be empty (K = 0): every per-client part is then empty. Local: the share is ``factor_i`` times
+    the usual one; the clients' noise is added on the server, as one sum
+    (:meth:`core.privacy.LocalDp.noise`).
 
     Reduce, otherwise (DGA), float32: weighted delta sum (N) | weight sum | weighted loss sum |
     summed change of the client strategy states (S) | K slots | K dropped flags.
@@ -199,7 +200,7 @@ def train_share(sim, round_idx: int, round_buf: torch.Tensor, lay: RoundLayout |
     if lay.exact:
         delta_fixed, state_fixed, _ = lay.exact_parts(out)
         fixed = FixedPointSums(delta_fixed, state_fixed, lay.k)
-    clip = ClientClip(sim, lay, lay.clip_norm(round_buf), round_idx) if lay.dp else None
+    clip = ClientClip(sim, lay.clip_norm(round_buf)) if lay.dp else None
     if sim.vectorized is not None:
         _train_vectorized(sim, round_idx, mine, [slot_of[int(c)] for c in mine], global_flat, slots, out, lay,
                           relative, fixed, clip)
@@ -249,7 +250,7 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
             sim.layout.delta_(fixed.delta, global_flat, state)
             share, clipped = float(lay.shares[slot]), False
             if clip is not None:
-                share, clipped = clip.one(fixed.delta, share, int(cid))
+                share, clipped = clip.one(fixed.delta, share)
             ok = fixed.add_(ok, share, change)  # out of range: dropped too
             parts["losses"][slot] = loss
             if lay.dp:
@@ -275,49 +276,32 @@ def _train_sequential(sim, round_idx, mine, slot_of, round_buf, out, lay, relati
 
 
 class ClientClip:
-    """DP's treatment of each client's delta on its worker, in one round: clipping to L2 norm
-    ``clip_norm`` over the shared parameters (the personal and buffer entries zeroed first; the norm
-    in float64), then, central (DP-FedAvg, McMahan et al. 2018, arXiv:1710.06963), the clip factor
-    ``min(1, C / ||delta||)`` folded into the client's share, or, local, the delta scaled by it and
-    the client's own noise (:meth:`core.privacy.LocalDp.noise`) added to its shared entries."""
+    """DP's clipping of each client's delta on its worker, in one round (DP-FedAvg, McMahan et al.
+    2018, arXiv:1710.06963): the personal and buffer entries zeroed, the L2 norm of the shared ones
+    taken in float64, and the clip factor ``min(1, C / ||delta||)`` folded into the client's share,
+    so the fixed-point sum holds the clipped delta. The noise, central or local, is the server's."""
 
-    def __init__(self, sim, lay: RoundLayout, clip_norm: float, round_idx: int):
-        self.sim, self.central, self.clip_norm, self.round = sim, lay.central, clip_norm, round_idx
+    def __init__(self, sim, clip_norm: float):
+        self.sim, self.clip_norm = sim, clip_norm
 
-    def _noise(self, cid: int, device) -> torch.Tensor:
-        """(num_params,) float32 local noise of client ``cid``, drawn on ``device``, zero at the
-        personal parameters."""
+    def one(self, delta: torch.Tensor, share: float) -> tuple[float, bool]:
+        """Clip one client's (N,) float32 ``delta`` (its personal and buffer entries zeroed in place);
+        returns (its share times the clip factor, whether it was clipped). One host read."""
         sim = self.sim
-        noise = sim.privacy.noise(sim.cfg.seed, self.round, cid, sim.layout.num_params, device)
-        noise[sim.personal_params] = 0.0
-        return noise
-
-    def one(self, delta: torch.Tensor, share: float, cid: int) -> tuple[float, bool]:
-        """Treat client ``cid``'s (N,) float32 ``delta`` in place; returns (its share, whether it was
-        clipped). One host read."""
-        sim, k = self.sim, self.sim.layout.num_params
         delta[sim.personal_index] = 0.0
-        delta[k:] = 0.0
+        delta[sim.layout.num_params:] = 0.0
         norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
         factor = clip_factor(norm, self.clip_norm)
-        if self.central:
-            return share * factor, factor < 1.0
-        delta[:k].mul_(factor).add_(self._noise(cid, delta.device))
-        return share, factor < 1.0
+        return share * factor, factor < 1.0
 
-    def rows(self, deltas: torch.Tensor, shares: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`one` for a vectorized group: (C, num_params) float32 ``deltas`` of clients ``ids``
-        (treated in place), (C,) float64 ``shares``; returns the (C,) shares and the (C,) bool clipped
-        flags, without a host sync (central)."""
-        sim = self.sim
-        deltas[:, sim.personal_params] = 0.0
+    def rows(self, deltas: torch.Tensor, shares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`one` for a vectorized group: (C, num_params) float32 ``deltas`` (personal entries
+        zeroed in place), (C,) float64 ``shares``; returns the (C,) shares times their clip factors
+        and the (C,) bool clipped flags, without a host sync."""
+        deltas[:, self.sim.personal_params] = 0.0
         norms = torch.linalg.vector_norm(deltas, dim=1, dtype=torch.float64)
         factors = torch.where(norms > self.clip_norm, self.clip_norm / norms, 1.0)
-        if self.central:
-            return shares * factors, norms > self.clip_norm
-        noise = torch.stack([self._noise(int(c), deltas.device) for c in ids])
-        deltas.mul_(factors.float().unsqueeze(1)).add_(noise)
-        return shares, norms > self.clip_norm
+        return shares * factors, norms > self.clip_norm
 
 
 def _weighted_sums(weights: list, losses: list[torch.Tensor], finite: list[torch.Tensor],
@@ -348,7 +332,7 @@ def _train_vectorized(sim, round_idx, mine, mine_slots, global_flat, slots, out,
             shares = host_to_device(lay.shares[mine_slots[start:start + chunk]], out.device, torch.float64)
             clipped = None
             if clip is not None:
-                shares, clipped = clip.rows(deltas, shares, ids)
+                shares, clipped = clip.rows(deltas, shares)
             ok = fixed.add_rows_(deltas, ok, shares)  # out of range: dropped too
             parts["losses"][rows] = losses
             if clipped is not None:

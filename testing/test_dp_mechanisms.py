@@ -16,6 +16,8 @@ from core.errors import UserError
 from core.exact import decode
 from core.privacy import AdaptiveClip, CentralDp, local_epsilon, mechanism_of
 from core.seeding import derive_seed
+from core.server import Server
+from core.worker import RoundLayout
 from testing.conftest import load_ckpt, read_metrics
 from testing.test_dp import _fixed_sum, _launched, _sim, _trainer, SYNTHETIC
 from testing.test_exact_sum import assert_bit_identical
@@ -84,7 +86,7 @@ def test_a_runs_clip_norms_follow_the_papers_geometric_update(tmp_path):
         assert dp["clip_norm"] == clip
         summed = len(sim.schedule.cohort(r))
         unclipped = summed - round((dp["clipped_share"] or 0.0) * summed)
-        generator = torch.Generator().manual_seed(derive_seed(0, r, 0xDA))
+        generator = torch.Generator().manual_seed(derive_seed(0, r, 0xDA, 0, 0xDA))
         noise = float(torch.randn(1, generator=generator, dtype=torch.float64)[0]) * sigma_b
         b = (unclipped - summed / 2 + noise) / m + 0.5
         clip = float(np.float32(clip * math.exp(-eta * (b - gamma))))
@@ -140,31 +142,50 @@ def test_local_epsilon_is_the_exact_gaussian_of_a_2c_sensitivity(z, releases):
 
 
 @pytest.mark.parametrize("vectorize", [False, True])
-def test_a_local_update_is_the_clipped_delta_plus_its_clients_own_noise(vectorize):
-    """One client of the round: its term of the sum is its raw update scaled to norm C plus N(0, (zC)^2)
-    noise from (seed, round, client) on every shared coordinate, zero at the personal head."""
+def test_a_local_clients_term_is_its_update_clipped_to_c(vectorize):
+    """One client of the round: its term of the sum is its raw update scaled to norm C, zero at the
+    personal head (the noise is the server's: below)."""
     sets = ["privacy.clip_norm=0.05", "client_config.optimizer_config.lr=2.0",
             f"client_config.vectorize={str(vectorize).lower()}"]
     local, free = _sim(*LOCAL, *sets), _sim(*sets, "privacy.clip_norm=1e6", "privacy.noise_multiplier=0")
     start = local.layout.flatten().clone()
-    k, C, z = local.layout.num_params, 0.05, 0.5
-    personal = torch.zeros(local.layout.numel, dtype=torch.bool)
-    personal[local.personal_index] = True
+    C = 0.05
     for cid in (3, 11):
         lay, out = _fixed_sum(local, start, [cid])
         term = decode(lay.exact_parts(out)[0])  # one client: share 1
         free_lay, free_out = _fixed_sum(free, start, [cid])
         raw = decode(free_lay.exact_parts(free_out)[0]) * 5
         assert lay.clipped(out).tolist() == [1.0] and float(raw.norm()) > 20 * C
-        generator = torch.Generator().manual_seed(derive_seed(0, 1, 0xDB, cid, 0xDB))
-        noise = (torch.randn(k, generator=generator, dtype=torch.float32) * (z * C)).double()
-        expected = torch.zeros_like(term)
-        expected[:k] = raw[:k] * (C / raw.norm()) + noise
-        expected[personal] = 0.0
-        assert torch.allclose(term, expected, atol=1e-6, rtol=0), float((term - expected).abs().max())
-        shared = term[:k][~personal[:k]]
-        assert float((shared - expected[:k][~personal[:k]]).std()) < 1e-6
-        assert float(term[personal].abs().max()) == 0.0, "the head never leaves the client"
+        assert torch.allclose(term, raw * (C / raw.norm()), atol=1e-9, rtol=0), float((term - raw * C / raw.norm()).abs().max())
+        assert float(term[local.personal_index].abs().max()) == 0.0, "the head never leaves the client"
+
+
+@pytest.mark.parametrize("dropped", [0, 1])
+def test_a_local_round_carries_the_mean_of_the_kept_clients_noises(tmp_path, dropped):
+    """30 rounds whose clipped updates are zero, ``dropped`` of the 5 clients dropped: the server's SGD
+    (lr 1) steps the shared parameters by the mean of the K kept clients' noises, N(0, (z C)^2) each,
+    independent: std z C / sqrt(K) per coordinate (measured against the closed form); the personal
+    head does not move."""
+    sim = _sim(*LOCAL, "privacy.noise_multiplier=2.0", "privacy.clip_norm=0.3")
+    server = Server(sim, tmp_path, None)
+    steps = []
+    for r in range(1, 31):
+        lay = RoundLayout(sim, r)
+        assert len(set(lay.weights.tolist())) == 1, "uniform weights"
+        server.fill_round(r, lay)
+        before = server.global_flat.clone()
+        total = lay.new_reduce_buffer(torch.device("cpu"))
+        lay.reduce.views(total)["dropped"][:dropped] = 1.0
+        server._aggregate(r, lay, total)
+        steps.append(server.global_flat - before)
+    step = torch.stack(steps)
+    personal = torch.zeros(sim.layout.numel, dtype=torch.bool)
+    personal[sim.personal_index] = True
+    assert float(step[:, personal].abs().max()) == 0.0
+    expected, measured = 2.0 * 0.3 / math.sqrt(5 - dropped), float(step[:, ~personal].double().std())
+    print(f"{5 - dropped} kept: measured std {measured:.6f}, expected {expected:.6f}")
+    assert measured == pytest.approx(expected, rel=0.03)
+    server.close()
 
 
 def test_local_run_reports_the_epsilon_of_the_busiest_client(tmp_path):

@@ -24,3 +24,16 @@ def test_stream_gives_a_different_sequence():
     a = torch.rand(4, generator=client_generator(cpu, 3, 1, 7))
     b = torch.rand(4, generator=client_generator(cpu, 3, 1, 7, stream=1))
     assert not torch.equal(a, b)
+
+
+def test_a_run_draw_is_seeded_apart_from_every_clients_training():
+    """The server's DP noise of a round (stream 0xD9) must not share a generator with the client whose
+    id is 0xD9: a three-key (seed, round, stream) seed would (the first client_generator form)."""
+    from core.seeding import run_draw_seed
+    cpu = torch.device("cpu")
+    for stream in (0xD9, 0xDA, 0xDB):
+        run_draw = torch.Generator().manual_seed(run_draw_seed(3, 1, stream))
+        draws = torch.rand(8, generator=run_draw)
+        for client_stream in (0, 1, stream):
+            client = client_generator(cpu, 3, 1, stream, stream=client_stream)
+            assert not torch.equal(draws, torch.rand(8, generator=client)), (stream, client_stream)
