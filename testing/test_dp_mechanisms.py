@@ -87,7 +87,7 @@ def test_a_runs_clip_norms_follow_the_papers_geometric_update(tmp_path):
         summed = len(sim.schedule.cohort(r))
         unclipped = summed - round((dp["clipped_share"] or 0.0) * summed)
         generator = torch.Generator().manual_seed(derive_seed(0, r, 0xDA, 0, 0xDA))
-        noise = float(torch.randn(1, generator=generator, dtype=torch.float64)[0]) * sigma_b
+        noise = float(torch.randn(1, generator=generator, dtype=torch.float32)[0]) * sigma_b
         b = (unclipped - summed / 2 + noise) / m + 0.5
         clip = float(np.float32(clip * math.exp(-eta * (b - gamma))))
         assert after["privacy"]["clip_norm"] == clip, r
