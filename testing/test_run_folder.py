@@ -110,6 +110,27 @@ def test_a_second_run_is_refused_while_the_first_holds_the_folder(finished, tmp_
     second.release()
 
 
+def test_a_refusal_names_a_holder_that_writes_its_line_a_moment_after_locking(tmp_path):
+    """The race CI met: the second run reads the lock file between the first's flock and its write.
+    It waits for the line (here written 0.2 s after the lock) instead of saying "holder unknown"."""
+    import fcntl
+    import os
+    import threading
+
+    folder = tmp_path / "racy"
+    folder.mkdir()
+    fd = os.open(folder / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: conflicts within a process too
+    writer = threading.Timer(0.2, lambda: os.pwrite(fd, b"host elsewhere, pid 42\n", 0))
+    writer.start()
+    try:
+        with pytest.raises(UserError, match=r"in use by another run \(host elsewhere, pid 42\)"):
+            RunLock(folder).acquire()
+    finally:
+        writer.join()
+        os.close(fd)
+
+
 def test_results_are_never_overwritten_and_a_refusal_leaves_nothing(finished, tmp_path):
     cfg = Experiment(finished).config
     before = sorted(p.name for p in finished.iterdir())

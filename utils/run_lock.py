@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import time
 from pathlib import Path
 
 from core.errors import UserError
@@ -57,8 +58,9 @@ class RunLock:
             os.close(fd)
         self._fd = fd
         try:  # who holds it, for the message a second run gets (a full disk only loses that)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
+            holder = f"host {socket.gethostname()}, pid {os.getpid()}\n".encode()
+            os.pwrite(fd, holder, 0)  # over the last holder's line, never an empty file in between
+            os.ftruncate(fd, len(holder))
         except OSError:
             pass
         return self
@@ -87,11 +89,19 @@ class RunLock:
         self.release()
 
 
-def _read(fd: int) -> str:
-    try:
-        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "holder unknown"
-    except OSError:
-        return "holder unknown"
+def _read(fd: int, wait_s: float = 2.0) -> str:
+    """The holder line of a lock file held by another run. A holder that has just taken the lock of a
+    new file writes its line a moment later, so an empty file is read again for up to ``wait_s``
+    seconds before the holder is called unknown."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            line = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        except OSError:
+            return "holder unknown"
+        if line or time.monotonic() >= deadline:
+            return line or "holder unknown"
+        time.sleep(0.02)
 
 
 def _same_file(fd: int, path: Path) -> bool:
