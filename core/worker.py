@@ -53,14 +53,13 @@ class RoundLayout:
     """
 
     def __init__(self, sim, round_idx: int):
-        self.n, self.p = sim.layout.numel, sim.personal_numel
+        self.n = sim.layout.numel
         self.row = sim.rows  # a slot's layout: personal layers, named strategy state, named model state
-        self.c, self.m = self.row.c, self.row.m
+        self.p, self.c, self.m, self.width = self.row.p, self.row.c, self.row.m, self.row.width
         self.server_parts = sim.strategy.server_state(sim.layout)
         self.s = self.server_parts.numel
         self.cohort = sim.schedule.cohort(round_idx)  # (K,) sorted client ids, the same on every rank
         self.k = len(self.cohort)
-        self.width = self.p + self.c + self.m
         self.exact = bool(sim.strategy.exact_sum) and not sim.strategy.relative_weights
         privacy = sim.cfg.privacy
         self.dp = privacy.mechanism != "none"  # the config refuses every strategy without exact_sum

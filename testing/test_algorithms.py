@@ -77,13 +77,16 @@ def test_fedprox_zero_mu_is_fedavg_and_large_mu_limits_drift_of_the_shared_layer
     assert prox[personal].norm() > 0.8 * fedavg[personal].norm()
 
 
-def test_fedprox_penalty_gradient_is_mu_times_distance():
-    from core.strategy import FedProx
-
-    w = torch.randn(5, requires_grad=True)
+def test_fedprox_penalty_gradient_is_mu_times_distance_at_the_shared_positions():
+    """FedProx's penalty (``proximal`` at the shared positions): gradient mu * (w - w_global) on the
+    shared parameter, none on the personal one, value mu/2 * ||w - w_global||^2."""
+    head, w = torch.randn(3, requires_grad=True), torch.randn(5, requires_grad=True)
     anchor = torch.randn(5)
-    FedProx(validate_config({"strategy_config": {"mu": 0.3}}, "t").strategy_config).local_penalty([w], [anchor]).backward()
+    penalty = proximal(0.3, [anchor], [1])([head, w])
+    penalty.backward()
     assert torch.allclose(w.grad, 0.3 * (w.detach() - anchor))
+    assert head.grad is None
+    assert float(penalty.detach()) == pytest.approx(0.15 * float((w.detach() - anchor).pow(2).sum()))
 
 
 def test_uniform_weighting_is_the_plain_mean_of_client_deltas(cifar_path):

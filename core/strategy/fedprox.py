@@ -27,10 +27,6 @@ class FedProx(FedAvg):
         super().__init__(strategy_config)
         self.mu = strategy_config.mu
 
-    def local_penalty(self, params, anchors):
-        """``mu/2 * sum ||p - a||^2`` over the parameters and their global values (0-dim tensor)."""
-        return proximal(self.mu, anchors)(params)
-
     def shape_run(self, run: LocalRun, inputs: RunInputs) -> LocalRun:
         if not inputs.shared:
             return run
