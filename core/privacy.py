@@ -36,7 +36,7 @@ from core.seeding import run_draw_seed
 
 ACCOUNTANTS = ("rdp", "pld")
 CENTRAL = ("gaussian", "adaptive_gaussian")  # the mechanisms that noise the sum on the server
-LOCAL = ("local_gaussian",)  # the mechanisms that noise each client's update on its worker
+LOCAL = ("local_gaussian",)  # the mechanisms whose noise is each client's own (summed on the server)
 LARGEST_NOISE = 1e4  # calibration searches noise multipliers up to this: beyond it nothing trains
 NOISE_STREAM = 0xD9  # tells the server's noise of a round apart from every other draw of (seed, round)
 COUNT_STREAM = 0xDA  # the noise on a round's count of unclipped clients (adaptive clipping)

@@ -132,7 +132,7 @@ class Server:
             sys.stderr.write(f"pfedsim: warning: {caveat}\n")
         saved = (restored or {}).get("privacy")
         if saved is None:
-            return sim.privacy
+            return mechanism_of(sim.cfg, sim.schedule)  # calibrated here, on rank 0 only
         rounds = sim.cfg.server_config.max_iteration
         if sim.cfg.privacy.target_epsilon is not None and saved["rounds"] != rounds:
             raise UserError(f"privacy.target_epsilon: this run calibrated its noise multiplier "

@@ -16,7 +16,7 @@ from core.flat import StateLayout
 from core.interfaces import DataLoader, Personalization, Strategy
 from core.partition import carve_validation
 from core.personalization import build_personalization
-from core.privacy import CENTRAL, Mechanism, mechanism_of
+from core.privacy import CENTRAL
 from core.schedule import Schedule
 from core.strategy import build_strategy
 from core.vectorized import VectorizedTrainer
@@ -79,16 +79,6 @@ class Simulation:
     def store_width(self) -> int:
         """Floats of a client-store row: personal layers (P), strategy state (C), separate personal model (M)."""
         return self.rows.width
-
-    @cached_property
-    def privacy(self) -> Mechanism | None:
-        """The run's DP mechanism from the config and the schedule (None without DP); computed once,
-        on the first use (a calibration to a target epsilon may take a few seconds).
-
-        Raises:
-            UserError: see :func:`core.privacy.mechanism_of`.
-        """
-        return mechanism_of(self.cfg, self.schedule)
 
     @cached_property
     def personal_params(self) -> torch.Tensor:
